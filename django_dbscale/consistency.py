@@ -1,0 +1,387 @@
+"""The consistency model shared by replicas, shards and the cache.
+
+One *consistency context* (a request, a task, a block of code) promises three things:
+
+1. **It reads its own writes.** When a transaction that wrote to a primary commits, the
+   context records that primary as *pending*; the primary's WAL position (an LSN) is fetched
+   at most once, lazily, the first time the context needs it (to route a read, or to hand
+   out a token). From then on a read of that primary goes to a replica only if the replica
+   has replayed at least that LSN.
+2. **Its reads never go backwards in time.** A context keeps reading from the replica it
+   started on (*pinning*); it moves only to the primary, which is never behind.
+3. **A cached result is never older than the last committed write it depends on.** The
+   cache records the primary's LSN with every invalidation and only fills from a source
+   that has replayed it (see :mod:`django_dbscale.cache`).
+
+The state lives in :mod:`contextvars`, so it is correct under threads, ASGI and
+``sync_to_async`` (asgiref copies context changes back). A context is opened by
+:class:`~django_dbscale.middleware.ConsistencyMiddleware` for each request, and by
+:func:`consistency_context` / :func:`read_at_least` anywhere else. Code running outside any
+opened context shares its thread's implicit one.
+
+WAL positions cross process boundaries as *tokens*: signed, timestamped strings made by
+:func:`consistency_token` and accepted by :func:`read_at_least`.
+
+This module knows nothing about replicas, shards or the cache; they all trade in the
+positions kept here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast
+
+from django.core import signing
+from django.db import connections
+
+from django_dbscale.conf import dbscale_settings
+
+__all__ = [
+    "ConsistencyState",
+    "InvalidConsistencyToken",
+    "ReadMode",
+    "consistency_context",
+    "consistency_token",
+    "current_state",
+    "format_lsn",
+    "parse_lsn",
+    "read_at_least",
+    "record_write",
+    "required_position",
+    "use_database",
+    "use_primary",
+    "use_replica",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ReadMode = Literal["sticky", "wait", "primary"]
+READ_MODES: tuple[ReadMode, ...] = ("sticky", "wait", "primary")
+TOKEN_SALT = "django_dbscale.consistency"
+
+
+class InvalidConsistencyToken(ValueError):
+    """A consistency token is forged, expired, malformed, or names an unknown database."""
+
+
+def parse_lsn(text: str) -> int:
+    """Turn PostgreSQL's ``'16/B374D848'`` form of an LSN into an int."""
+    high, _, low = text.partition("/")
+    if not low:
+        raise ValueError(f"{text!r} is not an LSN (expected 'X/Y' in hex)")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(value: int) -> str:
+    """Turn an int LSN back into PostgreSQL's ``'X/Y'`` form."""
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+@dataclass
+class ConsistencyState:
+    """What one consistency context has written and where it reads.
+
+    ``positions``: primary alias -> the LSN this context must read at least.
+    ``pending``: primaries written since their position was last fetched.
+    ``write_times``: primary alias -> ``time.time()`` of the last committed write (used by
+    the time-based fallback for backends without LSNs).
+    ``pinned``: primary alias -> the replica this context reads from (monotonic reads).
+    ``wait``: seconds a read may wait for a replica to catch up before using the primary.
+    ``wrote``: whether this context committed a write itself (the middleware then re-issues
+    the token).
+    """
+
+    positions: dict[str, int] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+    write_times: dict[str, float] = field(default_factory=dict)
+    pinned: dict[str, str] = field(default_factory=dict)
+    wait: float | None = None
+    wrote: bool = False
+
+    def merge_positions(self, positions: Mapping[str, int]) -> None:
+        """Raise this context's required positions to at least *positions*."""
+        for alias, lsn in positions.items():
+            if lsn > self.positions.get(alias, -1):
+                self.positions[alias] = lsn
+
+
+_state: ContextVar[ConsistencyState | None] = ContextVar("dbscale_consistency", default=None)
+#: Forced read target for a block: "primary", "replica", or a database alias.
+forced_target: ContextVar[str | None] = ContextVar("dbscale_forced_target", default=None)
+
+
+def current_state() -> ConsistencyState:
+    """Return the state of the current consistency context, opening an implicit one."""
+    state = _state.get()
+    if state is None:
+        state = ConsistencyState()
+        _state.set(state)
+    return state
+
+
+def open_context(state: ConsistencyState | None = None) -> Token[ConsistencyState | None]:
+    """Start a fresh consistency context; pass the token to :func:`close_context`."""
+    return _state.set(state if state is not None else ConsistencyState())
+
+
+def close_context(token: Token[ConsistencyState | None]) -> None:
+    """End a context started by :func:`open_context`, restoring the enclosing one."""
+    _state.reset(token)
+
+
+@contextmanager
+def consistency_context() -> Iterator[ConsistencyState]:
+    """Run a block as its own consistency context (a job, a test, a script step).
+
+    Writes inside are not seen as "own writes" by code after the block, and pinning
+    starts afresh. Use :func:`consistency_token` inside to carry the position further.
+    """
+    state = ConsistencyState()
+    token = open_context(state)
+    try:
+        yield state
+    finally:
+        close_context(token)
+
+
+def record_write(primary: str) -> None:
+    """Note that a transaction that wrote to *primary* has just committed.
+
+    Called by the database backend after COMMIT (or after a write in autocommit mode). No
+    query is made here: the primary's LSN is fetched lazily by :func:`required_position`.
+    """
+    state = current_state()
+    state.pending.add(primary)
+    state.write_times[primary] = time.time()
+    state.wrote = True
+
+
+def fetch_primary_lsn(primary: str) -> int:
+    """Return the primary's current WAL insert position (one cheap query)."""
+    with connections[primary].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
+        row = cursor.fetchone()
+    assert row is not None
+    return parse_lsn(row[0])
+
+
+def _resolve_pending(state: ConsistencyState, primary: str) -> None:
+    state.pending.discard(primary)
+    state.merge_positions({primary: fetch_primary_lsn(primary)})
+
+
+def required_position(primary: str) -> int | None:
+    """Return the LSN a read of *primary* (or of its replicas) must see, or ``None``.
+
+    A pending write is resolved here with one query to the primary, once.
+    """
+    state = _state.get()
+    if state is None:
+        return None
+    if primary in state.pending:
+        _resolve_pending(state, primary)
+    return state.positions.get(primary)
+
+
+def wrote_recently(primary: str, seconds: float) -> bool:
+    """Return whether this context committed a write to *primary* in the last *seconds*."""
+    state = _state.get()
+    if state is None:
+        return False
+    written = state.write_times.get(primary)
+    return written is not None and time.time() - written < seconds
+
+
+# -- tokens -------------------------------------------------------------------------------
+
+
+def consistency_token() -> str:
+    """Return a signed token for everything this context must read at least.
+
+    Hand it to another process or thread (a Celery task argument, a response header) and
+    open :func:`read_at_least` with it there. Fetches pending LSNs (one query per primary
+    written since the last fetch).
+    """
+    state = current_state()
+    for primary in list(state.pending):
+        _resolve_pending(state, primary)
+    payload = {
+        "p": {alias: format_lsn(lsn) for alias, lsn in state.positions.items()},
+        "t": {alias: round(ts, 3) for alias, ts in state.write_times.items()},
+    }
+    return signing.dumps(payload, salt=TOKEN_SALT, compress=True)
+
+
+@dataclass(frozen=True)
+class DecodedToken:
+    """The contents of a consistency token."""
+
+    positions: dict[str, int]
+    write_times: dict[str, float]
+
+
+def decode_token(token: str, *, max_age: float | None = None) -> DecodedToken:
+    """Verify and decode *token*; raise :class:`InvalidConsistencyToken` if it is bad.
+
+    Every alias it names must be a database in ``DATABASES``.
+    """
+    from django.conf import settings
+
+    if not isinstance(token, str) or not token:
+        raise InvalidConsistencyToken(f"A consistency token must be a non-empty str, not {token!r}.")
+    age = dbscale_settings.consistency_max_age if max_age is None else max_age
+    try:
+        payload = signing.loads(token, salt=TOKEN_SALT, max_age=age)
+    except signing.SignatureExpired as exc:
+        raise InvalidConsistencyToken(f"The consistency token expired (older than {age}s).") from exc
+    except signing.BadSignature as exc:
+        raise InvalidConsistencyToken(
+            "The consistency token's signature does not match: it was forged, truncated, or "
+            "signed with another SECRET_KEY."
+        ) from exc
+    try:
+        positions = {str(a): parse_lsn(v) for a, v in payload["p"].items()}
+        write_times = {str(a): float(v) for a, v in payload["t"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidConsistencyToken("The consistency token is malformed.") from exc
+    unknown = sorted((set(positions) | set(write_times)) - set(settings.DATABASES))
+    if unknown:
+        raise InvalidConsistencyToken(
+            f"The consistency token names database(s) {unknown} that are not in DATABASES "
+            f"(known: {sorted(settings.DATABASES)}). Tokens only travel between processes "
+            "that share the same DATABASES aliases."
+        )
+    return DecodedToken(positions, write_times)
+
+
+class _ContextDecorator:
+    """Base for context managers that also decorate sync and async functions."""
+
+    def __enter__(self) -> Any:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:
+        raise NotImplementedError
+
+    def _recreate(self) -> _ContextDecorator:
+        return self
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_inner(*args: Any, **kwargs: Any) -> Any:
+                with self._recreate():
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_inner)
+
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with self._recreate():
+                return func(*args, **kwargs)
+
+        return cast(F, inner)
+
+
+class read_at_least(_ContextDecorator):  # noqa: N801 - reads as a verb, like contextlib's
+    """Read, inside the block, at least what the token's writer wrote.
+
+    *mode* picks how (per task, like GitLab's load balancer options):
+
+    ``"sticky"`` (default)
+        read from a replica that has replayed the token's positions, else the primary;
+    ``"wait"``
+        as ``"sticky"``, but wait up to *timeout* seconds (default ``REPLICA_WAIT``, at
+        least 1s) for a replica to catch up before using the primary;
+    ``"primary"``
+        read from the primaries for the whole block.
+
+    The block is its own consistency context that starts from the token's positions. A bad
+    token raises :class:`InvalidConsistencyToken` at construction, before anything runs.
+    """
+
+    def __init__(
+        self, token: str | None, mode: ReadMode = "sticky", timeout: float | None = None
+    ) -> None:
+        if mode not in READ_MODES:
+            raise ValueError(f"read_at_least(mode={mode!r}): use one of {list(READ_MODES)}.")
+        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
+            raise ValueError(f"read_at_least(timeout={timeout!r}): use seconds >= 0.")
+        self.token = token
+        self.mode = mode
+        self.timeout = timeout
+        # Tokens travel in task arguments: an absent token means "nothing to wait for".
+        self.decoded = decode_token(token) if token else DecodedToken({}, {})
+        self._tokens: list[tuple[Token[ConsistencyState | None], Token[str | None] | None]] = []
+
+    def _recreate(self) -> read_at_least:
+        return read_at_least(self.token, self.mode, self.timeout)
+
+    def __enter__(self) -> ConsistencyState:
+        state = ConsistencyState(write_times=dict(self.decoded.write_times))
+        state.merge_positions(self.decoded.positions)
+        if self.mode == "wait":
+            state.wait = self.timeout if self.timeout is not None else max(
+                dbscale_settings.replica_wait, 1.0
+            )
+        forced = forced_target.set("primary") if self.mode == "primary" else None
+        self._tokens.append((open_context(state), forced))
+        return state
+
+    def __exit__(self, *exc: object) -> None:
+        ctx_token, forced = self._tokens.pop()
+        if forced is not None:
+            forced_target.reset(forced)
+        close_context(ctx_token)
+
+
+class _ForceTarget(_ContextDecorator):
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._tokens: list[Token[str | None]] = []
+
+    def _recreate(self) -> _ForceTarget:
+        return type(self)(self.target)
+
+    def __enter__(self) -> None:
+        self._tokens.append(forced_target.set(self.target))
+
+    def __exit__(self, *exc: object) -> None:
+        forced_target.reset(self._tokens.pop())
+
+
+def use_primary() -> _ContextDecorator:
+    """Send every read in the block (or decorated function) to the primaries.
+
+    Nests with :func:`use_replica` and :func:`use_database`: the innermost wins.
+    """
+    return _ForceTarget("primary")
+
+
+def use_replica() -> _ContextDecorator:
+    """Read from a replica in the block even if this context wrote (never for writes).
+
+    Replicas that are down or beyond the lag budget are still skipped: a block that demands
+    a replica when none is usable reads from the primary, counted with reason ``"forced"``.
+    Use it for reports that tolerate lag and must keep load off the primary.
+    """
+    return _ForceTarget("replica")
+
+
+def use_database(alias: str) -> _ContextDecorator:
+    """Send every read in the block to the database *alias* (a primary or a replica)."""
+    from django.conf import settings
+
+    if alias not in settings.DATABASES:
+        raise ValueError(
+            f"use_database({alias!r}): no such alias in DATABASES "
+            f"(known: {sorted(settings.DATABASES)})."
+        )
+    return _ForceTarget(alias)

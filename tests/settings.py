@@ -1,0 +1,27 @@
+"""Settings for the test suite: real PostgreSQL primaries, replicas, shards and Redis.
+
+Importing this module boots the services through :mod:`django_dbscale.testing.harness`
+(once per process), unless ``DBSCALE_TEST_EXTERNAL=1`` points it at running ones.
+"""
+
+from __future__ import annotations
+
+from django_dbscale.testing.harness import get_services
+
+from tests.settings_static import *  # noqa: F403
+
+_services = get_services()
+
+DATABASES = _services.databases()
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "dbscale": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": _services.redis_url(0),
+        "OPTIONS": {
+            "SOCKET_CONNECT_TIMEOUT": 0.5,
+            "SOCKET_TIMEOUT": 0.5,
+        },
+    },
+}

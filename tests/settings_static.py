@@ -1,0 +1,53 @@
+"""Service-free part of the test settings (also what mypy's Django plugin loads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ROOT_URLCONF = "tests.urls"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_dbscale",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django_dbscale.middleware.ConsistencyMiddleware",
+]
+
+DATABASE_ROUTERS = [
+    "django_dbscale.routers.ShardRouter",
+    "django_dbscale.routers.ReplicaRouter",
+]
+
+DATABASES: dict[str, dict[str, Any]] = {
+    "default": {"ENGINE": "django_dbscale.backends.postgresql", "NAME": "dbscale"},
+}
+
+CACHES: dict[str, dict[str, Any]] = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+}
+
+DBSCALE: dict[str, Any] = {
+    "REPLICAS": {
+        "default": ["default_replica"],
+        "shard0": ["shard0_replica"],
+        "shard1": ["shard1_replica"],
+        "shard2": ["shard2_replica"],
+    },
+    "MAX_REPLICA_LAG": 2.0,
+    "MAX_REPLICA_LAG_BYTES": 1024 * 1024,
+    "REPLICA_CHECK_INTERVAL": 0.2,
+    "REPLICA_QUARANTINE": (0.2, 2.0),
+    "SHARD_GROUPS": {
+        "customers": {"SHARDS": ["shard0", "shard1", "shard2"]},
+    },
+    "CACHE": {"ALIAS": "dbscale", "PREFIX": "dbscale-test"},
+}
