@@ -1,0 +1,161 @@
+"""A thin wrapper of Django's PostgreSQL backend: the one place that sees every statement.
+
+Set ``"ENGINE": "django_dbscale.backends.postgresql"`` on every alias (primaries, replicas,
+shards). It adds three things to Django's backend and changes nothing else:
+
+* **Write tracking for read-your-writes.** After a transaction that wrote commits (or a
+  write statement in autocommit mode returns), it calls
+  :func:`django_dbscale.consistency.record_write` for the connection's alias. No query is
+  made here; the WAL position is fetched lazily, once, when the context next needs it.
+* **Failover of reads.** A router cannot re-run a query that already failed, so the
+  retry lives here: when a *replica* fails to connect, or its connection breaks during a
+  statement outside a transaction, the replica is quarantined
+  (:func:`django_dbscale.replicas.report_failure`) and the statement is re-run on the
+  replica's primary. The caller sees rows, not an error. Inside a transaction nothing is
+  retried (re-running a statement of a broken transaction elsewhere would be wrong).
+* **A compiler hook** for the queryset cache: ``compiler_module`` points at
+  :mod:`django_dbscale.backends.postgresql.compiler`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db.backends.postgresql import base as pg_base
+from django.db.backends.postgresql.operations import DatabaseOperations as PgOperations
+from django.db.backends.utils import CursorDebugWrapper as DjangoCursorDebugWrapper
+from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
+
+from django_dbscale import consistency
+from django_dbscale.conf import dbscale_settings
+
+logger = logging.getLogger("django_dbscale.backends")
+
+_READ_PREFIXES = ("SELECT", "SHOW", "EXPLAIN", "SET ", "SAVEPOINT", "RELEASE", "ROLLBACK")
+_FAILOVER_ERRORS = (OperationalError, InterfaceError)
+
+
+def is_write(sql: str) -> bool:
+    """Return whether *sql* may change data (anything that is not a plain read)."""
+    if sql.startswith("SELECT"):
+        return False
+    head = sql.lstrip(" \n\t(").upper()
+    return not head.startswith(_READ_PREFIXES)
+
+
+class _DBScaleCursorMixin:
+    """Track writes and fail reads over from a broken replica to its primary."""
+
+    db: DatabaseWrapper
+    cursor: Any
+
+    def _execute(self, sql: str, params: Any, *wrapper_args: Any) -> Any:
+        try:
+            result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
+        except _FAILOVER_ERRORS:
+            if not self._fail_over():
+                raise
+            result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
+        else:
+            if is_write(sql):
+                self.db.note_write()
+        return result
+
+    def _executemany(self, sql: str, param_list: Any, *wrapper_args: Any) -> Any:
+        result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
+        if is_write(sql):
+            self.db.note_write()
+        return result
+
+    def _fail_over(self) -> bool:
+        """Point this cursor at the primary if the failed connection is a replica's."""
+        replica = self.db
+        primary_alias = replica.dbscale_primary()
+        if primary_alias is None or replica.in_atomic_block:
+            return False
+        from django.db import connections
+
+        from django_dbscale import replicas
+
+        replicas.report_failure(replica.alias, "query failed")
+        logger.warning("Replica %r failed mid-query; re-running on %r.", replica.alias, primary_alias)
+        try:
+            replica.close()
+        except DatabaseError:
+            replica.connection = None
+        primary = connections[primary_alias]
+        primary.ensure_connection()
+        self.cursor = primary.create_cursor()
+        self.db = primary
+        return True
+
+
+class CursorWrapper(_DBScaleCursorMixin, DjangoCursorWrapper):
+    """Django's cursor wrapper plus write tracking and replica failover."""
+
+
+class CursorDebugWrapper(_DBScaleCursorMixin, pg_base.CursorDebugWrapper):  # type: ignore[misc]
+    """Django's debug cursor wrapper plus write tracking and replica failover."""
+
+
+assert issubclass(pg_base.CursorDebugWrapper, DjangoCursorDebugWrapper)
+
+
+class DatabaseOperations(PgOperations):
+    compiler_module = "django_dbscale.backends.postgresql.compiler"
+
+
+class DatabaseWrapper(pg_base.DatabaseWrapper):
+    """Django's PostgreSQL ``DatabaseWrapper`` with the additions described above."""
+
+    ops_class = DatabaseOperations
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dbscale_dirty = False
+
+    def dbscale_primary(self) -> str | None:
+        """Return this alias's primary if this alias is a configured replica."""
+        return dbscale_settings.primary_of.get(self.alias)
+
+    # -- write tracking ---------------------------------------------------------------
+    def note_write(self) -> None:
+        """Record a successful write statement (now if autocommitted, else at COMMIT)."""
+        if self.in_atomic_block or not self.autocommit:
+            self.dbscale_dirty = True
+        else:
+            consistency.record_write(self.alias)
+
+    def commit(self) -> None:
+        super().commit()
+        if self.dbscale_dirty:
+            self.dbscale_dirty = False
+            consistency.record_write(self.alias)
+
+    def rollback(self) -> None:
+        self.dbscale_dirty = False
+        super().rollback()
+
+    # -- cursors ----------------------------------------------------------------------
+    def make_cursor(self, cursor: Any) -> CursorWrapper:
+        return CursorWrapper(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> CursorDebugWrapper:
+        return CursorDebugWrapper(cursor, self)
+
+    def _cursor(self, name: str | None = None) -> Any:
+        try:
+            return super()._cursor(name)
+        except _FAILOVER_ERRORS:
+            primary_alias = self.dbscale_primary()
+            if primary_alias is None or self.in_atomic_block:
+                raise
+            from django.db import connections
+
+            from django_dbscale import replicas
+
+            replicas.report_failure(self.alias, "connect failed")
+            logger.warning("Replica %r unreachable; reading from %r.", self.alias, primary_alias)
+            return connections[primary_alias]._cursor(name)

@@ -1,0 +1,69 @@
+"""``manage.py dbscale status``: primaries, replicas, health, lag and where reads go."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from django_dbscale import replicas
+from django_dbscale.conf import dbscale_settings
+from django_dbscale.consistency import consistency_context, format_lsn
+
+HELP = "Probe every replica now and print health, lag and where reads would go."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+
+
+def collect() -> list[dict[str, Any]]:
+    """Probe now and return one row per primary with its replicas' measurements."""
+    replicas.monitor.refresh()
+    rows = []
+    for primary, specs in dbscale_settings.replicas.items():
+        with consistency_context():
+            reads_to = replicas.read_alias(primary)
+        entry: dict[str, Any] = {"primary": primary, "reads_go_to": reads_to, "replicas": []}
+        for spec in specs:
+            st = replicas.monitor.status(spec.alias)
+            now = time.monotonic()
+            entry["replicas"].append(
+                {
+                    "alias": spec.alias,
+                    "weight": spec.weight,
+                    "healthy": st.healthy and not st.quarantined(now),
+                    "streaming": st.receiver_streaming,
+                    "eligible": st.usable(now),
+                    "lag_bytes": st.lag_bytes,
+                    "lag_seconds": None if st.lag_seconds is None else round(st.lag_seconds, 3),
+                    "replay_lsn": None if st.replay_lsn is None else format_lsn(st.replay_lsn),
+                    "error": st.last_error,
+                }
+            )
+        rows.append(entry)
+    return rows
+
+
+def handle(command: BaseCommand, **options: Any) -> None:
+    rows = collect()
+    if options.get("json"):
+        command.stdout.write(json.dumps(rows, indent=2))
+        return
+    budget = (
+        f"budget: {dbscale_settings.max_replica_lag}s or "
+        f"{dbscale_settings.max_replica_lag_bytes} bytes"
+    )
+    command.stdout.write(budget)
+    for entry in rows:
+        command.stdout.write(f"primary {entry['primary']}: reads go to {entry['reads_go_to']}")
+        for r in entry["replicas"]:
+            state = "eligible" if r["eligible"] else ("DOWN" if not r["healthy"] else "LAGGING")
+            command.stdout.write(
+                f"  {r['alias']:<20} {state:<9} lag={r['lag_bytes']} bytes / "
+                f"{r['lag_seconds']} s  replay_lsn={r['replay_lsn']}  weight={r['weight']}"
+                + (f"  error={r['error']}" if r["error"] else "")
+            )

@@ -1,0 +1,460 @@
+"""Replica health, lag and selection: where a read of a primary's data goes.
+
+The routing decision (:func:`read_alias`) runs on every read and makes no network round
+trip: it consults a per-process :class:`ReplicaMonitor` whose measurements are refreshed
+at most every ``REPLICA_CHECK_INTERVAL`` seconds by a background thread that the first
+stale read kicks off. Probes use short connect and statement timeouts, so a hung replica
+delays only the prober, never a request.
+
+A replica is **eligible** for a read when
+
+* its last probe succeeded and it is not quarantined,
+* it is still in recovery and its WAL receiver is streaming (a disconnected receiver means
+  it is falling behind, whatever the numbers say), and
+* its replay lag is within budget: ``lag_seconds <= MAX_REPLICA_LAG`` **or**
+  ``lag_bytes <= MAX_REPLICA_LAG_BYTES``. Time lag alone misleads on an idle primary (the
+  last replayed commit gets old while nothing is missing), so either measure suffices, as in
+  GitLab's load balancer;
+* and, when the context must read its own writes, its replayed LSN (a lower bound kept per
+  process) has reached the context's required position.
+
+A context stays on the replica it first read from (monotonic reads). Once it reads from the
+primary for a reason other than ``use_replica``, it stays on the primary: moving back to a
+replica could show it an older state than it has already seen.
+
+Failures (a probe error or timeout, or a query that broke, reported by the backend) put a
+replica in quarantine with exponential backoff (``REPLICA_QUARANTINE``); a successful probe
+after the backoff re-admits it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from django.conf import settings
+from django.db import connections
+
+from django_dbscale import consistency
+from django_dbscale.conf import ReplicaSpec, dbscale_settings, on_settings_changed
+
+__all__ = [
+    "ReplicaMonitor",
+    "ReplicaStatus",
+    "monitor",
+    "read_alias",
+    "replayed_lsn",
+    "report_failure",
+    "route_counts",
+]
+
+logger = logging.getLogger("django_dbscale.replicas")
+
+# Reasons a read was routed where it was; the labels of ``route_counts``.
+REPLICA = "replica"
+NO_REPLICAS = "no_replicas"
+IN_TRANSACTION = "in_transaction"
+READ_YOUR_WRITES = "read_your_writes"
+LAGGING = "lagging"
+DOWN = "down"
+FORCED = "forced"
+PINNED_PRIMARY = "pinned_primary"
+UNKNOWN = "unknown"
+
+#: (alias read from, reason) -> number of reads routed so, in this process.
+route_counts: Counter[tuple[str, str]] = Counter()
+
+REPLICA_PROBE_SQL = """
+SELECT pg_is_in_recovery(),
+       pg_last_wal_replay_lsn()::text,
+       EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8,
+       (SELECT status FROM pg_stat_wal_receiver LIMIT 1)
+"""
+PRIMARY_PROBE_SQL = "SELECT pg_current_wal_lsn()::text"
+
+
+@dataclass
+class ReplicaStatus:
+    """What this process last measured of one replica."""
+
+    alias: str
+    primary: str
+    probed: bool = False
+    healthy: bool = False
+    in_recovery: bool = False
+    receiver_streaming: bool = False
+    replay_lsn: int | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    probed_at: float = 0.0
+    failures: int = 0
+    quarantined_until: float = 0.0
+    last_error: str = ""
+
+    def quarantined(self, now: float) -> bool:
+        return now < self.quarantined_until
+
+    def within_budget(self) -> bool:
+        """Apply the lag rule: time lag OR byte lag within its limit."""
+        max_seconds = dbscale_settings.max_replica_lag
+        max_bytes = dbscale_settings.max_replica_lag_bytes
+        if self.lag_seconds is not None and self.lag_seconds <= max_seconds:
+            return True
+        return self.lag_bytes is not None and max_bytes is not None and self.lag_bytes <= max_bytes
+
+    def usable(self, now: float) -> bool:
+        """Healthy, streaming and within the lag budget (ignoring read-your-writes)."""
+        return (
+            self.healthy
+            and not self.quarantined(now)
+            and self.in_recovery
+            and self.receiver_streaming
+            and self.within_budget()
+        )
+
+    def reason_unusable(self, now: float) -> str:
+        if not self.probed:
+            return UNKNOWN
+        if not self.healthy or self.quarantined(now) or not self.in_recovery:
+            return DOWN
+        return LAGGING
+
+
+@dataclass
+class _Probe:
+    """A probe connection to one database, opened on demand and reused."""
+
+    alias: str
+    conn: psycopg.Connection[Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def query(self, sql: str, timeout: float) -> tuple[Any, ...]:
+        with self.lock:
+            if self.conn is None or self.conn.closed:
+                self.conn = psycopg.connect(**_probe_params(self.alias, timeout), autocommit=True)
+            try:
+                row = self.conn.execute(sql).fetchone()
+            except Exception:
+                self.close()
+                raise
+        assert row is not None
+        return tuple(row)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail
+                pass
+
+
+def _probe_params(alias: str, timeout: float) -> dict[str, Any]:
+    """Build psycopg connection kwargs for *alias* with short timeouts."""
+    s = settings.DATABASES[alias]
+    params: dict[str, Any] = {
+        "dbname": s.get("NAME") or "postgres",
+        "connect_timeout": max(1, math.ceil(timeout)),
+        "options": f"-c statement_timeout={max(1, int(timeout * 1000))}",
+        "application_name": "django_dbscale probe",
+    }
+    for key, param in (("USER", "user"), ("PASSWORD", "password"), ("HOST", "host"), ("PORT", "port")):
+        if s.get(key):
+            params[param] = str(s[key])
+    for key in ("sslmode", "sslrootcert", "sslcert", "sslkey", "passfile", "service"):
+        if key in s.get("OPTIONS", {}):
+            params[key] = s["OPTIONS"][key]
+    return params
+
+
+class ReplicaMonitor:
+    """Per-process lag and health measurements of every configured replica."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status: dict[str, ReplicaStatus] = {}
+        self._probes: dict[str, _Probe] = {}
+        self._refreshing = False
+        self._last_refresh = -math.inf
+        self._pid = os.getpid()
+        self._rr: Counter[str] = Counter()
+
+    # -- state ------------------------------------------------------------------------
+    def status(self, alias: str) -> ReplicaStatus:
+        """Return the status record of replica *alias* (created unprobed on first use)."""
+        status = self._status.get(alias)
+        if status is None:
+            primary = dbscale_settings.primary_of.get(alias)
+            if primary is None:
+                raise KeyError(
+                    f"{alias!r} is not a replica in DBSCALE['REPLICAS'] "
+                    f"(replicas: {sorted(dbscale_settings.primary_of)})."
+                )
+            status = self._status.setdefault(alias, ReplicaStatus(alias, primary))
+        return status
+
+    def reset(self) -> None:
+        """Forget every measurement and close probe connections (settings changed)."""
+        with self._lock:
+            for probe in self._probes.values():
+                probe.close()
+            self._probes.clear()
+            self._status.clear()
+            self._last_refresh = -math.inf
+            self._rr.clear()
+
+    # -- refreshing -------------------------------------------------------------------
+    def maybe_refresh(self) -> None:
+        """Start a background refresh if the measurements are older than the interval."""
+        now = time.monotonic()
+        if now - self._last_refresh < dbscale_settings.replica_check_interval:
+            return
+        if os.getpid() != self._pid:  # forked: the parent's probes and thread are not ours
+            self._pid = os.getpid()
+            self._probes = {}
+            self._refreshing = False
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+            self._last_refresh = now
+        threading.Thread(target=self._refresh_in_background, name="dbscale-replica-probe", daemon=True).start()
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # pragma: no cover - refresh() handles probe errors itself
+            logger.exception("Replica refresh failed")
+        finally:
+            self._refreshing = False
+
+    def refresh(self, aliases: Iterable[str] | None = None) -> None:
+        """Probe primaries and replicas now (blocking); used by the prober and tests."""
+        self._last_refresh = time.monotonic()
+        timeout = dbscale_settings.replica_probe_timeout
+        by_primary: dict[str, list[str]] = {}
+        wanted = set(aliases) if aliases is not None else None
+        for primary, specs in dbscale_settings.replicas.items():
+            for spec in specs:
+                if wanted is None or spec.alias in wanted:
+                    by_primary.setdefault(primary, []).append(spec.alias)
+        threads = [
+            threading.Thread(target=self._refresh_primary, args=(p, r, timeout), daemon=True)
+            for p, r in by_primary.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            # A probe stuck past its timeouts is abandoned, not waited for.
+            thread.join(timeout * 4 + 2)
+
+    def _probe(self, alias: str) -> _Probe:
+        probe = self._probes.get(alias)
+        if probe is None:
+            probe = self._probes.setdefault(alias, _Probe(alias))
+        return probe
+
+    def _refresh_primary(self, primary: str, replica_aliases: list[str], timeout: float) -> None:
+        try:
+            primary_lsn: int | None = consistency.parse_lsn(
+                self._probe(primary).query(PRIMARY_PROBE_SQL, timeout)[0]
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure just means "unknown"
+            logger.warning("Probe of primary %r failed: %s", primary, exc)
+            primary_lsn = None
+        now = time.monotonic()
+        for alias in replica_aliases:
+            status = self.status(alias)
+            if status.quarantined(now):
+                continue
+            try:
+                in_recovery, replay, lag_s, receiver = self._probe(alias).query(
+                    REPLICA_PROBE_SQL, timeout
+                )
+            except Exception as exc:  # noqa: BLE001 - timeouts, refused, broken: all "down"
+                self._fail(status, f"probe failed: {exc}".strip())
+                continue
+            status.probed = True
+            status.healthy = True
+            status.failures = 0
+            status.quarantined_until = 0.0
+            status.last_error = ""
+            status.in_recovery = bool(in_recovery)
+            status.receiver_streaming = receiver == "streaming"
+            replay_lsn = consistency.parse_lsn(replay) if replay else None
+            if replay_lsn is not None:
+                self.note_replayed(alias, replay_lsn)
+            status.lag_seconds = None if lag_s is None else max(0.0, float(lag_s))
+            status.lag_bytes = (
+                max(0, primary_lsn - replay_lsn)
+                if primary_lsn is not None and replay_lsn is not None
+                else None
+            )
+            status.probed_at = time.monotonic()
+
+    def _fail(self, status: ReplicaStatus, reason: str) -> None:
+        first, maximum = dbscale_settings.replica_quarantine
+        status.probed = True
+        status.healthy = False
+        status.failures += 1
+        backoff = min(maximum, first * 2 ** (status.failures - 1))
+        status.quarantined_until = time.monotonic() + backoff
+        status.last_error = reason
+        logger.warning(
+            "Replica %r quarantined for %.1fs (failure %d): %s",
+            status.alias,
+            backoff,
+            status.failures,
+            reason,
+        )
+
+    def report_failure(self, alias: str, reason: str) -> None:
+        """Quarantine *alias* after a failure seen outside the prober."""
+        self._fail(self.status(alias), reason)
+        probe = self._probes.get(alias)
+        if probe is not None:
+            probe.close()
+
+    def note_replayed(self, alias: str, lsn: int) -> None:
+        """Raise the known lower bound of *alias*'s replayed LSN to *lsn*."""
+        status = self.status(alias)
+        if status.replay_lsn is None or lsn > status.replay_lsn:
+            status.replay_lsn = lsn
+
+    # -- selection --------------------------------------------------------------------
+    def choose(self, specs: tuple[ReplicaSpec, ...], usable: list[ReplicaSpec]) -> str:
+        if len(usable) == 1:
+            return usable[0].alias
+        if dbscale_settings.replica_selection == "round_robin":
+            key = usable[0].alias
+            self._rr[key] += 1
+            # Weighted round robin: walk a list where each replica appears weight times.
+            expanded = [s.alias for s in usable for _ in range(max(1, round(s.weight)))]
+            return expanded[self._rr[key] % len(expanded)]
+        return random.choices([s.alias for s in usable], [s.weight for s in usable])[0]
+
+
+monitor = ReplicaMonitor()
+on_settings_changed(monitor.reset)
+
+
+def replayed_lsn(alias: str) -> int | None:
+    """Return the known lower bound of replica *alias*'s replayed LSN (no query)."""
+    status = monitor._status.get(alias)
+    return None if status is None else status.replay_lsn
+
+
+def report_failure(alias: str, reason: str) -> None:
+    """Quarantine replica *alias*; the backend calls this when a query on it broke."""
+    monitor.report_failure(alias, reason)
+
+
+def _route(alias: str, reason: str) -> str:
+    route_counts[(alias, reason)] += 1
+    return alias
+
+
+def _to_primary(primary: str, reason: str, state: consistency.ConsistencyState | None) -> str:
+    if state is not None and reason != FORCED:
+        state.pinned[primary] = primary
+    return _route(primary, reason)
+
+
+def _wait_for(replica_aliases: list[str], lsn: int, timeout: float) -> str | None:
+    """Poll replicas until one has replayed *lsn*; return it, or None after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for alias in replica_aliases:
+            try:
+                with connections[alias].cursor() as cursor:
+                    cursor.execute("SELECT pg_last_wal_replay_lsn()::text")
+                    row = cursor.fetchone()
+            except Exception as exc:  # noqa: BLE001 - a failing replica is just not chosen
+                report_failure(alias, f"wait probe failed: {exc}")
+                continue
+            if row and row[0]:
+                monitor.note_replayed(alias, consistency.parse_lsn(row[0]))
+                if consistency.parse_lsn(row[0]) >= lsn:
+                    return alias
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+
+def read_alias(primary: str) -> str:
+    """Return the alias a read of *primary*'s data should use now.
+
+    The replica this context is pinned to if it is still usable and caught up; else an
+    eligible replica (random or round robin, by weight), which the context is then pinned
+    to; else *primary*. Never makes a network round trip except to fetch this context's
+    own pending write position once, or when ``REPLICA_WAIT`` / ``read_at_least(mode=
+    "wait")`` asks to wait for a replica to catch up.
+    """
+    specs = dbscale_settings.replicas.get(primary)
+    forced = consistency.forced_target.get()
+    state: consistency.ConsistencyState | None = consistency.current_state()
+    if forced is not None and forced != "replica":
+        if forced == "primary":
+            return _route(primary, FORCED)
+        return _route(forced, FORCED)
+    if not specs:
+        return _route(primary, NO_REPLICAS)
+    if connections[primary].in_atomic_block:
+        return _to_primary(primary, IN_TRANSACTION, state)
+    if forced != "replica" and state is not None and state.pinned.get(primary) == primary:
+        return _route(primary, PINNED_PRIMARY)
+
+    monitor.maybe_refresh()
+    required: int | None = None
+    if forced != "replica" and state is not None:
+        if dbscale_settings.read_your_writes == "lsn":
+            required = consistency.required_position(primary)
+        elif dbscale_settings.read_your_writes == "time" and consistency.wrote_recently(
+            primary, dbscale_settings.sticky_seconds
+        ):
+            return _to_primary(primary, READ_YOUR_WRITES, state)
+
+    now = time.monotonic()
+    pinned = state.pinned.get(primary) if state is not None and forced != "replica" else None
+    if pinned is not None:
+        status = monitor.status(pinned)
+        if status.usable(now) and (required is None or (status.replay_lsn or -1) >= required):
+            return _route(pinned, REPLICA)
+        if status.usable(now):
+            return _to_primary(primary, READ_YOUR_WRITES, state)
+        return _to_primary(primary, status.reason_unusable(now), state)
+
+    usable = [s for s in specs if monitor.status(s.alias).usable(now)]
+    if not usable:
+        reasons = {monitor.status(s.alias).reason_unusable(now) for s in specs}
+        reason = FORCED if forced == "replica" else min(reasons)
+        return _to_primary(primary, reason, state)
+    if required is not None:
+        caught_up = [s for s in usable if (monitor.status(s.alias).replay_lsn or -1) >= required]
+        if not caught_up:
+            wait = state.wait if state is not None and state.wait is not None else (
+                dbscale_settings.replica_wait
+            )
+            chosen = _wait_for([s.alias for s in usable], required, wait) if wait > 0 else None
+            if chosen is None:
+                return _to_primary(primary, READ_YOUR_WRITES, state)
+            caught_up = [s for s in usable if s.alias == chosen]
+        usable = caught_up
+    alias = monitor.choose(specs, usable)
+    if state is not None and forced != "replica":
+        state.pinned[primary] = alias
+    return _route(alias, REPLICA)
+
+
+def replica_aliases(primary: str) -> list[str]:
+    """Return the replica aliases configured for *primary*."""
+    return [spec.alias for spec in dbscale_settings.replicas.get(primary, ())]

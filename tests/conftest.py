@@ -1,0 +1,66 @@
+"""Fixtures shared by the whole suite: real services, migrated databases, clean state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from django_dbscale import consistency, replicas
+from django_dbscale.conf import dbscale_settings
+from django_dbscale.testing.harness import PgServer, Services, get_services
+
+
+def primary_aliases() -> list[str]:
+    """Every alias that is not a replica (the default database and the shards)."""
+    return [alias for alias in settings.DATABASES if alias not in dbscale_settings.primary_of]
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_blocker: Any) -> None:
+    """Migrate every primary of the harness's throwaway servers (no test_ databases).
+
+    Replicas get the schema through streaming replication; ``TEST["MIRROR"]`` keeps
+    Django from flushing them.
+    """
+    with django_db_blocker.unblock():
+        for alias in primary_aliases():
+            call_command("migrate", database=alias, run_syncdb=True, verbosity=0, interactive=False)
+            call_command("flush", database=alias, interactive=False, verbosity=0)
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    return get_services()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dbscale_state() -> Iterator[None]:
+    """Give each test its own consistency context and a clean replica monitor."""
+    replicas.monitor.reset()
+    replicas.route_counts.clear()
+    token = consistency.open_context()
+    try:
+        yield
+    finally:
+        consistency.close_context(token)
+        replicas.monitor.reset()
+
+
+@pytest.fixture
+def paused(services: Services) -> Iterator[Any]:
+    """Return a function that pauses replay on a replica server until the test ends."""
+    paused_servers: list[PgServer] = []
+
+    def pause(server: PgServer) -> PgServer:
+        server.pause_replay()
+        paused_servers.append(server)
+        return server
+
+    yield pause
+    for server in paused_servers:
+        server.resume_replay()
+        server.wait_for_replay()

@@ -1,0 +1,1 @@
+"""Placeholder; the pillar fills this in."""
