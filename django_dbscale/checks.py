@@ -50,6 +50,7 @@ def _router_paths() -> list[str]:
 def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check ``DBSCALE`` against ``DATABASES``, ``CACHES`` and ``DATABASE_ROUTERS``."""
     try:
+        dbscale_settings.validate()
         replicas = dbscale_settings.replicas
         groups = dbscale_settings.shard_groups
         cache = dbscale_settings.cache

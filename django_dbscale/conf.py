@@ -361,6 +361,12 @@ class DBScaleSettings:
 
         return self._derived("cache", build)  # type: ignore[no-any-return]
 
+    def validate(self) -> None:
+        """Parse every key now; raise ``ImproperlyConfigured`` naming the first bad one."""
+        for name in dir(type(self)):
+            if isinstance(getattr(type(self), name), property):
+                getattr(self, name)
+
     def reload(self) -> None:
         """Drop every parsed value; the next access re-reads ``settings.DBSCALE``."""
         self._cache.clear()

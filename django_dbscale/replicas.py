@@ -69,6 +69,7 @@ DOWN = "down"
 FORCED = "forced"
 PINNED_PRIMARY = "pinned_primary"
 UNKNOWN = "unknown"
+FAILOVER = "failover"
 
 #: (alias read from, reason) -> number of reads routed so, in this process.
 route_counts: Counter[tuple[str, str]] = Counter()
@@ -356,6 +357,12 @@ def replayed_lsn(alias: str) -> int | None:
 def report_failure(alias: str, reason: str) -> None:
     """Quarantine replica *alias*; the backend calls this when a query on it broke."""
     monitor.report_failure(alias, reason)
+
+
+def failed_over(replica: str, primary: str, reason: str) -> None:
+    """Quarantine *replica* whose query was re-run on *primary*; count it as a failover."""
+    monitor.report_failure(replica, reason)
+    route_counts[(primary, FAILOVER)] += 1
 
 
 def _route(alias: str, reason: str) -> str:

@@ -126,7 +126,9 @@ def test_foreign_engine_on_managed_alias_is_w001() -> None:
         **databases["default_replica"],
         "ENGINE": "django.db.backends.postgresql",
     }
-    with override_settings(DATABASES=databases):
+    with pytest.warns(UserWarning, match="Overriding setting DATABASES"), override_settings(
+        DATABASES=databases
+    ):
         messages = checks.check_dbscale_settings()
     assert [m.id for m in messages] == ["dbscale.W001"]
     assert "'default_replica'" in messages[0].msg

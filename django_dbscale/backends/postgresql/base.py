@@ -79,7 +79,7 @@ class _DBScaleCursorMixin:
 
         from django_dbscale import replicas
 
-        replicas.report_failure(replica.alias, "query failed")
+        replicas.failed_over(replica.alias, primary_alias, "query failed")
         logger.warning("Replica %r failed mid-query; re-running on %r.", replica.alias, primary_alias)
         try:
             replica.close()
@@ -156,6 +156,6 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
 
             from django_dbscale import replicas
 
-            replicas.report_failure(self.alias, "connect failed")
+            replicas.failed_over(self.alias, primary_alias, "connect failed")
             logger.warning("Replica %r unreachable; reading from %r.", self.alias, primary_alias)
             return connections[primary_alias]._cursor(name)

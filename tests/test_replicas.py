@@ -1,0 +1,415 @@
+"""Read/write splitting against a real primary and a real streaming replica (pg1/pg1_replica).
+
+Every test states where a read went (``_state.db``) and checks with direct SQL on the
+servers what each one holds, so a read that "passes" by accident from the wrong database
+fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections, transaction
+from django.test import AsyncClient, Client, override_settings
+from django.test.utils import CaptureQueriesContext
+
+from django_dbscale import (
+    InvalidConsistencyToken,
+    consistency,
+    consistency_context,
+    consistency_token,
+    read_at_least,
+    replicas,
+    use_database,
+    use_primary,
+    use_replica,
+)
+from django_dbscale.testing.harness import Services
+from tests.testapp.models import Note
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def on_server(services: Services, alias: str, pk: int) -> list[tuple[Any, ...]]:
+    """Return the ``testapp_note`` row *pk* as stored on the server behind *alias*."""
+    return services.alias_server(alias).execute(
+        "SELECT id, title FROM testapp_note WHERE id = %s", (pk,), dbname=services.alias_dbname(alias)
+    )
+
+
+def read(pk: int) -> Note | None:
+    return Note.objects.filter(pk=pk).first()
+
+
+def primed() -> None:
+    replicas.monitor.refresh()
+    status = replicas.monitor.status("default_replica")
+    assert status.usable(time.monotonic()), status
+
+
+def test_reads_go_to_the_replica_and_writes_to_the_primary(services: Services) -> None:
+    with consistency_context():
+        note = Note.objects.create(title="replicated")
+    services.pg1_replica.wait_for_replay()
+    assert on_server(services, "default_replica", note.pk) == [(note.pk, "replicated")]
+    primed()
+    with consistency_context():
+        got = read(note.pk)
+    assert got is not None and got.title == "replicated"
+    assert got._state.db == "default_replica"
+    assert replicas.route_counts[("default_replica", "replica")] == 1
+
+
+def test_own_write_is_read_from_primary_while_replica_lags(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    note = Note.objects.create(title="mine")
+    # The replica really does not have it: a read there would be stale.
+    assert on_server(services, "default_replica", note.pk) == []
+    got = read(note.pk)
+    assert got is not None and got.title == "mine" and got._state.db == "default"
+    assert replicas.route_counts[("default", "read_your_writes")] == 1
+    # Another context, without the position, still reads the replica (within budget).
+    with consistency_context():
+        assert read(note.pk) is None
+    assert replicas.route_counts[("default_replica", "replica")] == 1
+
+
+def test_own_write_is_read_from_replica_once_it_has_replayed(services: Services) -> None:
+    primed()
+    note = Note.objects.create(title="caught up")
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    got = read(note.pk)
+    assert got is not None and got._state.db == "default_replica"
+
+
+def test_update_without_signals_is_a_tracked_write(services: Services, paused: Any) -> None:
+    note = Note.objects.create(title="before")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    with consistency_context():
+        paused(services.pg1_replica)
+        Note.objects.filter(pk=note.pk).update(title="after")
+        got = read(note.pk)
+    assert got is not None and (got.title, got._state.db) == ("after", "default")
+    assert on_server(services, "default_replica", note.pk) == [(note.pk, "before")]
+
+
+def test_token_carries_own_writes_to_another_thread(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    note = Note.objects.create(title="for the task")
+    token = consistency_token()
+    results: dict[str, Any] = {}
+
+    def task(name: str, tok: str | None) -> None:
+        try:
+            with read_at_least(tok):
+                qs = Note.objects.filter(pk=note.pk)
+                got = qs.first()
+                results[name] = (got.title if got else None, qs.db)
+        finally:
+            connections.close_all()
+
+    threads = [
+        threading.Thread(target=task, args=("with_token", token)),
+        threading.Thread(target=task, args=("without_token", None)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["with_token"] == ("for the task", "default")
+    assert results["without_token"] == (None, "default_replica")
+
+
+def test_read_at_least_primary_mode_reads_primary(services: Services) -> None:
+    primed()
+    with consistency_context():
+        token = consistency_token()
+    with read_at_least(token, mode="primary"):
+        Note.objects.create(title="x")
+        assert Note.objects.all().first()._state.db == "default"  # type: ignore[union-attr]
+
+
+def test_read_at_least_wait_mode_waits_for_the_replica(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    note = Note.objects.create(title="waited")
+    token = consistency_token()
+    timer = threading.Timer(0.5, services.pg1_replica.resume_replay)
+    timer.start()
+    try:
+        with consistency_context(), read_at_least(token, mode="wait", timeout=10):
+            started = time.monotonic()
+            got = read(note.pk)
+            waited = time.monotonic() - started
+    finally:
+        timer.join()
+    assert got is not None and (got.title, got._state.db) == ("waited", "default_replica")
+    assert 0.3 < waited < 10
+
+
+def test_lag_beyond_budget_stops_replica_reads_until_resumed(
+    services: Services, paused: Any
+) -> None:
+    with override_settings(
+        DBSCALE={**settings.DBSCALE, "MAX_REPLICA_LAG": 0.5, "MAX_REPLICA_LAG_BYTES": 64 * 1024}
+    ):
+        primed()
+        paused(services.pg1_replica)
+        # The primary keeps writing: over 64 KiB of WAL and more than 0.5 s of lag.
+        for i in range(20):
+            Note.objects.create(title=f"bulk {i}", body=os.urandom(4000).hex())
+        time.sleep(0.6)
+        replicas.monitor.refresh()
+        status = replicas.monitor.status("default_replica")
+        assert status.lag_bytes is not None and status.lag_bytes > 64 * 1024
+        with consistency_context():
+            assert Note.objects.order_by("pk").first()._state.db == "default"  # type: ignore[union-attr]
+        assert replicas.route_counts[("default", "lagging")] == 1
+
+        services.pg1_replica.resume_replay()
+        services.pg1_replica.wait_for_replay()
+        replicas.monitor.refresh()
+        with consistency_context():
+            first = Note.objects.order_by("pk").first()
+        assert first is not None and first._state.db == "default_replica"
+
+
+def test_stopped_replica_costs_no_error_and_is_readmitted(services: Services) -> None:
+    note = Note.objects.create(title="durable")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    with consistency_context():
+        assert read(note.pk)._state.db == "default_replica"  # type: ignore[union-attr]
+    services.pg1_replica.stop()
+    try:
+        # Mid-traffic: the open replica connection is now dead. The read in flight is
+        # re-run on the primary (its instance keeps the alias the router chose).
+        with consistency_context():
+            got = read(note.pk)
+        assert got is not None and got.title == "durable"
+        assert replicas.route_counts[("default", "failover")] == 1
+        served_by = set()
+        for _ in range(20):  # later reads are routed to the primary straight away
+            with consistency_context():
+                got = read(note.pk)
+            assert got is not None and got.title == "durable"
+            served_by.add(got._state.db)
+        assert served_by == {"default"}
+        assert replicas.monitor.status("default_replica").healthy is False
+    finally:
+        services.pg1_replica.start()
+    services.pg1_replica.wait_for_replay()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        replicas.monitor.refresh()
+        if replicas.monitor.status("default_replica").usable(time.monotonic()):
+            break
+        time.sleep(0.2)
+    with consistency_context():
+        assert read(note.pk)._state.db == "default_replica"  # type: ignore[union-attr]
+
+
+def test_cut_network_to_replica_fails_over_mid_query(services: Services) -> None:
+    note = Note.objects.create(title="cut")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    with consistency_context():
+        assert read(note.pk)._state.db == "default_replica"  # type: ignore[union-attr]
+    with services.proxies["pg1_replica"].cut_off():
+        with consistency_context():
+            got = read(note.pk)
+        assert got is not None and got.title == "cut"
+        assert replicas.route_counts[("default", "failover")] == 1
+        for _ in range(5):
+            with consistency_context():
+                got = read(note.pk)
+            assert got is not None and (got.title, got._state.db) == ("cut", "default")
+    assert replicas.monitor.status("default_replica").failures >= 1
+
+
+def test_reads_inside_atomic_see_uncommitted_rows(services: Services) -> None:
+    primed()
+    with transaction.atomic():
+        note = Note.objects.create(title="uncommitted")
+        got = read(note.pk)
+        assert got is not None and got._state.db == "default"
+    assert replicas.route_counts[("default", "in_transaction")] == 1
+
+
+def test_monotonic_reads_stick_to_one_replica_then_primary(services: Services, paused: Any) -> None:
+    primed()
+    state = consistency.current_state()
+    list(Note.objects.all())
+    assert state.pinned == {"default": "default_replica"}
+    with transaction.atomic():
+        list(Note.objects.all())
+    # Having read the primary, the context never goes back to an older replica.
+    assert state.pinned == {"default": "default"}
+    assert Note.objects.all().db == "default"
+
+
+def test_use_primary_and_use_replica_nest(services: Services) -> None:
+    primed()
+    with use_primary():
+        assert Note.objects.all().db == "default"
+        with use_replica():
+            assert Note.objects.all().db == "default_replica"
+            with use_database("default"):
+                assert Note.objects.all().db == "default"
+            assert Note.objects.all().db == "default_replica"
+        assert Note.objects.all().db == "default"
+
+
+def test_use_primary_decorates_sync_and_async_functions(services: Services) -> None:
+    primed()
+
+    @use_primary()
+    def sync_read() -> str:
+        return Note.objects.all().db
+
+    @use_primary()
+    async def async_read() -> str:
+        return await sync_to_async(lambda: Note.objects.all().db)()
+
+    with consistency_context():
+        assert sync_read() == "default"
+        assert asyncio.run(async_read()) == "default"
+        assert Note.objects.all().db == "default_replica"
+
+
+def test_use_database_rejects_unknown_alias() -> None:
+    with pytest.raises(ValueError, match="'nope'.*DATABASES"):
+        use_database("nope")
+
+
+def test_middleware_carries_position_across_requests(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    client = Client()
+    response = client.post("/notes/", {"title": "form"})
+    pk = response.json()["id"]
+    assert "dbscale_pos" in response.cookies
+    assert response.headers["X-DBScale-Position"] == response.cookies["dbscale_pos"].value
+    # Next page, same browser: reads its write from the primary.
+    assert client.get(f"/notes/{pk}/").json() == {"title": "form", "db": "default"}
+    # API client with the header instead of a cookie.
+    api = Client(headers={"X-DBScale-Position": response.headers["X-DBScale-Position"]})
+    assert api.get(f"/notes/{pk}/").json() == {"title": "form", "db": "default"}
+    # Another user, no position: the replica, which lacks the row.
+    assert Client().get(f"/notes/{pk}/").json() == {"title": None, "db": None}
+
+
+def test_forged_or_malformed_cookie_is_ignored(services: Services) -> None:
+    note = Note.objects.create(title="public")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    for bad in ["garbage", consistency_token()[:-3] + "abc", "a:b:c", ""]:
+        client = Client()
+        client.cookies["dbscale_pos"] = bad
+        response = client.get(f"/notes/{note.pk}/", headers={"X-DBScale-Position": bad})
+        assert response.status_code == 200
+        assert response.json() == {"title": "public", "db": "default_replica"}
+
+
+def test_token_for_unknown_primary_is_rejected_with_clear_error() -> None:
+    from django.core import signing
+
+    forged = signing.dumps({"p": {"mars": "0/1"}, "t": {}}, salt=consistency.TOKEN_SALT, compress=True)
+    with pytest.raises(InvalidConsistencyToken, match="'mars'.*not in DATABASES"):
+        read_at_least(forged)
+    with pytest.raises(InvalidConsistencyToken, match="signature"):
+        read_at_least(forged + "x")
+    with pytest.raises(ValueError, match="mode='soon'"):
+        read_at_least(None, mode="soon")  # type: ignore[arg-type]
+
+
+def test_async_view_reads_its_own_write(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+
+    async def scenario() -> tuple[Any, Any]:
+        client = AsyncClient()
+        created = await client.get("/async/notes/", {"title": "async"})
+        pk_title = created.json()
+        return pk_title, created
+
+    body, response = asyncio.run(scenario())
+    assert body == {"title": "async", "db": "default"}
+    assert "dbscale_pos" in response.cookies
+
+
+def test_contexts_do_not_leak_between_concurrent_tasks(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    seen: dict[str, str] = {}
+
+    async def writer() -> None:
+        with consistency_context():
+            await Note.objects.acreate(title="w")
+            await asyncio.sleep(0.05)
+            seen["writer"] = await sync_to_async(lambda: Note.objects.all().db)()
+
+    async def reader() -> None:
+        with consistency_context():
+            await asyncio.sleep(0.02)
+            seen["reader"] = await sync_to_async(lambda: Note.objects.all().db)()
+
+    async def main() -> None:
+        await asyncio.gather(writer(), reader())
+
+    asyncio.run(main())
+    assert seen == {"writer": "default", "reader": "default_replica"}
+
+
+def test_time_based_stickiness_fallback(services: Services) -> None:
+    with override_settings(DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.5}):
+        primed()
+        Note.objects.create(title="t")
+        assert Note.objects.all().db == "default"
+    with consistency_context(), override_settings(
+        DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.3}
+    ):
+        primed()
+        Note.objects.create(title="t2")
+        time.sleep(0.35)
+        assert Note.objects.all().db == "default_replica"
+
+
+def test_a_replica_read_costs_exactly_one_statement(services: Services) -> None:
+    note = Note.objects.create(title="counted")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    with consistency_context():
+        read(note.pk)  # connect and pin
+        with CaptureQueriesContext(connections["default_replica"]) as on_replica, CaptureQueriesContext(
+            connections["default"]
+        ) as on_primary:
+            for _ in range(50):
+                read(note.pk)
+    assert len(on_replica.captured_queries) == 50
+    assert len(on_primary.captured_queries) == 0
+
+
+def test_write_costs_at_most_one_lsn_query_per_transaction(services: Services) -> None:
+    primed()
+    with CaptureQueriesContext(connections["default"]) as q:
+        with transaction.atomic():
+            for i in range(5):
+                Note.objects.create(title=f"n{i}")
+        read_pk: Callable[[], Any] = lambda: list(Note.objects.all())  # noqa: E731
+        read_pk()
+        read_pk()
+    lsn_queries = [x for x in q.captured_queries if "pg_current_wal_insert_lsn" in x["sql"]]
+    assert len(lsn_queries) == 1
