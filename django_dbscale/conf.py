@@ -387,7 +387,7 @@ def on_settings_changed(callback: Callable[[], None]) -> Callable[[], None]:
     return callback
 
 
-WATCHED_SETTINGS = frozenset({"DBSCALE", "DATABASES", "CACHES", "DATABASE_ROUTERS"})
+WATCHED_SETTINGS = frozenset({"DBSCALE", "DATABASES", "CACHES"})
 
 
 @receiver(setting_changed)

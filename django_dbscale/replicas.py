@@ -100,6 +100,8 @@ class ReplicaStatus:
     failures: int = 0
     quarantined_until: float = 0.0
     last_error: str = ""
+    #: healthy, in recovery, streaming and within the lag budget at the last probe
+    eligible: bool = False
 
     def quarantined(self, now: float) -> bool:
         return now < self.quarantined_until
@@ -112,15 +114,15 @@ class ReplicaStatus:
             return True
         return self.lag_bytes is not None and max_bytes is not None and self.lag_bytes <= max_bytes
 
-    def usable(self, now: float) -> bool:
-        """Healthy, streaming and within the lag budget (ignoring read-your-writes)."""
-        return (
-            self.healthy
-            and not self.quarantined(now)
-            and self.in_recovery
-            and self.receiver_streaming
-            and self.within_budget()
+    def assess(self) -> None:
+        """Recompute :attr:`eligible` from the measurements (after each probe)."""
+        self.eligible = (
+            self.healthy and self.in_recovery and self.receiver_streaming and self.within_budget()
         )
+
+    def usable(self, now: float) -> bool:
+        """Eligible and not quarantined (ignoring read-your-writes). Cheap: no settings read."""
+        return self.eligible and now >= self.quarantined_until
 
     def reason_unusable(self, now: float) -> str:
         if not self.probed:
@@ -301,6 +303,7 @@ class ReplicaMonitor:
                 else None
             )
             status.probed_at = time.monotonic()
+            status.assess()
 
     def _fail(self, status: ReplicaStatus, reason: str) -> None:
         first, maximum = dbscale_settings.replica_quarantine
@@ -310,6 +313,7 @@ class ReplicaMonitor:
         backoff = min(maximum, first * 2 ** (status.failures - 1))
         status.quarantined_until = time.monotonic() + backoff
         status.last_error = reason
+        status.eligible = False
         logger.warning(
             "Replica %r quarantined for %.1fs (failure %d): %s",
             status.alias,

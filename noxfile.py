@@ -1,0 +1,96 @@
+"""Development sessions: ``python3 noxfile.py -s tests`` (or ``nox -s tests``).
+
+Run as a script, this file installs nox into ``.venv-nox`` first if it is missing, so a
+fresh machine with only Python 3.11+ needs no manual step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+try:
+    import nox
+except ImportError:  # bootstrap: python3 noxfile.py ... on a machine without nox
+    if __name__ != "__main__":
+        raise
+    venv = ROOT / ".venv-nox"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "nox"],
+            check=True,
+        )
+    os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = False
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+# Django x Python pairs. Only Python 3.11 exists on the project's machines, and Django 6.x
+# needs 3.12+, so the effective matrix there is Django 5.2 LTS on 3.11; the other pairs run
+# where their interpreter is installed and are skipped elsewhere.
+MATRIX = [
+    ("3.11", "5.2"),
+    ("3.12", "5.2"),
+    ("3.12", "6.0"),
+    ("3.13", "6.0"),
+]
+
+
+def _django_spec(version: str) -> str:
+    return f"Django~={version}.0"
+
+
+@nox.session
+@nox.parametrize("python,django", MATRIX)
+def tests(session: nox.Session, django: str) -> None:
+    """Run the test suite against services the harness boots (or DBSCALE_TEST_EXTERNAL)."""
+    session.install("-e", ".[test]", _django_spec(django))
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict with django-stubs on the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "django_dbscale")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx docs, failing on warnings."""
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (each boots its own services); figures are paired ratios."""
+    session.install("-e", ".[test]")
+    for module in ("bench.bench_routing", "bench.bench_sharding", "bench.bench_cache"):
+        if (ROOT / (module.replace(".", "/") + ".py")).exists():
+            session.run("python", "-m", module, *session.posargs)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """Boot services, migrate every database, generate data and show where it all went."""
+    session.install("-e", ".")
+    session.run("python", "testproject/manage.py", "demo", *session.posargs)
+
+
+if __name__ == "__main__":
+    sys.exit(nox.main())
