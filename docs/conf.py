@@ -1,0 +1,12 @@
+"""Sphinx configuration for django_dbscale's docs (MyST markdown, furo theme)."""
+
+from __future__ import annotations
+
+project = "django_dbscale"
+author = "django_dbscale founders"
+extensions = ["myst_parser"]
+myst_enable_extensions = ["deflist", "colon_fence"]
+source_suffix = {".md": "markdown"}
+html_theme = "furo"
+exclude_patterns = ["_build"]
+suppress_warnings = ["myst.header"]
