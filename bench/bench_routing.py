@@ -62,9 +62,10 @@ def main() -> int:
     )
 
     n = 200
-    with CaptureQueriesContext(connections["default_replica"]) as rq, CaptureQueriesContext(
-        connections["default"]
-    ) as pq:
+    with (
+        CaptureQueriesContext(connections["default_replica"]) as rq,
+        CaptureQueriesContext(connections["default"]) as pq,
+    ):
         for _ in range(n):
             routed()
     print("Routing overhead, ReplicaRouter, PK lookup on a real replica")
@@ -80,7 +81,9 @@ def main() -> int:
         f"  statements per read: replica {len(rq.captured_queries) / n:.2f}, "
         f"primary {len(pq.captured_queries) / n:.2f} (zero extra round trips: 1.00 / 0.00)"
     )
-    print(f"  target: decision overhead <= 5 µs -> {'PASS' if decision['diff'] <= 5e-6 else 'FAIL'}")
+    print(
+        f"  target: decision overhead <= 5 µs -> {'PASS' if decision['diff'] <= 5e-6 else 'FAIL'}"
+    )
     return 0
 
 

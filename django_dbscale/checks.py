@@ -179,16 +179,16 @@ def _check_routers(has_replicas: bool, has_groups: bool) -> list[checks.CheckMes
                 id=E007,
             )
         )
-    if REPLICA_ROUTER in paths and SHARD_ROUTER in paths:
-        if paths.index(SHARD_ROUTER) > paths.index(REPLICA_ROUTER):
-            errors.append(
-                checks.Error(
-                    "ShardRouter is listed after ReplicaRouter in DATABASE_ROUTERS; ReplicaRouter "
-                    "answers for every model, so sharded models would go to 'default'.",
-                    hint=f"Put {SHARD_ROUTER!r} before {REPLICA_ROUTER!r}.",
-                    id=E007,
-                )
+    both = REPLICA_ROUTER in paths and SHARD_ROUTER in paths
+    if both and paths.index(SHARD_ROUTER) > paths.index(REPLICA_ROUTER):
+        errors.append(
+            checks.Error(
+                "ShardRouter is listed after ReplicaRouter in DATABASE_ROUTERS; ReplicaRouter "
+                "answers for every model, so sharded models would go to 'default'.",
+                hint=f"Put {SHARD_ROUTER!r} before {REPLICA_ROUTER!r}.",
+                id=E007,
             )
+        )
     if REPLICA_ROUTER in paths:
         after = paths[paths.index(REPLICA_ROUTER) + 1 :]
         if after:

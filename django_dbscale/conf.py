@@ -239,14 +239,17 @@ class DBScaleSettings:
     @property
     def max_replica_lag_bytes(self) -> int | None:
         value = self._derived(
-            "lag_bytes", lambda raw: _as_positive_number(raw, "MAX_REPLICA_LAG_BYTES", allow_none=True)
+            "lag_bytes",
+            lambda raw: _as_positive_number(raw, "MAX_REPLICA_LAG_BYTES", allow_none=True),
         )
         return None if value is None else int(value)
 
     @property
     def replica_check_interval(self) -> float:
         return float(
-            self._derived("interval", lambda raw: _as_positive_number(raw, "REPLICA_CHECK_INTERVAL"))
+            self._derived(
+                "interval", lambda raw: _as_positive_number(raw, "REPLICA_CHECK_INTERVAL")
+            )
         )
 
     @property
@@ -297,7 +300,9 @@ class DBScaleSettings:
             value = raw["READ_YOUR_WRITES"]
             if value not in READ_YOUR_WRITES_MODES:
                 raise _setting_error(
-                    "READ_YOUR_WRITES", f"is {value!r}", f"Use one of {list(READ_YOUR_WRITES_MODES)}."
+                    "READ_YOUR_WRITES",
+                    f"is {value!r}",
+                    f"Use one of {list(READ_YOUR_WRITES_MODES)}.",
                 )
             return str(value)
 
@@ -305,7 +310,9 @@ class DBScaleSettings:
 
     @property
     def sticky_seconds(self) -> float:
-        return float(self._derived("sticky", lambda raw: _as_positive_number(raw, "STICKY_SECONDS")))
+        return float(
+            self._derived("sticky", lambda raw: _as_positive_number(raw, "STICKY_SECONDS"))
+        )
 
     @property
     def consistency_cookie(self) -> str:

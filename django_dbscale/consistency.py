@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, TypeVar, cast
 
 from django.core import signing
@@ -234,12 +235,16 @@ def decode_token(token: str, *, max_age: float | None = None) -> DecodedToken:
     from django.conf import settings
 
     if not isinstance(token, str) or not token:
-        raise InvalidConsistencyToken(f"A consistency token must be a non-empty str, not {token!r}.")
+        raise InvalidConsistencyToken(
+            f"A consistency token must be a non-empty str, not {token!r}."
+        )
     age = dbscale_settings.consistency_max_age if max_age is None else max_age
     try:
-        payload = signing.loads(token, salt=TOKEN_SALT, max_age=age)
+        payload = signing.loads(token, salt=TOKEN_SALT, max_age=timedelta(seconds=age))
     except signing.SignatureExpired as exc:
-        raise InvalidConsistencyToken(f"The consistency token expired (older than {age}s).") from exc
+        raise InvalidConsistencyToken(
+            f"The consistency token expired (older than {age}s)."
+        ) from exc
     except signing.BadSignature as exc:
         raise InvalidConsistencyToken(
             "The consistency token's signature does not match: it was forged, truncated, or "
@@ -290,7 +295,7 @@ class _ContextDecorator:
         return cast(F, inner)
 
 
-class read_at_least(_ContextDecorator):  # noqa: N801 - reads as a verb, like contextlib's
+class read_at_least(_ContextDecorator):
     """Read, inside the block, at least what the token's writer wrote.
 
     *mode* picks how (per task, like GitLab's load balancer options):
@@ -328,8 +333,10 @@ class read_at_least(_ContextDecorator):  # noqa: N801 - reads as a verb, like co
         state = ConsistencyState(write_times=dict(self.decoded.write_times))
         state.merge_positions(self.decoded.positions)
         if self.mode == "wait":
-            state.wait = self.timeout if self.timeout is not None else max(
-                dbscale_settings.replica_wait, 1.0
+            state.wait = (
+                self.timeout
+                if self.timeout is not None
+                else max(dbscale_settings.replica_wait, 1.0)
             )
         forced = forced_target.set("primary") if self.mode == "primary" else None
         self._tokens.append((open_context(state), forced))

@@ -29,6 +29,7 @@ after the backoff re-admits it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -155,10 +156,8 @@ class _Probe:
     def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail
                 conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail
-                pass
 
 
 def _probe_params(alias: str, timeout: float) -> dict[str, Any]:
@@ -170,7 +169,12 @@ def _probe_params(alias: str, timeout: float) -> dict[str, Any]:
         "options": f"-c statement_timeout={max(1, int(timeout * 1000))}",
         "application_name": "django_dbscale probe",
     }
-    for key, param in (("USER", "user"), ("PASSWORD", "password"), ("HOST", "host"), ("PORT", "port")):
+    for key, param in (
+        ("USER", "user"),
+        ("PASSWORD", "password"),
+        ("HOST", "host"),
+        ("PORT", "port"),
+    ):
         if s.get(key):
             params[param] = str(s[key])
     for key in ("sslmode", "sslrootcert", "sslcert", "sslkey", "passfile", "service"):
@@ -230,7 +234,9 @@ class ReplicaMonitor:
                 return
             self._refreshing = True
             self._last_refresh = now
-        threading.Thread(target=self._refresh_in_background, name="dbscale-replica-probe", daemon=True).start()
+        threading.Thread(
+            target=self._refresh_in_background, name="dbscale-replica-probe", daemon=True
+        ).start()
 
     def _refresh_in_background(self) -> None:
         try:
@@ -271,7 +277,7 @@ class ReplicaMonitor:
             primary_lsn: int | None = consistency.parse_lsn(
                 self._probe(primary).query(PRIMARY_PROBE_SQL, timeout)[0]
             )
-        except Exception as exc:  # noqa: BLE001 - any failure just means "unknown"
+        except Exception as exc:
             logger.warning("Probe of primary %r failed: %s", primary, exc)
             primary_lsn = None
         now = time.monotonic()
@@ -283,7 +289,7 @@ class ReplicaMonitor:
                 in_recovery, replay, lag_s, receiver = self._probe(alias).query(
                     REPLICA_PROBE_SQL, timeout
                 )
-            except Exception as exc:  # noqa: BLE001 - timeouts, refused, broken: all "down"
+            except Exception as exc:
                 self._fail(status, f"probe failed: {exc}".strip())
                 continue
             status.probed = True
@@ -389,7 +395,7 @@ def _wait_for(replica_aliases: list[str], lsn: int, timeout: float) -> str | Non
                 with connections[alias].cursor() as cursor:
                     cursor.execute("SELECT pg_last_wal_replay_lsn()::text")
                     row = cursor.fetchone()
-            except Exception as exc:  # noqa: BLE001 - a failing replica is just not chosen
+            except Exception as exc:
                 report_failure(alias, f"wait probe failed: {exc}")
                 continue
             if row and row[0]:
@@ -452,8 +458,10 @@ def read_alias(primary: str) -> str:
     if required is not None:
         caught_up = [s for s in usable if (monitor.status(s.alias).replay_lsn or -1) >= required]
         if not caught_up:
-            wait = state.wait if state is not None and state.wait is not None else (
-                dbscale_settings.replica_wait
+            wait = (
+                state.wait
+                if state is not None and state.wait is not None
+                else (dbscale_settings.replica_wait)
             )
             chosen = _wait_for([s.alias for s in usable], required, wait) if wait > 0 else None
             if chosen is None:

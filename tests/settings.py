@@ -7,7 +7,6 @@ Importing this module boots the services through :mod:`django_dbscale.testing.ha
 from __future__ import annotations
 
 from django_dbscale.testing.harness import get_services
-
 from tests.settings_static import *  # noqa: F403
 
 _services = get_services()

@@ -89,7 +89,10 @@ def test_shard_missing_from_databases_is_e005() -> None:
 
 
 def test_cache_alias_that_is_not_django_redis_is_e006() -> None:
-    caches = {**settings.CACHES, "dbscale": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    caches = {
+        **settings.CACHES,
+        "dbscale": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
     with override_settings(CACHES=caches):
         messages = [m for m in checks.check_dbscale_settings() if m.id == "dbscale.E006"]
     assert len(messages) == 1 and "django-redis" in messages[0].msg
@@ -126,8 +129,9 @@ def test_foreign_engine_on_managed_alias_is_w001() -> None:
         **databases["default_replica"],
         "ENGINE": "django.db.backends.postgresql",
     }
-    with pytest.warns(UserWarning, match="Overriding setting DATABASES"), override_settings(
-        DATABASES=databases
+    with (
+        pytest.warns(UserWarning, match="Overriding setting DATABASES"),
+        override_settings(DATABASES=databases),
     ):
         messages = checks.check_dbscale_settings()
     assert [m.id for m in messages] == ["dbscale.W001"]
@@ -135,7 +139,10 @@ def test_foreign_engine_on_managed_alias_is_w001() -> None:
 
 
 def test_call_command_check_fails_on_bad_config() -> None:
-    with override_settings(DATABASE_ROUTERS=[]), pytest.raises(SystemCheckError, match="dbscale.E007"):
+    with (
+        override_settings(DATABASE_ROUTERS=[]),
+        pytest.raises(SystemCheckError, match="dbscale.E007"),
+    ):
         call_command("check")
 
 

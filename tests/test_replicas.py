@@ -41,7 +41,9 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 def on_server(services: Services, alias: str, pk: int) -> list[tuple[Any, ...]]:
     """Return the ``testapp_note`` row *pk* as stored on the server behind *alias*."""
     return services.alias_server(alias).execute(
-        "SELECT id, title FROM testapp_note WHERE id = %s", (pk,), dbname=services.alias_dbname(alias)
+        "SELECT id, title FROM testapp_note WHERE id = %s",
+        (pk,),
+        dbname=services.alias_dbname(alias),
     )
 
 
@@ -326,7 +328,9 @@ def test_forged_or_malformed_cookie_is_ignored(services: Services) -> None:
 def test_token_for_unknown_primary_is_rejected_with_clear_error() -> None:
     from django.core import signing
 
-    forged = signing.dumps({"p": {"mars": "0/1"}, "t": {}}, salt=consistency.TOKEN_SALT, compress=True)
+    forged = signing.dumps(
+        {"p": {"mars": "0/1"}, "t": {}}, salt=consistency.TOKEN_SALT, compress=True
+    )
     with pytest.raises(InvalidConsistencyToken, match="'mars'.*not in DATABASES"):
         read_at_least(forged)
     with pytest.raises(InvalidConsistencyToken, match="signature"):
@@ -374,12 +378,17 @@ def test_contexts_do_not_leak_between_concurrent_tasks(services: Services, pause
 
 
 def test_time_based_stickiness_fallback(services: Services) -> None:
-    with override_settings(DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.5}):
+    with override_settings(
+        DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.5}
+    ):
         primed()
         Note.objects.create(title="t")
         assert Note.objects.all().db == "default"
-    with consistency_context(), override_settings(
-        DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.3}
+    with (
+        consistency_context(),
+        override_settings(
+            DBSCALE={**settings.DBSCALE, "READ_YOUR_WRITES": "time", "STICKY_SECONDS": 0.3}
+        ),
     ):
         primed()
         Note.objects.create(title="t2")
@@ -393,9 +402,10 @@ def test_a_replica_read_costs_exactly_one_statement(services: Services) -> None:
     primed()
     with consistency_context():
         read(note.pk)  # connect and pin
-        with CaptureQueriesContext(connections["default_replica"]) as on_replica, CaptureQueriesContext(
-            connections["default"]
-        ) as on_primary:
+        with (
+            CaptureQueriesContext(connections["default_replica"]) as on_replica,
+            CaptureQueriesContext(connections["default"]) as on_primary,
+        ):
             for _ in range(50):
                 read(note.pk)
     assert len(on_replica.captured_queries) == 50

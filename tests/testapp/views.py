@@ -13,15 +13,21 @@ def create_note(request: HttpRequest) -> HttpResponse:
 
 def read_note(request: HttpRequest, pk: int) -> HttpResponse:
     note = Note.objects.filter(pk=pk).first()
-    return JsonResponse({"title": note.title if note else None, "db": note._state.db if note else None})
+    return JsonResponse(
+        {"title": note.title if note else None, "db": note._state.db if note else None}
+    )
 
 
 async def async_create_then_read(request: HttpRequest) -> HttpResponse:
     note = await Note.objects.acreate(title=request.GET.get("title", "async"))
     again = await Note.objects.filter(pk=note.pk).afirst()
-    return JsonResponse({"title": again.title if again else None, "db": again._state.db if again else None})
+    return JsonResponse(
+        {"title": again.title if again else None, "db": again._state.db if again else None}
+    )
 
 
 async def async_read(request: HttpRequest, pk: int) -> HttpResponse:
     note = await sync_to_async(Note.objects.filter(pk=pk).first)()
-    return JsonResponse({"title": note.title if note else None, "db": note._state.db if note else None})
+    return JsonResponse(
+        {"title": note.title if note else None, "db": note._state.db if note else None}
+    )

@@ -45,10 +45,16 @@ def is_write(sql: str) -> bool:
     return not head.startswith(_READ_PREFIXES)
 
 
+def _note_write(db: Any) -> None:
+    note_write = getattr(db, "note_write", None)
+    if note_write is not None:  # None: a primary without the dbscale ENGINE (dbscale.W001)
+        note_write()
+
+
 class _DBScaleCursorMixin:
     """Track writes and fail reads over from a broken replica to its primary."""
 
-    db: DatabaseWrapper
+    db: Any  # our DatabaseWrapper, or the primary's after a failover
     cursor: Any
 
     def _execute(self, sql: str, params: Any, *wrapper_args: Any) -> Any:
@@ -60,13 +66,13 @@ class _DBScaleCursorMixin:
             result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
         else:
             if is_write(sql):
-                self.db.note_write()
+                _note_write(self.db)
         return result
 
     def _executemany(self, sql: str, param_list: Any, *wrapper_args: Any) -> Any:
         result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
         if is_write(sql):
-            self.db.note_write()
+            _note_write(self.db)
         return result
 
     def _fail_over(self) -> bool:
@@ -80,7 +86,9 @@ class _DBScaleCursorMixin:
         from django_dbscale import replicas
 
         replicas.failed_over(replica.alias, primary_alias, "query failed")
-        logger.warning("Replica %r failed mid-query; re-running on %r.", replica.alias, primary_alias)
+        logger.warning(
+            "Replica %r failed mid-query; re-running on %r.", replica.alias, primary_alias
+        )
         try:
             replica.close()
         except DatabaseError:
@@ -96,7 +104,7 @@ class CursorWrapper(_DBScaleCursorMixin, DjangoCursorWrapper):
     """Django's cursor wrapper plus write tracking and replica failover."""
 
 
-class CursorDebugWrapper(_DBScaleCursorMixin, pg_base.CursorDebugWrapper):  # type: ignore[misc]
+class CursorDebugWrapper(_DBScaleCursorMixin, pg_base.CursorDebugWrapper):
     """Django's debug cursor wrapper plus write tracking and replica failover."""
 
 
@@ -147,7 +155,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
 
     def _cursor(self, name: str | None = None) -> Any:
         try:
-            return super()._cursor(name)
+            return super()._cursor(name)  # type: ignore[misc]
         except _FAILOVER_ERRORS:
             primary_alias = self.dbscale_primary()
             if primary_alias is None or self.in_atomic_block:
@@ -158,4 +166,4 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
 
             replicas.failed_over(self.alias, primary_alias, "connect failed")
             logger.warning("Replica %r unreachable; reading from %r.", self.alias, primary_alias)
-            return connections[primary_alias]._cursor(name)
+            return connections[primary_alias]._cursor(name)  # type: ignore[attr-defined]

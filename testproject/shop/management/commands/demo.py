@@ -21,7 +21,6 @@ from django.db import connections
 
 from django_dbscale import consistency_context, consistency_token, read_at_least, replicas
 from django_dbscale.conf import dbscale_settings
-from django_dbscale.management.subcommands import status
 from django_dbscale.testing.harness import get_services
 from shop.models import Article
 
@@ -31,7 +30,9 @@ def statement_log(out: Callable[[str], None]) -> Iterator[None]:
     """Print every statement with the alias of the database that ran it."""
 
     def make_logger(alias: str) -> Callable[..., Any]:
-        def log(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        def log(
+            execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+        ) -> Any:
             short = " ".join(sql.split())[:90]
             out(f"    [{alias:>15}] {short}")
             return execute(sql, params, many, context)
@@ -56,7 +57,10 @@ class Command(BaseCommand):
             role = f"replica of {server.primary.name}" if server.primary else "primary"
             out(f"  {server.name:<12} 127.0.0.1:{server.port:<6} {role}")
         out(f"  redis        {services.redis.host}:{services.redis.port}")
-        out("  aliases: " + ", ".join(f"{a}->{services.alias_server(a).name}" for a in settings.DATABASES))
+        out(
+            "  aliases: "
+            + ", ".join(f"{a}->{services.alias_server(a).name}" for a in settings.DATABASES)
+        )
 
         out("\n== Migrating every primary (replicas receive the schema by streaming)")
         for alias in settings.DATABASES:
@@ -97,10 +101,12 @@ class Command(BaseCommand):
             out(f"  the writer reads views={mine.views} from {mine._state.db!r}")
             with consistency_context():
                 other = Article.objects.get(pk=article.pk)
-            out(f"  another user reads views={other.views} from {other._state.db!r} (within budget)")
+            out(
+                f"  another user reads views={other.views} from {other._state.db!r} (within budget)"
+            )
             with read_at_least(token):
                 task = Article.objects.get(pk=article.pk)
-            out(f"  a background task given the token reads views={task.views} from {task._state.db!r}")
+            out(f"  a task given the token reads views={task.views} from {task._state.db!r}")
         finally:
             services.pg1_replica.resume_replay()
             services.pg1_replica.wait_for_replay()
@@ -112,7 +118,8 @@ class Command(BaseCommand):
                 with consistency_context():
                     got = Article.objects.filter(pk=article.pk).first()
                 assert got is not None
-            out(f"  3 reads served; replica health: {replicas.monitor.status('default_replica').last_error[:60]}")
+            error = replicas.monitor.status("default_replica").last_error[:60]
+            out(f"  3 reads served without an error; replica marked down: {error}")
         finally:
             services.pg1_replica.start()
         services.pg1_replica.wait_for_replay()
@@ -120,7 +127,8 @@ class Command(BaseCommand):
         replicas.monitor.refresh()
         with consistency_context():
             back = Article.objects.filter(pk=article.pk).first()
-        out(f"  after restart the replica is re-admitted: read from {back._state.db if back else None!r}")
+        where = back._state.db if back else None
+        out(f"  after restart the replica is re-admitted: read from {where!r}")
 
         out("\n== Reads routed, by database and reason (this process)")
         for (alias, reason), count in sorted(replicas.route_counts.items()):
