@@ -16,7 +16,11 @@ from django_dbscale.testing.harness import PgServer, Services, get_services
 
 def primary_aliases() -> list[str]:
     """Every alias that is not a replica (the default database and the shards)."""
-    return [alias for alias in settings.DATABASES if alias not in dbscale_settings.primary_of]
+    return [
+        alias
+        for alias, entry in settings.DATABASES.items()
+        if alias not in dbscale_settings.primary_of and not entry.get("TEST", {}).get("MIRROR")
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,13 @@ from tests.settings_static import *  # noqa: F403
 _services = get_services()
 
 DATABASES = _services.databases()
+# A second alias for the same replica server, reached directly (not through the proxy):
+# lets tests spread reads over two "replicas" by weight. Listed in REPLICAS only by tests.
+DATABASES["default_replica_direct"] = {
+    **DATABASES["default_replica"],
+    "HOST": _services.pg1_replica.host,
+    "PORT": str(_services.pg1_replica.port),
+}
 
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},

@@ -423,3 +423,106 @@ def test_write_costs_at_most_one_lsn_query_per_transaction(services: Services) -
         read_pk()
     lsn_queries = [x for x in q.captured_queries if "pg_current_wal_insert_lsn" in x["sql"]]
     assert len(lsn_queries) == 1
+
+
+def test_router_contract_for_relations_and_migrations() -> None:
+    from django.db import router
+
+    on_primary, on_replica = Note(title="a"), Note(title="b")
+    on_primary._state.db, on_replica._state.db = "default", "default_replica"
+    assert router.allow_relation(on_primary, on_replica) is True
+    assert router.allow_migrate("default_replica", "testapp", model_name="note") is False
+    assert router.allow_migrate("default", "testapp", model_name="note") is True
+    # A write through an instance read from a replica goes to its primary.
+    assert router.db_for_write(Note, instance=on_replica) == "default"
+
+
+def test_reads_spread_over_replicas_by_weight(services: Services) -> None:
+    weighted = {
+        **settings.DBSCALE["REPLICAS"],
+        "default": [
+            {"ALIAS": "default_replica", "WEIGHT": 3},
+            {"ALIAS": "default_replica_direct", "WEIGHT": 1},
+        ],
+    }
+    with override_settings(DBSCALE={**settings.DBSCALE, "REPLICAS": weighted}):
+        replicas.monitor.refresh()
+        chosen = []
+        for _ in range(800):
+            with consistency_context():
+                chosen.append(Note.objects.all().db)
+                # Pinned: the same context keeps its replica.
+                assert Note.objects.all().db == chosen[-1]
+    share = chosen.count("default_replica") / len(chosen)
+    assert set(chosen) == {"default_replica", "default_replica_direct"}
+    assert 0.68 < share < 0.82, share
+
+
+def test_round_robin_alternates_between_replicas(services: Services) -> None:
+    two = {**settings.DBSCALE["REPLICAS"], "default": ["default_replica", "default_replica_direct"]}
+    with override_settings(
+        DBSCALE={**settings.DBSCALE, "REPLICAS": two, "REPLICA_SELECTION": "round_robin"}
+    ):
+        replicas.monitor.refresh()
+        chosen = []
+        for _ in range(6):
+            with consistency_context():
+                chosen.append(Note.objects.all().db)
+    assert chosen[0::2] == [chosen[0]] * 3 and chosen[1::2] == [chosen[1]] * 3
+    assert chosen[0] != chosen[1]
+
+
+def test_disconnected_wal_receiver_counts_as_lagging(services: Services) -> None:
+    replica = services.pg1_replica
+    (conninfo,) = replica.execute("SHOW primary_conninfo")[0]
+    primed()
+    replica.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+    replica.execute("SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 15
+        while replica.execute(
+            "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+        )[0][0]:
+            assert time.monotonic() < deadline, "the WAL receiver did not disconnect"
+            time.sleep(0.1)
+        replicas.monitor.refresh()
+        status = replicas.monitor.status("default_replica")
+        assert status.healthy and not status.receiver_streaming
+        with consistency_context():
+            assert Note.objects.all().db == "default"
+        assert replicas.route_counts[("default", "lagging")] == 1
+    finally:
+        # pg_basebackup -R wrote the original into postgresql.auto.conf: put it back.
+        replica.execute(
+            f"ALTER SYSTEM SET primary_conninfo = '{conninfo.replace(chr(39), chr(39) * 2)}'"
+        )
+        replica.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 15
+    while not replicas.monitor.status("default_replica").usable(time.monotonic()):
+        assert time.monotonic() < deadline, "the WAL receiver did not reconnect"
+        time.sleep(0.2)
+        replicas.monitor.refresh()
+
+
+def test_status_command_reports_health_and_lag(services: Services, paused: Any) -> None:
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    buffer = io.StringIO()
+    call_command("dbscale", "status", "--json", stdout=buffer)
+    rows = {row["primary"]: row for row in json.loads(buffer.getvalue())}
+    assert set(rows) == {"default", "shard0", "shard1", "shard2"}
+    default = rows["default"]
+    assert default["reads_go_to"] == "default_replica"
+    (replica,) = default["replicas"]
+    assert replica["alias"] == "default_replica" and replica["eligible"] is True
+    assert replica["lag_bytes"] is not None and replica["lag_seconds"] is not None
+    with services.proxies["pg1_replica"].cut_off():
+        replicas.monitor.reset()
+        buffer = io.StringIO()
+        call_command("dbscale", "status", stdout=buffer)
+    text = buffer.getvalue()
+    assert "primary default: reads go to default" in text
+    assert "default_replica" in text and "DOWN" in text
