@@ -39,6 +39,11 @@ Environment variables:
     ``host:port`` of Redis in external mode (required there).
 ``DBSCALE_TEST_PG_USER``, ``DBSCALE_TEST_PG_PASSWORD``
     PostgreSQL superuser and password in external mode (default ``postgres`` and empty).
+``DBSCALE_TEST_BASE_DIR``
+    Parent directory for the services' temp dir when :func:`start_services` gets no
+    ``base_dir`` (and so for :func:`get_services`); logs are then kept there after
+    :meth:`Services.stop`. Default: ``/dev/shm`` when it has 2 GiB free, else the system
+    temp dir, removed entirely on stop.
 
 :meth:`Services.env` returns the external-mode variables describing a running set of
 services, so a subprocess can attach to them.
@@ -107,6 +112,14 @@ PRIMARY_DATABASES: dict[str, tuple[str, ...]] = {
 }
 
 _PG_PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
+#: (root, glob) pairs searched for PostgreSQL bin dirs, highest version first within each.
+_PG_GLOBS: tuple[tuple[str, str], ...] = (
+    ("/usr/lib/postgresql", "*/bin"),
+    ("/usr", "pgsql-*/bin"),
+    ("/usr/local/pgsql", "bin"),
+    ("/opt/homebrew/opt", "postgresql*/bin"),
+    ("/usr/local/opt", "postgresql*/bin"),
+)
 _LOOPBACK = "127.0.0.1"
 _PG_TIMEOUT = 60.0
 _POLL = 0.01
@@ -154,16 +167,10 @@ def _pg_bindir_candidates() -> Iterator[Path]:
             ).stdout.strip()
             if out:
                 yield Path(out)
-    for pattern_root, pattern in (
-        (Path("/usr/lib/postgresql"), "*/bin"),
-        (Path("/usr"), "pgsql-*/bin"),
-        (Path("/opt/homebrew/opt"), "postgresql*/bin"),
-        (Path("/usr/local/opt"), "postgresql*/bin"),
-    ):
-        if pattern_root.is_dir():
-            yield from sorted(pattern_root.glob(pattern), key=_version_key, reverse=True)
-        if pattern_root == Path("/usr"):
-            yield Path("/usr/local/pgsql/bin")
+    for root, pattern in _PG_GLOBS:
+        root_path = Path(root)
+        if root_path.is_dir():
+            yield from sorted(root_path.glob(pattern), key=_version_key, reverse=True)
     pkg = _package_dir("pgserver")
     if pkg is not None:
         yield pkg / "pginstall" / "bin"
@@ -269,14 +276,16 @@ class _Runtime:
         if self.uid is not None and self.gid is not None:
             os.chown(path, self.uid, self.gid)
 
+    def _user_kwargs(self) -> dict[str, Any]:
+        if self.uid is None:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
+
     def run_pg(
         self, prog: str, *args: str, timeout: float = _PG_TIMEOUT, log: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL program as the PostgreSQL OS user; raise HarnessError on failure."""
         cmd = [str(self.bindir / prog), *args]
-        kwargs: dict[str, Any] = {}
-        if self.uid is not None:
-            kwargs.update(user=self.uid, group=self.gid, extra_groups=self.groups)
         try:
             proc = subprocess.run(
                 cmd,
@@ -287,7 +296,7 @@ class _Runtime:
                 text=True,
                 timeout=timeout,
                 check=False,
-                **kwargs,
+                **self._user_kwargs(),
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise HarnessError(f"{' '.join(cmd)} failed: {exc}{_tail(log)}") from exc
@@ -297,6 +306,21 @@ class _Runtime:
                 f"{proc.stdout}{proc.stderr}{_tail(log)}"
             )
         return proc
+
+    def spawn_pg(self, prog: str, *args: str) -> subprocess.Popen[bytes] | None:
+        """Start a PostgreSQL program in the background, output discarded; None on failure."""
+        try:
+            return subprocess.Popen(
+                [str(self.bindir / prog), *args],
+                cwd=self.tmpdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                **self._user_kwargs(),
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
 
 
 def _run_as_postgres_user() -> tuple[int, int, list[int]] | None:
@@ -406,18 +430,19 @@ class PgServer:
         return make_conninfo("", **params)
 
     def connect(self, dbname: str = "postgres", autocommit: bool = True) -> psycopg.Connection[Any]:
-        """Open a direct psycopg connection to ``dbname`` (caller closes it)."""
-        try:
-            return psycopg.connect(self.dsn(dbname), autocommit=autocommit, connect_timeout=5)
-        except psycopg.OperationalError as exc:
-            raise HarnessError(
-                f"cannot connect to {self.name} ({self.dsn(dbname)}): {exc}"
-            ) from exc
+        """Open a direct psycopg connection to ``dbname``; the caller closes it.
+
+        Connection failures raise :class:`psycopg.OperationalError` (5 s connect timeout).
+        """
+        return psycopg.connect(self.dsn(dbname), autocommit=autocommit, connect_timeout=5)
 
     def execute(
         self, sql: str, params: Sequence[Any] = (), dbname: str = "postgres"
     ) -> list[tuple[Any, ...]]:
-        """Run one statement in autocommit mode; return its rows ([] when it returns none)."""
+        """Run one statement in autocommit mode; return its rows ([] when it returns none).
+
+        ``params`` fill ``%s`` placeholders; psycopg errors propagate unchanged.
+        """
         with self.connect(dbname) as conn:
             cur = conn.execute(sql, params)
             return cur.fetchall() if cur.description is not None else []
@@ -471,18 +496,19 @@ class PgServer:
         if self.primary is not None and (self.primary.external or self.primary._running):
             self.wait_for_streaming(timeout)
 
-    def _kill(self) -> None:
-        """Shut the server down immediately if it runs; ignore every error (teardown)."""
-        if self._runtime is None or self.datadir is None:
-            return
-        if not (self.datadir / "postmaster.pid").exists():
-            self._running = False
-            return
-        with contextlib.suppress(HarnessError):
-            self._runtime.run_pg(
-                "pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"
-            )
+    def _spawn_kill(self) -> subprocess.Popen[bytes] | None:
+        """Start an immediate shutdown if the server runs (teardown); return the pg_ctl process.
+
+        Uses no threads, so it also works from ``atexit`` during interpreter shutdown.
+        """
         self._running = False
+        if self._runtime is None or self.datadir is None:
+            return None
+        if not (self.datadir / "postmaster.pid").exists():
+            return None
+        return self._runtime.spawn_pg(
+            "pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"
+        )
 
     def _wait_accepting(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -592,6 +618,8 @@ class PgServer:
             "wal_receiver_status_interval = 1s\n"
             "wal_retrieve_retry_interval = 200ms\n"
             "max_standby_streaming_delay = -1\n"
+            # keep dynamic shared memory files inside the data dir, not in /dev/shm
+            "dynamic_shared_memory_type = mmap\n"
             f"cluster_name = '{rt.tmpdir.name}_{self.name}'\n"
         )
 
@@ -631,8 +659,9 @@ class PgServer:
         )
         self._append_conf(self._conf(rt))
         self._first_start()
-        for db in databases:
-            self.execute(f'CREATE DATABASE "{db}"')
+        with self.connect() as conn:
+            for db in databases:
+                conn.execute(f'CREATE DATABASE "{db}"')
 
     def _init_replica(self, rt: _Runtime) -> None:
         primary = self.primary
@@ -939,6 +968,22 @@ class Services:
         except KeyError:
             raise HarnessError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}") from None
 
+    def dsn(self, alias: str, connect_timeout: int = 2) -> str:
+        """Return a libpq DSN for ``alias`` the way Django connects (replicas via proxy)."""
+        settings = self.databases().get(alias)
+        if settings is None:
+            raise HarnessError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
+        params: dict[str, Any] = {
+            "host": settings["HOST"],
+            "port": settings["PORT"],
+            "user": settings["USER"],
+            "dbname": settings["NAME"],
+            "connect_timeout": connect_timeout,
+        }
+        if settings["PASSWORD"]:
+            params["password"] = settings["PASSWORD"]
+        return make_conninfo("", **params)
+
     def databases(self) -> dict[str, dict[str, Any]]:
         """Return Django ``DATABASES``: primaries direct, replicas through their proxies."""
         result: dict[str, dict[str, Any]] = {}
@@ -1029,8 +1074,15 @@ class Services:
             proxy.close()
         if self._runtime is None:
             return
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(PgServer._kill, self.servers.values()))
+        # Stop the four servers concurrently with plain processes (no threads: this also
+        # runs from atexit, when concurrent.futures refuses new work).
+        for proc in [server._spawn_kill() for server in self.servers.values()]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.redis._terminate()
         if self._watchdog is not None:
             with contextlib.suppress(OSError):
@@ -1073,12 +1125,17 @@ def _external_enabled() -> bool:
 def start_services(base_dir: Path | None = None) -> Services:
     """Boot the topology under a fresh dir in ``base_dir`` (or attach when external).
 
-    With ``base_dir=None`` a new system temp dir is used and removed by
-    :meth:`Services.stop`; otherwise a fresh ``dbscale-*`` subdirectory of ``base_dir`` is
-    used and its logs are kept. An ``atexit`` hook stops the services if the caller does not.
-    Raise :class:`HarnessError` (after cleaning up) when anything fails.
+    Everything lives in a fresh ``dbscale-*`` directory created inside ``base_dir``
+    (default: ``$DBSCALE_TEST_BASE_DIR``). When neither is given, the parent is ``/dev/shm``
+    if it is a writable tmpfs with at least 2 GiB free (server data on disk can cost
+    seconds of boot time), else the system temp dir, and :meth:`Services.stop` removes the
+    whole directory; with an explicit parent it removes the data dirs but keeps the logs.
+    An ``atexit`` hook stops the services if the caller does not. Raise
+    :class:`HarnessError` (after cleaning up) when anything fails.
     """
     started = time.monotonic()
+    if base_dir is None and os.environ.get("DBSCALE_TEST_BASE_DIR"):
+        base_dir = Path(os.environ["DBSCALE_TEST_BASE_DIR"]).expanduser()
     services = _attach_external() if _external_enabled() else _boot(base_dir)
     services.boot_seconds = time.monotonic() - started
     atexit.register(services.stop)
@@ -1106,6 +1163,14 @@ def _attach_external() -> Services:
         redis=RedisServer(rhost, rport),
     )
     try:
+        for name, srv in services.servers.items():
+            try:
+                srv.execute("SELECT 1")
+            except psycopg.Error as exc:
+                raise HarnessError(
+                    f"cannot connect to external PostgreSQL {name} at {srv.host}:{srv.port}"
+                    f" (DBSCALE_TEST_{name.upper()}) as {srv.user!r}: {exc}"
+                ) from exc
         for primary_name, dbnames in PRIMARY_DATABASES.items():
             primary = services.servers[primary_name]
             for db in dbnames:
@@ -1121,13 +1186,26 @@ def _attach_external() -> Services:
     return services
 
 
+def _default_parent() -> Path:
+    """Return ``/dev/shm`` when it is a usable tmpfs with room to spare, else the temp dir."""
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError):
+        if (
+            shm.is_dir()
+            and os.access(shm, os.W_OK | os.X_OK)
+            and shutil.disk_usage(shm).free >= 2 << 30
+        ):
+            return shm
+    return Path(tempfile.gettempdir())
+
+
 def _boot(base_dir: Path | None) -> Services:
     bindir = find_pg_bindir()
     redis_bin = find_redis_server()
     pg_user = _run_as_postgres_user()
 
     if base_dir is None:
-        tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-"))
+        tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-", dir=_default_parent()))
     else:
         base_dir.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-", dir=base_dir)).resolve()
@@ -1144,6 +1222,7 @@ def _boot(base_dir: Path | None) -> Services:
     (tmpdir / "redis").mkdir(mode=0o755)
     if pg_user is not None:
         rt.uid, rt.gid, rt.groups = pg_user
+        rt.env["HOME"] = str(tmpdir)  # not root's home, which that user cannot read
         _make_traversable(tmpdir, rt.uid, rt.groups)
         for d in (logdir, sockdir):
             if d is not None:
