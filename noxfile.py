@@ -88,7 +88,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
     """Boot services, migrate every database, generate data and show where it all went."""
-    session.install("-e", ".")
+    session.install("-e", ".[test]")  # psycopg[binary]: no system libpq needed
     session.run("python", "testproject/manage.py", "demo", *session.posargs)
 
 
