@@ -115,6 +115,20 @@ class ConsistencyState:
 _state: ContextVar[ConsistencyState | None] = ContextVar("dbscale_consistency", default=None)
 #: Forced read target for a block: "primary", "replica", or a database alias.
 forced_target: ContextVar[str | None] = ContextVar("dbscale_forced_target", default=None)
+#: Aliases whose connection is inside ``transaction.atomic()`` in this context, as reported
+#: by the dbscale backend (cheaper to read on every query than ``connections[alias]``).
+open_transactions: ContextVar[frozenset[str]] = ContextVar(
+    "dbscale_open_transactions", default=frozenset()
+)
+
+
+def note_transaction(alias: str, is_open: bool) -> None:
+    """Record that *alias*'s connection entered or left an atomic block (backend hook)."""
+    current = open_transactions.get()
+    if is_open and alias not in current:
+        open_transactions.set(current | {alias})
+    elif not is_open and alias in current:
+        open_transactions.set(current - {alias})
 
 
 def current_state() -> ConsistencyState:

@@ -380,8 +380,8 @@ def _route(alias: str, reason: str) -> str:
     return alias
 
 
-def _to_primary(primary: str, reason: str, state: consistency.ConsistencyState | None) -> str:
-    if state is not None and reason != FORCED:
+def _to_primary(primary: str, reason: str, state: consistency.ConsistencyState) -> str:
+    if reason != FORCED:
         state.pinned[primary] = primary
     return _route(primary, reason)
 
@@ -407,6 +407,52 @@ def _wait_for(replica_aliases: list[str], lsn: int, timeout: float) -> str | Non
         time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
 
+@dataclass(frozen=True)
+class _RoutingConfig:
+    """The settings the routing hot path reads, parsed once per settings change."""
+
+    replicas: dict[str, tuple[ReplicaSpec, ...]]
+    read_your_writes: str
+    sticky_seconds: float
+    check_interval: float
+    replica_wait: float
+    #: primaries whose transaction state the dbscale backend reports (dbscale ENGINE)
+    tracked: frozenset[str]
+
+
+_config: _RoutingConfig | None = None
+
+
+def _routing_config() -> _RoutingConfig:
+    global _config
+    if _config is None:
+        from django_dbscale.checks import ENGINE
+
+        _config = _RoutingConfig(
+            replicas=dbscale_settings.replicas,
+            read_your_writes=dbscale_settings.read_your_writes,
+            sticky_seconds=dbscale_settings.sticky_seconds,
+            check_interval=dbscale_settings.replica_check_interval,
+            replica_wait=dbscale_settings.replica_wait,
+            tracked=frozenset(
+                alias for alias, db in settings.DATABASES.items() if db.get("ENGINE") == ENGINE
+            ),
+        )
+    return _config
+
+
+@on_settings_changed
+def _drop_routing_config() -> None:
+    global _config
+    _config = None
+
+
+def _in_transaction(primary: str, config: _RoutingConfig) -> bool:
+    if primary in config.tracked:
+        return primary in consistency.open_transactions.get()
+    return bool(connections[primary].in_atomic_block)
+
+
 def read_alias(primary: str) -> str:
     """Return the alias a read of *primary*'s data should use now.
 
@@ -414,62 +460,59 @@ def read_alias(primary: str) -> str:
     eligible replica (random or round robin, by weight), which the context is then pinned
     to; else *primary*. Never makes a network round trip except to fetch this context's
     own pending write position once, or when ``REPLICA_WAIT`` / ``read_at_least(mode=
-    "wait")`` asks to wait for a replica to catch up.
+    "wait")`` asks to wait for a replica to catch up. This runs on every read: keep it lean.
     """
-    specs = dbscale_settings.replicas.get(primary)
+    config = _config or _routing_config()
+    specs = config.replicas.get(primary)
     forced = consistency.forced_target.get()
-    state: consistency.ConsistencyState | None = consistency.current_state()
     if forced is not None and forced != "replica":
-        if forced == "primary":
-            return _route(primary, FORCED)
-        return _route(forced, FORCED)
+        return _route(primary if forced == "primary" else forced, FORCED)
     if not specs:
         return _route(primary, NO_REPLICAS)
-    if connections[primary].in_atomic_block:
+    state = consistency.current_state()
+    if _in_transaction(primary, config):
         return _to_primary(primary, IN_TRANSACTION, state)
-    if forced != "replica" and state is not None and state.pinned.get(primary) == primary:
+    relaxed = forced == "replica"  # use_replica(): no read-your-writes, no pinning
+    pinned = None if relaxed else state.pinned.get(primary)
+    if pinned == primary:
         return _route(primary, PINNED_PRIMARY)
 
-    monitor.maybe_refresh()
+    now = time.monotonic()
+    if now - monitor._last_refresh >= config.check_interval:
+        monitor.maybe_refresh()
     required: int | None = None
-    if forced != "replica" and state is not None:
-        if dbscale_settings.read_your_writes == "lsn":
-            required = consistency.required_position(primary)
-        elif dbscale_settings.read_your_writes == "time" and consistency.wrote_recently(
-            primary, dbscale_settings.sticky_seconds
+    if not relaxed:
+        if config.read_your_writes == "lsn":
+            if state.pending or state.positions:
+                required = consistency.required_position(primary)
+        elif config.read_your_writes == "time" and consistency.wrote_recently(
+            primary, config.sticky_seconds
         ):
             return _to_primary(primary, READ_YOUR_WRITES, state)
 
-    now = time.monotonic()
-    pinned = state.pinned.get(primary) if state is not None and forced != "replica" else None
     if pinned is not None:
         status = monitor.status(pinned)
-        if status.usable(now) and (required is None or (status.replay_lsn or -1) >= required):
+        if not status.usable(now):
+            return _to_primary(primary, status.reason_unusable(now), state)
+        if required is None or (status.replay_lsn or -1) >= required:
             return _route(pinned, REPLICA)
-        if status.usable(now):
-            return _to_primary(primary, READ_YOUR_WRITES, state)
-        return _to_primary(primary, status.reason_unusable(now), state)
+        return _to_primary(primary, READ_YOUR_WRITES, state)
 
-    usable = [s for s in specs if monitor.status(s.alias).usable(now)]
+    usable = [spec for spec in specs if monitor.status(spec.alias).usable(now)]
     if not usable:
-        reasons = {monitor.status(s.alias).reason_unusable(now) for s in specs}
-        reason = FORCED if forced == "replica" else min(reasons)
-        return _to_primary(primary, reason, state)
+        reasons = {monitor.status(spec.alias).reason_unusable(now) for spec in specs}
+        return _to_primary(primary, FORCED if relaxed else min(reasons), state)
     if required is not None:
         caught_up = [s for s in usable if (monitor.status(s.alias).replay_lsn or -1) >= required]
         if not caught_up:
-            wait = (
-                state.wait
-                if state is not None and state.wait is not None
-                else (dbscale_settings.replica_wait)
-            )
+            wait = state.wait if state.wait is not None else config.replica_wait
             chosen = _wait_for([s.alias for s in usable], required, wait) if wait > 0 else None
             if chosen is None:
                 return _to_primary(primary, READ_YOUR_WRITES, state)
             caught_up = [s for s in usable if s.alias == chosen]
         usable = caught_up
     alias = monitor.choose(specs, usable)
-    if state is not None and forced != "replica":
+    if not relaxed:
         state.pinned[primary] = alias
     return _route(alias, REPLICA)
 

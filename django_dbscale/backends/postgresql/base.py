@@ -121,8 +121,20 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
     ops_class = DatabaseOperations
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._in_atomic_block = False
         super().__init__(*args, **kwargs)
         self.dbscale_dirty = False
+
+    # Django sets this attribute on entering and leaving transaction.atomic(); mirroring it
+    # into the consistency context lets routing check it without a connections[] lookup.
+    @property  # type: ignore[override]
+    def in_atomic_block(self) -> bool:
+        return self._in_atomic_block
+
+    @in_atomic_block.setter
+    def in_atomic_block(self, value: bool) -> None:
+        self._in_atomic_block = value
+        consistency.note_transaction(self.alias, value)
 
     def dbscale_primary(self) -> str | None:
         """Return this alias's primary if this alias is a configured replica."""
