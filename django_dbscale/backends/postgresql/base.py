@@ -127,7 +127,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
 
     # Django sets this attribute on entering and leaving transaction.atomic(); mirroring it
     # into the consistency context lets routing check it without a connections[] lookup.
-    @property  # type: ignore[override]
+    @property
     def in_atomic_block(self) -> bool:
         return self._in_atomic_block
 
