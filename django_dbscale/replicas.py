@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +142,10 @@ class _Probe:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def query(self, sql: str, timeout: float) -> tuple[Any, ...]:
-        with self.lock:
+        # A probe hung on a black-holed connection still holds the lock: fail fast.
+        if not self.lock.acquire(timeout=timeout):
+            raise TimeoutError(f"an earlier probe of {self.alias!r} is still hung")
+        try:
             if self.conn is None or self.conn.closed:
                 self.conn = psycopg.connect(**_probe_params(self.alias, timeout), autocommit=True)
             try:
@@ -150,6 +153,8 @@ class _Probe:
             except Exception:
                 self.close()
                 raise
+        finally:
+            self.lock.release()
         assert row is not None
         return tuple(row)
 
@@ -247,24 +252,38 @@ class ReplicaMonitor:
             self._refreshing = False
 
     def refresh(self, aliases: Iterable[str] | None = None) -> None:
-        """Probe primaries and replicas now (blocking); used by the prober and tests."""
+        """Probe primaries, then replicas, now (blocking); used by the prober and tests.
+
+        Every probe runs in its own thread and is given ``4 * REPLICA_PROBE_TIMEOUT + 1``
+        seconds; a replica whose probe has not answered by then is marked down (a black-holed
+        connection ignores server-side timeouts) and the thread is abandoned.
+        """
         self._last_refresh = time.monotonic()
         timeout = dbscale_settings.replica_probe_timeout
-        by_primary: dict[str, list[str]] = {}
+        budget = timeout * 4 + 1
         wanted = set(aliases) if aliases is not None else None
-        for primary, specs in dbscale_settings.replicas.items():
-            for spec in specs:
-                if wanted is None or spec.alias in wanted:
-                    by_primary.setdefault(primary, []).append(spec.alias)
-        threads = [
-            threading.Thread(target=self._refresh_primary, args=(p, r, timeout), daemon=True)
-            for p, r in by_primary.items()
+        targets = [
+            (primary, spec.alias)
+            for primary, specs in dbscale_settings.replicas.items()
+            for spec in specs
+            if wanted is None or spec.alias in wanted
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            # A probe stuck past its timeouts is abandoned, not waited for.
-            thread.join(timeout * 4 + 2)
+        primary_lsns: dict[str, int] = {}
+
+        def probe_primary(primary: str) -> None:
+            try:
+                row = self._probe(primary).query(PRIMARY_PROBE_SQL, timeout)
+                primary_lsns[primary] = consistency.parse_lsn(row[0])
+            except Exception as exc:  # only means "byte lag unknown"
+                logger.warning("Probe of primary %r failed: %s", primary, exc)
+
+        _run_all([(probe_primary, (p,)) for p in {p for p, _ in targets}], budget)
+        late = _run_all(
+            [(self._probe_replica, (alias, primary_lsns.get(p), timeout)) for p, alias in targets],
+            budget,
+        )
+        for _, (alias, *_rest) in late:
+            self._fail(self.status(str(alias)), "probe timed out")
 
     def _probe(self, alias: str) -> _Probe:
         probe = self._probes.get(alias)
@@ -272,44 +291,35 @@ class ReplicaMonitor:
             probe = self._probes.setdefault(alias, _Probe(alias))
         return probe
 
-    def _refresh_primary(self, primary: str, replica_aliases: list[str], timeout: float) -> None:
+    def _probe_replica(self, alias: str, primary_lsn: int | None, timeout: float) -> None:
+        status = self.status(alias)
+        if status.quarantined(time.monotonic()):
+            return
         try:
-            primary_lsn: int | None = consistency.parse_lsn(
-                self._probe(primary).query(PRIMARY_PROBE_SQL, timeout)[0]
+            in_recovery, replay, lag_s, receiver = self._probe(alias).query(
+                REPLICA_PROBE_SQL, timeout
             )
-        except Exception as exc:
-            logger.warning("Probe of primary %r failed: %s", primary, exc)
-            primary_lsn = None
-        now = time.monotonic()
-        for alias in replica_aliases:
-            status = self.status(alias)
-            if status.quarantined(now):
-                continue
-            try:
-                in_recovery, replay, lag_s, receiver = self._probe(alias).query(
-                    REPLICA_PROBE_SQL, timeout
-                )
-            except Exception as exc:
-                self._fail(status, f"probe failed: {exc}".strip())
-                continue
-            status.probed = True
-            status.healthy = True
-            status.failures = 0
-            status.quarantined_until = 0.0
-            status.last_error = ""
-            status.in_recovery = bool(in_recovery)
-            status.receiver_streaming = receiver == "streaming"
-            replay_lsn = consistency.parse_lsn(replay) if replay else None
-            if replay_lsn is not None:
-                self.note_replayed(alias, replay_lsn)
-            status.lag_seconds = None if lag_s is None else max(0.0, float(lag_s))
-            status.lag_bytes = (
-                max(0, primary_lsn - replay_lsn)
-                if primary_lsn is not None and replay_lsn is not None
-                else None
-            )
-            status.probed_at = time.monotonic()
-            status.assess()
+        except Exception as exc:  # timeouts, refused, broken: all "down"
+            self._fail(status, f"probe failed: {exc}".strip())
+            return
+        status.probed = True
+        status.healthy = True
+        status.failures = 0
+        status.quarantined_until = 0.0
+        status.last_error = ""
+        status.in_recovery = bool(in_recovery)
+        status.receiver_streaming = receiver == "streaming"
+        replay_lsn = consistency.parse_lsn(replay) if replay else None
+        if replay_lsn is not None:
+            self.note_replayed(alias, replay_lsn)
+        status.lag_seconds = None if lag_s is None else max(0.0, float(lag_s))
+        status.lag_bytes = (
+            max(0, primary_lsn - replay_lsn)
+            if primary_lsn is not None and replay_lsn is not None
+            else None
+        )
+        status.probed_at = time.monotonic()
+        status.assess()
 
     def _fail(self, status: ReplicaStatus, reason: str) -> None:
         first, maximum = dbscale_settings.replica_quarantine
@@ -356,6 +366,22 @@ class ReplicaMonitor:
 
 monitor = ReplicaMonitor()
 on_settings_changed(monitor.reset)
+
+
+def _run_all(
+    calls: list[tuple[Callable[..., None], tuple[Any, ...]]], budget: float
+) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
+    """Run each call in a daemon thread; return the calls still running after *budget* s."""
+    threads = [
+        (threading.Thread(target=fn, args=args, daemon=True, name="dbscale-probe"), (fn, args))
+        for fn, args in calls
+    ]
+    for thread, _ in threads:
+        thread.start()
+    deadline = time.monotonic() + budget
+    for thread, _ in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [call for thread, call in threads if thread.is_alive()]
 
 
 def replayed_lsn(alias: str) -> int | None:

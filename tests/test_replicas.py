@@ -526,3 +526,21 @@ def test_status_command_reports_health_and_lag(services: Services, paused: Any) 
     text = buffer.getvalue()
     assert "primary default: reads go to default" in text
     assert "default_replica" in text and "DOWN" in text
+
+
+def test_blackholed_replica_probe_is_bounded_and_marks_it_down(services: Services) -> None:
+    primed()
+    with services.proxies["pg1_replica"].blackholed():
+        started = time.monotonic()
+        replicas.monitor.refresh()  # the open probe connection now hangs
+        elapsed = time.monotonic() - started
+        status = replicas.monitor.status("default_replica")
+        assert not status.usable(time.monotonic())
+        assert "timed out" in status.last_error or "probe failed" in status.last_error
+        started = time.monotonic()
+        replicas.monitor.refresh()  # the hung probe still holds its connection: fail fast
+        second = time.monotonic() - started
+    limit = settings.DBSCALE.get("REPLICA_PROBE_TIMEOUT", 0.5) * 4 + 1.5
+    assert elapsed < limit and second < limit, (elapsed, second)
+    with consistency_context():
+        assert Note.objects.all().db == "default"
