@@ -31,8 +31,10 @@ E006 = "dbscale.E006"  # cache alias missing or not a django-redis backend
 E007 = "dbscale.E007"  # a needed router missing, or routers in an order that breaks them
 W001 = "dbscale.W001"  # alias managed by dbscale without the dbscale ENGINE
 W002 = "dbscale.W002"  # a router listed after ReplicaRouter is never consulted
+W003 = "dbscale.W003"  # replicas configured but ConsistencyMiddleware missing
+MIDDLEWARE_PATH = "django_dbscale.middleware.ConsistencyMiddleware"
 
-ALL_IDS = (E000, E001, E002, E003, E004, E005, E006, E007, W001, W002)
+ALL_IDS = (E000, E001, E002, E003, E004, E005, E006, E007, W001, W002, W003)
 
 
 def _router_paths() -> list[str]:
@@ -55,7 +57,13 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
         groups = dbscale_settings.shard_groups
         cache = dbscale_settings.cache
     except ImproperlyConfigured as exc:
-        return [checks.Error(str(exc), hint="Fix the DBSCALE setting.", id=E000)]
+        return [
+            checks.Error(
+                str(exc),
+                hint="docs/settings.md lists every DBSCALE key with its type and default.",
+                id=E000,
+            )
+        ]
     databases = settings.DATABASES
     errors: list[checks.CheckMessage] = []
 
@@ -142,6 +150,16 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
             )
 
     errors.extend(_check_routers(bool(replicas), bool(groups)))
+    if replicas and MIDDLEWARE_PATH not in getattr(settings, "MIDDLEWARE", []):
+        errors.append(
+            checks.Warning(
+                "DBSCALE['REPLICAS'] is set but ConsistencyMiddleware is not in MIDDLEWARE: a "
+                "user's next request may read a replica that lacks what they just wrote, and "
+                "requests served by one thread share its consistency context.",
+                hint=f"Add {MIDDLEWARE_PATH!r} near the top of MIDDLEWARE.",
+                id=W003,
+            )
+        )
 
     managed = set(replicas) | set(seen) | set(group_of)
     for alias in sorted(managed & set(databases)):
@@ -195,7 +213,8 @@ def _check_routers(has_replicas: bool, has_groups: bool) -> list[checks.CheckMes
             errors.append(
                 checks.Warning(
                     f"DATABASE_ROUTERS lists {after} after ReplicaRouter; ReplicaRouter answers "
-                    "for every model, so they are never consulted for reads or writes.",
+                    "db_for_read and db_for_write for every model, so they are never consulted "
+                    "for reads or writes (only for allow_relation and allow_migrate).",
                     hint="Move them before ReplicaRouter.",
                     id=W002,
                 )

@@ -15,6 +15,7 @@ cross-checks against ``DATABASES``/``CACHES``/``DATABASE_ROUTERS`` live in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ CACHE_DEFAULTS: dict[str, Any] = {
     "CIRCUIT_BREAKER": (5, 5.0),
     "LOCK_TIMEOUT": 0.5,
     "ENABLED": True,
+    "DIMENSIONS": {},
+    "VERSION_TIMEOUT": 7 * 24 * 60 * 60,
 }
 
 SELECTIONS = ("random", "round_robin")
@@ -85,12 +88,33 @@ def _setting_error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
     return ImproperlyConfigured(f"DBSCALE[{key!r}] {problem}. {fix}")
 
 
-def _as_positive_number(raw: dict[str, Any], key: str, *, allow_none: bool = False) -> Any:
+def _as_positive_number(
+    raw: dict[str, Any], key: str, *, allow_none: bool = False, minimum: float = 0.0
+) -> Any:
+    """Return ``raw[key]`` if it is a number >= *minimum* (or ``None`` when allowed)."""
     value = raw[key]
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _setting_error(key, f"must be a number >= 0, not {value!r}", "Fix the value.")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        bound = f"> 0 (at least {minimum})" if minimum > 0 else ">= 0"
+        none = " or None" if allow_none else ""
+        raise _setting_error(
+            key,
+            f"must be a number {bound}{none}, not {value!r}",
+            f"Set it to a number {bound}, or remove it to use the default {DEFAULTS[key]!r}.",
+        )
+    return value
+
+
+def _token_name(raw: dict[str, Any], key: str) -> str:
+    """Return ``raw[key]`` if it is usable as a cookie or header name."""
+    value = raw[key]
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise _setting_error(
+            key,
+            f"must be a non-empty name of letters, digits, '-' and '_', not {value!r}",
+            f"Use e.g. the default {DEFAULTS[key]!r}.",
+        )
     return value
 
 
@@ -248,14 +272,17 @@ class DBScaleSettings:
     def replica_check_interval(self) -> float:
         return float(
             self._derived(
-                "interval", lambda raw: _as_positive_number(raw, "REPLICA_CHECK_INTERVAL")
+                "interval",
+                lambda raw: _as_positive_number(raw, "REPLICA_CHECK_INTERVAL", minimum=0.01),
             )
         )
 
     @property
     def replica_probe_timeout(self) -> float:
         return float(
-            self._derived("probe", lambda raw: _as_positive_number(raw, "REPLICA_PROBE_TIMEOUT"))
+            self._derived(
+                "probe", lambda raw: _as_positive_number(raw, "REPLICA_PROBE_TIMEOUT", minimum=0.01)
+            )
         )
 
     @property
@@ -265,7 +292,9 @@ class DBScaleSettings:
             ok = (
                 isinstance(value, list | tuple)
                 and len(value) == 2
-                and all(isinstance(v, int | float) and v > 0 for v in value)
+                and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+                )
                 and value[0] <= value[1]
             )
             if not ok:
@@ -316,16 +345,18 @@ class DBScaleSettings:
 
     @property
     def consistency_cookie(self) -> str:
-        return str(self._raw()["CONSISTENCY_COOKIE"])
+        return self._derived("cookie", lambda raw: _token_name(raw, "CONSISTENCY_COOKIE"))  # type: ignore[no-any-return]
 
     @property
     def consistency_header(self) -> str:
-        return str(self._raw()["CONSISTENCY_HEADER"])
+        return self._derived("header", lambda raw: _token_name(raw, "CONSISTENCY_HEADER"))  # type: ignore[no-any-return]
 
     @property
     def consistency_max_age(self) -> int:
         return int(
-            self._derived("max_age", lambda raw: _as_positive_number(raw, "CONSISTENCY_MAX_AGE"))
+            self._derived(
+                "max_age", lambda raw: _as_positive_number(raw, "CONSISTENCY_MAX_AGE", minimum=1)
+            )
         )
 
     # -- sharding ----------------------------------------------------------------------
@@ -336,7 +367,11 @@ class DBScaleSettings:
         def build(raw: dict[str, Any]) -> dict[str, ShardGroupSpec]:
             vnodes = raw["SHARD_VNODES"]
             if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
-                raise _setting_error("SHARD_VNODES", f"must be an int >= 1, not {vnodes!r}", "")
+                raise _setting_error(
+                    "SHARD_VNODES",
+                    f"must be an int >= 1, not {vnodes!r}",
+                    "Use a positive int (default 8); never change it on a populated group.",
+                )
             return _parse_shard_groups(raw["SHARD_GROUPS"], vnodes)
 
         return self._derived("shard_groups", build)  # type: ignore[no-any-return]
@@ -358,7 +393,9 @@ class DBScaleSettings:
         def build(raw: dict[str, Any]) -> dict[str, Any]:
             user = raw["CACHE"]
             if not isinstance(user, Mapping):
-                raise _setting_error("CACHE", f"must be a dict, not {user!r}", "")
+                raise _setting_error(
+                    "CACHE", f"must be a dict, not {user!r}", 'Example: {"ALIAS": "dbscale"}.'
+                )
             unknown = sorted(set(user) - set(CACHE_DEFAULTS))
             if unknown:
                 raise _setting_error(

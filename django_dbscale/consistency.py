@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 from django.core import signing
 from django.db import connections
@@ -92,7 +92,8 @@ class ConsistencyState:
     ``pending``: primaries written since their position was last fetched.
     ``write_times``: primary alias -> ``time.time()`` of the last committed write (used by
     the time-based fallback for backends without LSNs).
-    ``pinned``: primary alias -> the replica this context reads from (monotonic reads).
+    ``pinned``: primary alias -> the replica this context reads from (monotonic reads), or
+    the primary itself; ``pinned_at`` records when a context was pinned to a primary.
     ``wait``: seconds a read may wait for a replica to catch up before using the primary.
     ``wrote``: whether this context committed a write itself (the middleware then re-issues
     the token).
@@ -102,6 +103,7 @@ class ConsistencyState:
     pending: set[str] = field(default_factory=set)
     write_times: dict[str, float] = field(default_factory=dict)
     pinned: dict[str, str] = field(default_factory=dict)
+    pinned_at: dict[str, float] = field(default_factory=dict)
     wait: float | None = None
     wrote: bool = False
 
@@ -165,14 +167,17 @@ def consistency_context() -> Iterator[ConsistencyState]:
         close_context(token)
 
 
-def record_write(primary: str) -> None:
+def record_write(primary: str, *, has_lsn: bool = True) -> None:
     """Note that a transaction that wrote to *primary* has just committed.
 
     Called by the database backend after COMMIT (or after a write in autocommit mode). No
     query is made here: the primary's LSN is fetched lazily by :func:`required_position`.
+    *has_lsn* is false for databases without WAL positions (other backends): only the time
+    of the write is kept, for ``READ_YOUR_WRITES = "time"``.
     """
     state = current_state()
-    state.pending.add(primary)
+    if has_lsn:
+        state.pending.add(primary)
     state.write_times[primary] = time.time()
     state.wrote = True
 
@@ -187,8 +192,11 @@ def fetch_primary_lsn(primary: str) -> int:
 
 
 def _resolve_pending(state: ConsistencyState, primary: str) -> None:
+    # Forget the pending write only once its position is known: if the fetch fails, the
+    # next read must still treat it as unseen.
+    lsn = fetch_primary_lsn(primary)
     state.pending.discard(primary)
-    state.merge_positions({primary: fetch_primary_lsn(primary)})
+    state.merge_positions({primary: lsn})
 
 
 def required_position(primary: str) -> int | None:
@@ -224,8 +232,9 @@ def consistency_token() -> str:
     written since the last fetch).
     """
     state = current_state()
-    for primary in list(state.pending):
-        _resolve_pending(state, primary)
+    if dbscale_settings.read_your_writes == "lsn":
+        for primary in list(state.pending):
+            _resolve_pending(state, primary)
     payload = {
         "p": {alias: format_lsn(lsn) for alias, lsn in state.positions.items()},
         "t": {alias: round(ts, 3) for alias, ts in state.write_times.items()},
@@ -269,14 +278,41 @@ def decode_token(token: str, *, max_age: float | None = None) -> DecodedToken:
         write_times = {str(a): float(v) for a, v in payload["t"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidConsistencyToken("The consistency token is malformed.") from exc
-    unknown = sorted((set(positions) | set(write_times)) - set(settings.DATABASES))
+    named = set(positions) | set(write_times)
+    unknown = sorted(named - set(settings.DATABASES))
     if unknown:
         raise InvalidConsistencyToken(
             f"The consistency token names database(s) {unknown} that are not in DATABASES "
             f"(known: {sorted(settings.DATABASES)}). Tokens only travel between processes "
             "that share the same DATABASES aliases."
         )
+    replica_aliases = sorted(named & set(dbscale_settings.primary_of))
+    if replica_aliases:
+        raise InvalidConsistencyToken(
+            f"The consistency token names replica(s) {replica_aliases}; tokens carry the WAL "
+            "positions of primaries only. It was not made by consistency_token()."
+        )
     return DecodedToken(positions, write_times)
+
+
+class _TokenStack:
+    """Tokens of nested ``__enter__`` calls, kept per context.
+
+    A context manager object may be shared (a module-level ``P = use_primary()`` used by
+    concurrent requests); keeping its tokens in a ``ContextVar`` makes each context unwind
+    its own entries.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[tuple[Any, ...]] = ContextVar(name, default=())
+
+    def push(self, item: Any) -> None:
+        self._var.set((*self._var.get(), item))
+
+    def pop(self) -> Any:
+        stack = self._var.get()
+        self._var.set(stack[:-1])
+        return stack[-1]
 
 
 class _ContextDecorator:
@@ -338,7 +374,7 @@ class read_at_least(_ContextDecorator):
         self.timeout = timeout
         # Tokens travel in task arguments: an absent token means "nothing to wait for".
         self.decoded = decode_token(token) if token else DecodedToken({}, {})
-        self._tokens: list[tuple[Token[ConsistencyState | None], Token[str | None] | None]] = []
+        self._tokens = _TokenStack("dbscale_read_at_least")
 
     def _recreate(self) -> read_at_least:
         return read_at_least(self.token, self.mode, self.timeout)
@@ -353,7 +389,7 @@ class read_at_least(_ContextDecorator):
                 else max(dbscale_settings.replica_wait, 1.0)
             )
         forced = forced_target.set("primary") if self.mode == "primary" else None
-        self._tokens.append((open_context(state), forced))
+        self._tokens.push((open_context(state), forced))
         return state
 
     def __exit__(self, *exc: object) -> None:
@@ -366,41 +402,60 @@ class read_at_least(_ContextDecorator):
 class _ForceTarget(_ContextDecorator):
     def __init__(self, target: str) -> None:
         self.target = target
-        self._tokens: list[Token[str | None]] = []
+        self._tokens = _TokenStack("dbscale_force_target")
 
     def _recreate(self) -> _ForceTarget:
         return type(self)(self.target)
 
     def __enter__(self) -> None:
-        self._tokens.append(forced_target.set(self.target))
+        self._tokens.push(forced_target.set(self.target))
 
     def __exit__(self, *exc: object) -> None:
         forced_target.reset(self._tokens.pop())
 
 
-def use_primary() -> _ContextDecorator:
+@overload
+def use_primary(func: F) -> F: ...
+@overload
+def use_primary(func: None = None) -> _ContextDecorator: ...
+def use_primary(func: F | None = None) -> F | _ContextDecorator:
     """Send every read in the block (or decorated function) to the primaries.
 
-    Nests with :func:`use_replica` and :func:`use_database`: the innermost wins.
+    Works as ``with use_primary():``, ``@use_primary()`` and ``@use_primary``, on sync and
+    async functions. Nests with :func:`use_replica` and :func:`use_database`: the innermost
+    wins.
     """
-    return _ForceTarget("primary")
+    manager = _ForceTarget("primary")
+    return manager if func is None else manager(func)
 
 
-def use_replica() -> _ContextDecorator:
+@overload
+def use_replica(func: F) -> F: ...
+@overload
+def use_replica(func: None = None) -> _ContextDecorator: ...
+def use_replica(func: F | None = None) -> F | _ContextDecorator:
     """Read from a replica in the block even if this context wrote (never for writes).
 
     Replicas that are down or beyond the lag budget are still skipped: a block that demands
     a replica when none is usable reads from the primary, counted with reason ``"forced"``.
-    Use it for reports that tolerate lag and must keep load off the primary.
+    Reads inside a transaction still go to its primary. Use it for reports that tolerate
+    lag and must keep load off the primary; it relaxes read-your-writes and monotonic reads
+    for the block.
     """
-    return _ForceTarget("replica")
+    manager = _ForceTarget("replica")
+    return manager if func is None else manager(func)
 
 
 def use_database(alias: str) -> _ContextDecorator:
-    """Send every read in the block to the database *alias* (a primary or a replica)."""
+    """Send reads in the block to *alias* (a primary or a replica) where it serves them.
+
+    It applies to reads of *alias*'s own primary (the alias itself if it is a primary);
+    reads of other primaries' data (another shard, say) are routed as usual, and reads
+    inside a transaction still go to its primary.
+    """
     from django.conf import settings
 
-    if alias not in settings.DATABASES:
+    if not isinstance(alias, str) or alias not in settings.DATABASES:
         raise ValueError(
             f"use_database({alias!r}): no such alias in DATABASES "
             f"(known: {sorted(settings.DATABASES)})."

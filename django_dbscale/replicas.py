@@ -36,7 +36,7 @@ import os
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,7 @@ import psycopg
 from django.conf import settings
 from django.db import connections
 
-from django_dbscale import consistency
+from django_dbscale import consistency, signals
 from django_dbscale.conf import ReplicaSpec, dbscale_settings, on_settings_changed
 
 __all__ = [
@@ -103,6 +103,9 @@ class ReplicaStatus:
     last_error: str = ""
     #: healthy, in recovery, streaming and within the lag budget at the last probe
     eligible: bool = False
+    #: start of the latest refresh whose primary position this replica had replayed: it
+    #: holds every write committed before that moment
+    caught_up_as_of: float = -math.inf
 
     def quarantined(self, now: float) -> bool:
         return now < self.quarantined_until
@@ -198,7 +201,7 @@ class ReplicaMonitor:
         self._refreshing = False
         self._last_refresh = -math.inf
         self._pid = os.getpid()
-        self._rr: Counter[str] = Counter()
+        self._rr: dict[str, float] = defaultdict(float)
 
     # -- state ------------------------------------------------------------------------
     def status(self, alias: str) -> ReplicaStatus:
@@ -269,6 +272,7 @@ class ReplicaMonitor:
             if wanted is None or spec.alias in wanted
         ]
         primary_lsns: dict[str, int] = {}
+        started = time.monotonic()
 
         def probe_primary(primary: str) -> None:
             try:
@@ -279,7 +283,10 @@ class ReplicaMonitor:
 
         _run_all([(probe_primary, (p,)) for p in {p for p, _ in targets}], budget)
         late = _run_all(
-            [(self._probe_replica, (alias, primary_lsns.get(p), timeout)) for p, alias in targets],
+            [
+                (self._probe_replica, (alias, primary_lsns.get(p), timeout, started))
+                for p, alias in targets
+            ],
             budget,
         )
         for _, (alias, *_rest) in late:
@@ -291,7 +298,9 @@ class ReplicaMonitor:
             probe = self._probes.setdefault(alias, _Probe(alias))
         return probe
 
-    def _probe_replica(self, alias: str, primary_lsn: int | None, timeout: float) -> None:
+    def _probe_replica(
+        self, alias: str, primary_lsn: int | None, timeout: float, started: float
+    ) -> None:
         status = self.status(alias)
         if status.quarantined(time.monotonic()):
             return
@@ -302,6 +311,8 @@ class ReplicaMonitor:
         except Exception as exc:  # timeouts, refused, broken: all "down"
             self._fail(status, f"probe failed: {exc}".strip())
             return
+        if status.probed and not status.healthy:
+            signals.replica_readmitted.send(sender=ReplicaMonitor, alias=alias)
         status.probed = True
         status.healthy = True
         status.failures = 0
@@ -319,6 +330,8 @@ class ReplicaMonitor:
             else None
         )
         status.probed_at = time.monotonic()
+        if primary_lsn is not None and replay_lsn is not None and replay_lsn >= primary_lsn:
+            status.caught_up_as_of = started
         status.assess()
 
     def _fail(self, status: ReplicaStatus, reason: str) -> None:
@@ -330,6 +343,13 @@ class ReplicaMonitor:
         status.quarantined_until = time.monotonic() + backoff
         status.last_error = reason
         status.eligible = False
+        signals.replica_quarantined.send(
+            sender=ReplicaMonitor,
+            alias=status.alias,
+            reason=reason,
+            backoff=backoff,
+            failures=status.failures,
+        )
         logger.warning(
             "Replica %r quarantined for %.1fs (failure %d): %s",
             status.alias,
@@ -352,15 +372,19 @@ class ReplicaMonitor:
             status.replay_lsn = lsn
 
     # -- selection --------------------------------------------------------------------
-    def choose(self, specs: tuple[ReplicaSpec, ...], usable: list[ReplicaSpec]) -> str:
+    def choose(self, usable: list[ReplicaSpec]) -> str:
+        """Pick one of *usable* by weight: at random, or by smooth weighted round robin."""
         if len(usable) == 1:
             return usable[0].alias
         if dbscale_settings.replica_selection == "round_robin":
-            key = usable[0].alias
-            self._rr[key] += 1
-            # Weighted round robin: walk a list where each replica appears weight times.
-            expanded = [s.alias for s in usable for _ in range(max(1, round(s.weight)))]
-            return expanded[self._rr[key] % len(expanded)]
+            # nginx's smooth weighted round robin: exact shares, evenly interleaved.
+            with self._lock:
+                total = sum(s.weight for s in usable)
+                for spec in usable:
+                    self._rr[spec.alias] += spec.weight
+                best = max(usable, key=lambda spec: self._rr[spec.alias])
+                self._rr[best.alias] -= total
+            return best.alias
         return random.choices([s.alias for s in usable], [s.weight for s in usable])[0]
 
 
@@ -372,8 +396,18 @@ def _run_all(
     calls: list[tuple[Callable[..., None], tuple[Any, ...]]], budget: float
 ) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
     """Run each call in a daemon thread; return the calls still running after *budget* s."""
+
+    def guarded(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # e.g. the settings changed under a late probe: nothing to update
+            logger.debug("Probe %s%r failed", getattr(fn, "__name__", fn), args, exc_info=True)
+
     threads = [
-        (threading.Thread(target=fn, args=args, daemon=True, name="dbscale-probe"), (fn, args))
+        (
+            threading.Thread(target=guarded, args=(fn, *args), daemon=True, name="dbscale-probe"),
+            (fn, args),
+        )
         for fn, args in calls
     ]
     for thread, _ in threads:
@@ -396,19 +430,38 @@ def report_failure(alias: str, reason: str) -> None:
 
 
 def failed_over(replica: str, primary: str, reason: str) -> None:
-    """Quarantine *replica* whose query was re-run on *primary*; count it as a failover."""
+    """Quarantine *replica* whose read was re-run on *primary*, and pin the context there.
+
+    The context has now read the primary's latest state; going back to a replica after
+    the quarantine could show it an older one.
+    """
     monitor.report_failure(replica, reason)
-    route_counts[(primary, FAILOVER)] += 1
+    _pin_to_primary(consistency.current_state(), primary)
+    _count(primary, FAILOVER)
+    signals.read_failed_over.send(sender=ReplicaMonitor, alias=replica, primary=primary)
+
+
+_count_lock = threading.Lock()
+
+
+def _count(alias: str, reason: str) -> None:
+    with _count_lock:
+        route_counts[(alias, reason)] += 1
 
 
 def _route(alias: str, reason: str) -> str:
-    route_counts[(alias, reason)] += 1
+    _count(alias, reason)
     return alias
 
 
+def _pin_to_primary(state: consistency.ConsistencyState, primary: str) -> None:
+    """Keep *state* on *primary*, which it is reading now, until a replica catches up."""
+    state.pinned[primary] = primary
+    state.pinned_at[primary] = time.monotonic()
+
+
 def _to_primary(primary: str, reason: str, state: consistency.ConsistencyState) -> str:
-    if reason != FORCED:
-        state.pinned[primary] = primary
+    _pin_to_primary(state, primary)
     return _route(primary, reason)
 
 
@@ -417,14 +470,14 @@ def _wait_for(replica_aliases: list[str], lsn: int, timeout: float) -> str | Non
     deadline = time.monotonic() + timeout
     while True:
         for alias in replica_aliases:
-            try:
-                with connections[alias].cursor() as cursor:
-                    cursor.execute("SELECT pg_last_wal_replay_lsn()::text")
-                    row = cursor.fetchone()
+            try:  # on the probe connection: its timeouts keep a hung replica from hanging us
+                row = monitor._probe(alias).query(
+                    "SELECT pg_last_wal_replay_lsn()::text", dbscale_settings.replica_probe_timeout
+                )
             except Exception as exc:
                 report_failure(alias, f"wait probe failed: {exc}")
                 continue
-            if row and row[0]:
+            if row[0]:
                 monitor.note_replayed(alias, consistency.parse_lsn(row[0]))
                 if consistency.parse_lsn(row[0]) >= lsn:
                     return alias
@@ -438,6 +491,7 @@ class _RoutingConfig:
     """The settings the routing hot path reads, parsed once per settings change."""
 
     replicas: dict[str, tuple[ReplicaSpec, ...]]
+    primary_of: dict[str, str]
     read_your_writes: str
     sticky_seconds: float
     check_interval: float
@@ -456,6 +510,7 @@ def _routing_config() -> _RoutingConfig:
 
         _config = _RoutingConfig(
             replicas=dbscale_settings.replicas,
+            primary_of=dbscale_settings.primary_of,
             read_your_writes=dbscale_settings.read_your_writes,
             sticky_seconds=dbscale_settings.sticky_seconds,
             check_interval=dbscale_settings.replica_check_interval,
@@ -482,30 +537,53 @@ def _in_transaction(primary: str, config: _RoutingConfig) -> bool:
 def read_alias(primary: str) -> str:
     """Return the alias a read of *primary*'s data should use now.
 
-    The replica this context is pinned to if it is still usable and caught up; else an
-    eligible replica (random or round robin, by weight), which the context is then pinned
-    to; else *primary*. Never makes a network round trip except to fetch this context's
-    own pending write position once, or when ``REPLICA_WAIT`` / ``read_at_least(mode=
-    "wait")`` asks to wait for a replica to catch up. This runs on every read: keep it lean.
+    In order: ``use_primary()`` -> *primary*; inside a transaction on *primary* -> *primary*;
+    ``use_database(alias)`` for an alias of this primary -> that alias; the replica this
+    context is pinned to if it is still usable and has this context's writes; a context
+    pinned to the primary stays there until a later probe shows a replica that had replayed
+    everything the primary had when the context was pinned; else an eligible replica
+    (random or round robin, by weight), which the context is then pinned to; else
+    *primary*. ``use_replica()`` skips read-your-writes and pinning.
+
+    No network round trip, except to fetch this context's own pending write position once,
+    or when ``REPLICA_WAIT`` / ``read_at_least(mode="wait")`` asks to wait for a replica.
+    This runs on every read: keep it lean.
     """
     config = _config or _routing_config()
     specs = config.replicas.get(primary)
     forced = consistency.forced_target.get()
+    state = consistency.current_state()
+    if forced == "primary":
+        if specs:
+            _pin_to_primary(state, primary)
+        return _route(primary, FORCED)
     if forced is not None and forced != "replica":
-        return _route(primary if forced == "primary" else forced, FORCED)
+        if forced != primary and config.primary_of.get(forced) != primary:
+            forced = None  # use_database() of another primary's alias: not ours to apply
+        elif forced == primary or not _in_transaction(primary, config):
+            return _route(forced, FORCED)
     if not specs:
         return _route(primary, NO_REPLICAS)
-    state = consistency.current_state()
     if _in_transaction(primary, config):
         return _to_primary(primary, IN_TRANSACTION, state)
     relaxed = forced == "replica"  # use_replica(): no read-your-writes, no pinning
     pinned = None if relaxed else state.pinned.get(primary)
-    if pinned == primary:
-        return _route(primary, PINNED_PRIMARY)
 
     now = time.monotonic()
     if now - monitor._last_refresh >= config.check_interval:
         monitor.maybe_refresh()
+    fresh_since = -math.inf
+    if pinned == primary:
+        fresh_since = state.pinned_at.get(primary, -math.inf)
+        if not any(
+            monitor.status(s.alias).caught_up_as_of > fresh_since
+            and monitor.status(s.alias).usable(now)
+            for s in specs
+        ):
+            state.pinned_at[primary] = now  # it has now seen the primary as of this moment
+            return _route(primary, PINNED_PRIMARY)
+        pinned = None  # a replica has since caught up with all the primary had then
+
     required: int | None = None
     if not relaxed:
         if config.read_your_writes == "lsn":
@@ -524,7 +602,12 @@ def read_alias(primary: str) -> str:
             return _route(pinned, REPLICA)
         return _to_primary(primary, READ_YOUR_WRITES, state)
 
-    usable = [spec for spec in specs if monitor.status(spec.alias).usable(now)]
+    usable = [
+        spec
+        for spec in specs
+        if monitor.status(spec.alias).usable(now)
+        and monitor.status(spec.alias).caught_up_as_of >= fresh_since
+    ]
     if not usable:
         reasons = {monitor.status(spec.alias).reason_unusable(now) for spec in specs}
         return _to_primary(primary, FORCED if relaxed else min(reasons), state)
@@ -537,9 +620,10 @@ def read_alias(primary: str) -> str:
                 return _to_primary(primary, READ_YOUR_WRITES, state)
             caught_up = [s for s in usable if s.alias == chosen]
         usable = caught_up
-    alias = monitor.choose(specs, usable)
+    alias = monitor.choose(usable)
     if not relaxed:
         state.pinned[primary] = alias
+        state.pinned_at.pop(primary, None)
     return _route(alias, REPLICA)
 
 

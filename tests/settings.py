@@ -12,6 +12,13 @@ from tests.settings_static import *  # noqa: F403
 _services = get_services()
 
 DATABASES = _services.databases()
+# The default database through Django's own PostgreSQL backend: a "foreign ENGINE" primary
+# (no WAL tracking by the dbscale backend) for the time-based read-your-writes fallback.
+DATABASES["default_plain"] = {
+    **DATABASES["default"],
+    "ENGINE": "django.db.backends.postgresql",
+    "TEST": {"MIRROR": "default"},
+}
 # A second alias for the same replica server, reached directly (not through the proxy):
 # lets tests spread reads over two "replicas" by weight. Listed in REPLICAS only by tests.
 DATABASES["default_replica_direct"] = {

@@ -123,6 +123,27 @@ def test_router_after_replica_router_is_w002() -> None:
         assert run_checks() == ["dbscale.W002"]
 
 
+def test_missing_consistency_middleware_is_w003() -> None:
+    with override_settings(MIDDLEWARE=[]):
+        messages = checks.check_dbscale_settings()
+    assert [m.id for m in messages] == ["dbscale.W003"]
+    assert "ConsistencyMiddleware" in messages[0].msg
+
+
+def test_zero_probe_timeout_or_token_age_is_e000() -> None:
+    for key, value in [
+        ("REPLICA_PROBE_TIMEOUT", 0),
+        ("REPLICA_CHECK_INTERVAL", 0),
+        ("CONSISTENCY_MAX_AGE", 0.5),
+        ("REPLICA_QUARANTINE", (True, 5)),
+        ("CONSISTENCY_COOKIE", "bad name;"),
+    ]:
+        with override_settings(DBSCALE=dbscale(**{key: value})):
+            messages = checks.check_dbscale_settings()
+        assert [m.id for m in messages] == ["dbscale.E000"], key
+        assert key in messages[0].msg
+
+
 def test_foreign_engine_on_managed_alias_is_w001() -> None:
     databases = {**settings.DATABASES}
     databases["default_replica"] = {

@@ -51,6 +51,14 @@ def read(pk: int) -> Note | None:
     return Note.objects.filter(pk=pk).first()
 
 
+def create_in_thread(title: str) -> None:
+    """Write from another thread (its own connection and context), then close up."""
+    try:
+        Note.objects.create(title=title)
+    finally:
+        connections.close_all()
+
+
 def primed() -> None:
     replicas.monitor.refresh()
     status = replicas.monitor.status("default_replica")
@@ -257,9 +265,21 @@ def test_monotonic_reads_stick_to_one_replica_then_primary(services: Services, p
     assert state.pinned == {"default": "default_replica"}
     with transaction.atomic():
         list(Note.objects.all())
-    # Having read the primary, the context never goes back to an older replica.
+    # Having read the primary, the context never goes back to an older replica...
     assert state.pinned == {"default": "default"}
     assert Note.objects.all().db == "default"
+    # ...but returns to one that has replayed what the primary had when last read.
+    paused(services.pg1_replica)
+    other = threading.Thread(target=create_in_thread, args=("later",))
+    other.start()
+    other.join()
+    replicas.monitor.refresh()
+    assert Note.objects.all().db == "default"  # replica paused: behind the primary
+    services.pg1_replica.resume_replay()
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    assert Note.objects.all().db == "default_replica"
+    assert state.pinned == {"default": "default_replica"}
 
 
 def test_use_primary_and_use_replica_nest(services: Services) -> None:
@@ -288,6 +308,10 @@ def test_use_primary_decorates_sync_and_async_functions(services: Services) -> N
     with consistency_context():
         assert sync_read() == "default"
         assert asyncio.run(async_read()) == "default"
+        # Having seen the primary, the context stays there until a probe shows a replica
+        # holding everything the primary had then (nothing was written: the next probe).
+        assert Note.objects.all().db == "default"
+        replicas.monitor.refresh()
         assert Note.objects.all().db == "default_replica"
 
 
@@ -544,3 +568,363 @@ def test_blackholed_replica_probe_is_bounded_and_marks_it_down(services: Service
     assert elapsed < limit and second < limit, (elapsed, second)
     with consistency_context():
         assert Note.objects.all().db == "default"
+
+
+# -- read-your-writes against a pinned replica, and every write path ------------------------
+
+
+def test_write_after_reading_a_replica_is_read_back_from_the_primary(
+    services: Services, paused: Any
+) -> None:
+    """The usual web flow: read (pins the replica), write, read again."""
+    note = Note.objects.create(title="v1")
+    services.pg1_replica.wait_for_replay()
+    with consistency_context():
+        primed()
+        assert read(note.pk)._state.db == "default_replica"  # type: ignore[union-attr]
+        paused(services.pg1_replica)
+        Note.objects.filter(pk=note.pk).update(title="v2")
+        got = read(note.pk)
+    assert got is not None and (got.title, got._state.db) == ("v2", "default")
+
+
+def _write_paths() -> dict[str, Callable[[], None]]:
+    from django.db import connection
+    from psycopg import sql as pgsql
+
+    def executemany() -> None:
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO testapp_note (title, body) VALUES (%s, '')", [("w",), ("w",)]
+            )
+
+    def copy() -> None:
+        with (
+            connection.cursor() as cursor,
+            cursor.copy("COPY testapp_note (title, body) FROM STDIN") as cp,
+        ):
+            cp.write_row(("w", ""))
+
+    def multi_statement() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1; INSERT INTO testapp_note (title, body) VALUES ('w', '')")
+
+    def writing_cte() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "WITH n AS (INSERT INTO testapp_note (title, body) VALUES ('w', '') "
+                "RETURNING id) SELECT id FROM n"
+            )
+
+    def composed() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                pgsql.SQL("INSERT INTO {} (title, body) VALUES ('w', '')").format(
+                    pgsql.Identifier("testapp_note")
+                )
+            )
+
+    def manual_transaction() -> None:
+        from django.db import transaction as tx
+
+        tx.set_autocommit(False)
+        try:
+            Note.objects.create(title="w")
+            tx.commit()
+        finally:
+            tx.set_autocommit(True)
+
+    return {
+        "executemany": executemany,
+        "copy": copy,
+        "multi_statement": multi_statement,
+        "writing_cte": writing_cte,
+        "composed": composed,
+        "manual_transaction": manual_transaction,
+        "bulk_create": lambda: Note.objects.bulk_create([Note(title="w")]) and None,
+    }
+
+
+@pytest.mark.parametrize("path", sorted(_write_paths()))
+def test_every_write_path_is_read_back_from_the_primary(
+    services: Services, paused: Any, path: str
+) -> None:
+    primed()
+    paused(services.pg1_replica)
+    with consistency_context():
+        _write_paths()[path]()
+        qs = Note.objects.filter(title="w")
+        rows = len(qs)
+        assert qs.db == "default", path
+    assert rows >= 1
+    # The replica really lacks them: reading it would have been stale.
+    assert services.pg1_replica.execute(
+        "SELECT count(*) FROM testapp_note WHERE title = 'w'", dbname="dbscale"
+    ) == [(0,)]
+
+
+def test_queryset_delete_is_read_back_from_the_primary(services: Services, paused: Any) -> None:
+    note = Note.objects.create(title="doomed")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    paused(services.pg1_replica)
+    with consistency_context():
+        Note.objects.filter(pk=note.pk).delete()
+        qs = Note.objects.filter(pk=note.pk)
+        assert (qs.first(), qs.db) == (None, "default")
+    assert on_server(services, "default_replica", note.pk) == [(note.pk, "doomed")]
+
+
+def test_reads_on_a_replica_are_never_taken_for_writes(services: Services) -> None:
+    primed()
+    with consistency_context() as state:
+        with use_database("default_replica"), connections["default_replica"].cursor() as cursor:
+            cursor.execute("WITH x AS (SELECT 1 AS a) SELECT a FROM x")
+            cursor.execute("/* comment */ SELECT 1")
+        assert not state.wrote and not state.pending
+        token = consistency_token()
+    assert replicas.monitor.status("default_replica").usable(time.monotonic())
+    assert replicas.route_counts[("default", "failover")] == 0
+    assert decode(token).positions == {}
+
+
+def decode(token: str) -> Any:
+    return consistency.decode_token(token)
+
+
+def test_set_autocommit_false_transaction_reads_its_own_rows(services: Services) -> None:
+    from django.db import transaction as tx
+
+    primed()
+    tx.set_autocommit(False)
+    try:
+        note = Note.objects.create(title="uncommitted manual")
+        got = read(note.pk)
+        assert got is not None and got._state.db == "default"
+        tx.rollback()
+    finally:
+        tx.set_autocommit(True)
+    assert replicas.route_counts[("default", "in_transaction")] == 1
+
+
+def test_failed_position_fetch_keeps_the_write_pending(services: Services, paused: Any) -> None:
+    primed()
+    paused(services.pg1_replica)
+    with consistency_context() as state:
+        with connections["default"].cursor() as cursor:  # raw SQL: only the backend sees it
+            cursor.execute(
+                "INSERT INTO testapp_note (title, body) VALUES ('pending', '') RETURNING id"
+            )
+            (pk,) = cursor.fetchone()
+        note = Note(pk=pk)
+        assert state.pending == {"default"}
+        # Kill this connection's backend: the position fetch fails.
+        pid = connections["default"].connection.info.backend_pid
+        services.pg1.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(Exception):  # noqa: B017 - whatever psycopg raises for a killed backend
+            read(note.pk)
+        assert state.pending == {"default"}
+        connections["default"].close()
+        got = read(note.pk)
+    assert got is not None and (got.title, got._state.db) == ("pending", "default")
+
+
+# -- failover safety ------------------------------------------------------------------------
+
+
+def test_failover_pins_the_context_to_the_primary(services: Services, paused: Any) -> None:
+    note = Note.objects.create(title="before cut")
+    services.pg1_replica.wait_for_replay()
+    primed()
+    with consistency_context() as state:
+        assert read(note.pk)._state.db == "default_replica"  # type: ignore[union-attr]
+        paused(services.pg1_replica)
+        writer = threading.Thread(target=create_in_thread, args=("after cut",))
+        writer.start()
+        writer.join()
+        with services.proxies["pg1_replica"].cut_off():
+            assert Note.objects.filter(title="after cut").count() == 1  # failed over
+        assert state.pinned["default"] == "default"
+        time.sleep(0.3)  # quarantine over; the replica is healthy again but behind
+        replicas.monitor.refresh()
+        assert Note.objects.filter(title="after cut").count() == 1
+    # The cut was seen by the failing query (failover) or first by the prober (down).
+    assert (
+        replicas.route_counts[("default", "failover")] + replicas.route_counts[("default", "down")]
+        >= 1
+    )
+
+
+def test_statement_timeout_on_replica_is_not_a_failover(services: Services) -> None:
+    from django.db import OperationalError
+
+    primed()
+    with consistency_context(), connections["default_replica"].cursor() as cursor:
+        cursor.execute("SET statement_timeout = 50")
+        try:
+            with pytest.raises(OperationalError, match="statement timeout"):
+                cursor.execute("SELECT pg_sleep(1)")
+        finally:
+            cursor.execute("SET statement_timeout = 0")
+    assert replicas.route_counts[("default", "failover")] == 0
+    assert replicas.monitor.status("default_replica").usable(time.monotonic())
+
+
+def test_no_failover_inside_a_transaction_on_the_replica(services: Services) -> None:
+    from django.db import OperationalError
+
+    primed()
+    with pytest.raises(OperationalError), transaction.atomic(using="default_replica"):
+        list(Note.objects.using("default_replica").all())
+        services.proxies["pg1_replica"].cut()
+        try:
+            list(Note.objects.using("default_replica").all())
+        finally:
+            services.proxies["pg1_replica"].heal()
+    assert replicas.route_counts[("default", "failover")] == 0
+    connections["default_replica"].close()
+
+
+# -- controls -------------------------------------------------------------------------------
+
+
+def test_read_at_least_primary_mode_forces_primary_without_writing(services: Services) -> None:
+    primed()
+    with consistency_context():
+        token = consistency_token()
+    with read_at_least(token, mode="primary"):
+        assert Note.objects.all().db == "default"
+    with read_at_least(token):
+        assert Note.objects.all().db == "default_replica"
+
+
+def test_expired_token_is_rejected(services: Services) -> None:
+    with override_settings(DBSCALE={**settings.DBSCALE, "CONSISTENCY_MAX_AGE": 1}):
+        token = consistency_token()
+        read_at_least(token)
+        time.sleep(2.1)
+        with pytest.raises(InvalidConsistencyToken, match="expired"):
+            read_at_least(token)
+
+
+def test_token_naming_a_replica_is_rejected() -> None:
+    from django.core import signing
+
+    forged = signing.dumps(
+        {"p": {"default_replica": "0/1"}, "t": {}}, salt=consistency.TOKEN_SALT, compress=True
+    )
+    with pytest.raises(InvalidConsistencyToken, match="replica"):
+        read_at_least(forged)
+
+
+def test_replica_wait_setting_waits_for_catch_up(services: Services, paused: Any) -> None:
+    with override_settings(DBSCALE={**settings.DBSCALE, "REPLICA_WAIT": 10.0}):
+        primed()
+        paused(services.pg1_replica)
+        note = Note.objects.create(title="waited for")
+        timer = threading.Timer(0.4, services.pg1_replica.resume_replay)
+        timer.start()
+        try:
+            got = read(note.pk)
+        finally:
+            timer.join()
+    assert got is not None and got._state.db == "default_replica"
+
+
+def test_use_database_applies_to_its_own_primary_only(services: Services) -> None:
+    two = {**settings.DBSCALE["REPLICAS"], "default": ["default_replica", "default_replica_direct"]}
+    with override_settings(DBSCALE={**settings.DBSCALE, "REPLICAS": two}):
+        replicas.monitor.refresh()
+        for alias in ("default_replica_direct", "default_replica", "default"):
+            with consistency_context(), use_database(alias):
+                assert [Note.objects.all().db for _ in range(3)] == [alias] * 3
+        with (
+            consistency_context(),
+            use_database("default_replica_direct"),
+            transaction.atomic(),
+        ):
+            Note.objects.create(title="in tx")
+            assert Note.objects.all().db == "default"  # the transaction wins
+        with consistency_context(), use_database("shard1"):
+            # Another primary's alias: Note is routed as usual, to a replica of default.
+            assert Note.objects.all().db in {"default_replica", "default_replica_direct"}
+
+
+def test_use_primary_works_without_parentheses_and_shared(services: Services) -> None:
+    primed()
+
+    @use_primary
+    def plain() -> str:
+        return Note.objects.all().db
+
+    shared = use_primary()
+
+    async def task(delay: float) -> str:
+        with shared:
+            await asyncio.sleep(delay)
+            return await sync_to_async(lambda: Note.objects.all().db)()
+
+    async def both() -> list[str]:
+        return list(await asyncio.gather(task(0.02), task(0.01)))
+
+    assert plain() == "default"
+    assert asyncio.run(both()) == ["default", "default"]
+
+
+def test_quarantine_backs_off_exponentially() -> None:
+    first, maximum = settings.DBSCALE["REPLICA_QUARANTINE"]
+    backoffs = []
+    for _ in range(6):
+        replicas.report_failure("default_replica", "test")
+        status = replicas.monitor.status("default_replica")
+        backoffs.append(round(status.quarantined_until - time.monotonic(), 1))
+    assert backoffs == [min(maximum, first * 2**i) for i in range(6)]
+
+
+def test_implicit_context_of_a_worker_thread_returns_to_the_replica(services: Services) -> None:
+    """A fresh process routes to the primary until the first probe, then not forever."""
+    seen: list[str] = []
+
+    def worker() -> None:
+        try:
+            replicas.monitor.reset()  # as in a fresh process: nothing probed yet
+            seen.append(Note.objects.all().db)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and seen[-1] != "default_replica":
+                time.sleep(0.1)
+                seen.append(Note.objects.all().db)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen[0] == "default" and seen[-1] == "default_replica", seen
+
+
+def test_time_fallback_tracks_writes_on_a_foreign_engine_primary(services: Services) -> None:
+    """A primary on Django's own backend: no LSNs, but time stickiness still works."""
+    plain = {**settings.DBSCALE["REPLICAS"], "default_plain": ["default_replica_direct"]}
+    with override_settings(
+        DBSCALE={
+            **settings.DBSCALE,
+            "REPLICAS": plain,
+            "READ_YOUR_WRITES": "time",
+            "STICKY_SECONDS": 0.5,
+        }
+    ):
+        replicas.monitor.refresh()
+        connections["default_plain"].close()  # reconnect: connection_created installs tracking
+        with consistency_context() as state:
+            assert replicas.read_alias("default_plain") == "default_replica_direct"
+        with consistency_context() as state:
+            with connections["default_plain"].cursor() as cursor:
+                cursor.execute("INSERT INTO testapp_note (title, body) VALUES ('plain', '')")
+            assert "default_plain" in state.write_times and not state.pending
+            assert replicas.read_alias("default_plain") == "default_plain"
+            token = consistency_token()  # no LSN query against a primary without LSNs
+        assert decode(token).positions == {}
+        with consistency_context():
+            time.sleep(0.55)
+            assert replicas.read_alias("default_plain") == "default_replica_direct"
+    connections["default_plain"].close()

@@ -20,6 +20,8 @@ shards). It adds three things to Django's backend and changes nothing else:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, OperationalError
@@ -29,20 +31,19 @@ from django.db.backends.utils import CursorDebugWrapper as DjangoCursorDebugWrap
 from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
 
 from django_dbscale import consistency
+from django_dbscale.backends.statements import is_write
 from django_dbscale.conf import dbscale_settings
 
 logger = logging.getLogger("django_dbscale.backends")
 
-_READ_PREFIXES = ("SELECT", "SHOW", "EXPLAIN", "SET ", "SAVEPOINT", "RELEASE", "ROLLBACK")
 _FAILOVER_ERRORS = (OperationalError, InterfaceError)
 
 
-def is_write(sql: str) -> bool:
-    """Return whether *sql* may change data (anything that is not a plain read)."""
-    if sql.startswith("SELECT"):
-        return False
-    head = sql.lstrip(" \n\t(").upper()
-    return not head.startswith(_READ_PREFIXES)
+def _statusmessage(cursor: Any) -> str | None:
+    try:
+        return cursor.statusmessage  # type: ignore[no-any-return]
+    except Exception:  # a cursor type without it (or closed): judge by the SQL
+        return None
 
 
 def _note_write(db: Any) -> None:
@@ -51,35 +52,60 @@ def _note_write(db: Any) -> None:
         note_write()
 
 
+def _connection_broken(db: Any) -> bool:
+    conn = db.connection
+    return conn is None or bool(getattr(conn, "broken", False)) or bool(conn.closed)
+
+
 class _DBScaleCursorMixin:
     """Track writes and fail reads over from a broken replica to its primary."""
 
     db: Any  # our DatabaseWrapper, or the primary's after a failover
     cursor: Any
 
-    def _execute(self, sql: str, params: Any, *wrapper_args: Any) -> Any:
+    def _execute(self, sql: Any, params: Any, *wrapper_args: Any) -> Any:
         try:
             result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
         except _FAILOVER_ERRORS:
-            if not self._fail_over():
+            if not self._fail_over(sql):
                 raise
             result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
-        else:
-            if is_write(sql):
-                _note_write(self.db)
-        return result
-
-    def _executemany(self, sql: str, param_list: Any, *wrapper_args: Any) -> Any:
-        result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
-        if is_write(sql):
+        if is_write(sql, _statusmessage(self.cursor)):
             _note_write(self.db)
         return result
 
-    def _fail_over(self) -> bool:
-        """Point this cursor at the primary if the failed connection is a replica's."""
+    def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
+        result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
+        if is_write(sql, _statusmessage(self.cursor)):
+            _note_write(self.db)
+        return result
+
+    @contextmanager
+    def copy(self, statement: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """psycopg's ``cursor.copy()``, noting ``COPY ... FROM STDIN`` as a write."""
+        with self.db.wrap_database_errors, self.cursor.copy(statement, *args, **kwargs) as copy:
+            yield copy
+        text = statement if isinstance(statement, str) else repr(statement)
+        if "FROM STDIN" in " ".join(text.upper().split()):
+            _note_write(self.db)
+
+    def _fail_over(self, sql: Any) -> bool:
+        """Point this cursor at the primary if a replica's connection broke under a read.
+
+        Only when re-running is safe and useful: the connection is a configured replica's,
+        it is in autocommit mode (no transaction whose earlier statements would be lost),
+        the statement is a read, and the connection is really broken -- a statement
+        timeout or a recovery-conflict cancellation leaves it usable and is re-raised.
+        """
         replica = self.db
         primary_alias = replica.dbscale_primary()
-        if primary_alias is None or replica.in_atomic_block:
+        if (
+            primary_alias is None
+            or replica.in_atomic_block
+            or not replica.autocommit
+            or is_write(sql)
+            or not _connection_broken(replica)
+        ):
             return False
         from django.db import connections
 
@@ -126,7 +152,8 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
         self.dbscale_dirty = False
 
     # Django sets this attribute on entering and leaving transaction.atomic(); mirroring it
-    # into the consistency context lets routing check it without a connections[] lookup.
+    # (and set_autocommit(False) transactions) into the consistency context lets routing
+    # check it without a connections[] lookup.
     @property
     def in_atomic_block(self) -> bool:
         return self._in_atomic_block
@@ -134,7 +161,18 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
     @in_atomic_block.setter
     def in_atomic_block(self, value: bool) -> None:
         self._in_atomic_block = value
-        consistency.note_transaction(self.alias, value)
+        self._mirror_transaction_state()
+
+    def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_autocommit(autocommit, *args, **kwargs)
+        self._mirror_transaction_state()
+
+    def _mirror_transaction_state(self) -> None:
+        # Before the first connect Django leaves autocommit False: that is no transaction.
+        in_transaction = self._in_atomic_block or (
+            getattr(self, "connection", None) is not None and not getattr(self, "autocommit", True)
+        )
+        consistency.note_transaction(self.alias, in_transaction)
 
     def dbscale_primary(self) -> str | None:
         """Return this alias's primary if this alias is a configured replica."""
@@ -142,7 +180,13 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
 
     # -- write tracking ---------------------------------------------------------------
     def note_write(self) -> None:
-        """Record a successful write statement (now if autocommitted, else at COMMIT)."""
+        """Record a successful write statement (now if autocommitted, else at COMMIT).
+
+        Replicas never record writes: a "write" seen there is a misjudged read (nothing can
+        write to a standby), and fetching a WAL insert position from it would fail.
+        """
+        if self.dbscale_primary() is not None:
+            return
         if self.in_atomic_block or not self.autocommit:
             self.dbscale_dirty = True
         else:

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand
 
 from django_dbscale import replicas
 from django_dbscale.conf import dbscale_settings
-from django_dbscale.consistency import consistency_context, format_lsn
+from django_dbscale.consistency import format_lsn
 
 HELP = "Probe every replica now and print health, lag and where reads would go."
 
@@ -24,13 +24,17 @@ def collect() -> list[dict[str, Any]]:
     """Probe now and return one row per primary with its replicas' measurements."""
     replicas.monitor.refresh()
     rows = []
+    now = time.monotonic()
     for primary, specs in dbscale_settings.replicas.items():
-        with consistency_context():
-            reads_to = replicas.read_alias(primary)
-        entry: dict[str, Any] = {"primary": primary, "reads_go_to": reads_to, "replicas": []}
+        # Where a fresh context's reads would go, without routing one (and counting it).
+        eligible = [s.alias for s in specs if replicas.monitor.status(s.alias).usable(now)]
+        entry: dict[str, Any] = {
+            "primary": primary,
+            "reads_go_to": ", ".join(eligible) if eligible else primary,
+            "replicas": [],
+        }
         for spec in specs:
             st = replicas.monitor.status(spec.alias)
-            now = time.monotonic()
             entry["replicas"].append(
                 {
                     "alias": spec.alias,
