@@ -6,7 +6,9 @@ fresh machine with only Python 3.11+ needs no manual step.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +49,37 @@ def _django_spec(version: str) -> str:
     return f"Django~={version}.0"
 
 
+def _have_server_binaries() -> bool:
+    """Whether PostgreSQL and Redis server programs are on this machine (cheap check).
+
+    Mirrors the harness's search (django_dbscale.testing.harness.find_pg_bindir), which
+    cannot be imported here: nox runs outside the project's environment.
+    """
+    pg = (
+        os.environ.get("DBSCALE_PG_BINDIR")
+        or shutil.which("initdb")
+        or shutil.which("pg_config")
+        or glob.glob("/usr/lib/postgresql/*/bin/initdb")
+        or glob.glob("/usr/pgsql-*/bin/initdb")
+        or glob.glob("/usr/local/pgsql/bin/initdb")
+        or glob.glob("/opt/homebrew/opt/postgresql*/bin/initdb")
+    )
+    redis = os.environ.get("DBSCALE_REDIS_SERVER") or shutil.which("redis-server")
+    external = os.environ.get("DBSCALE_TEST_EXTERNAL", "").lower() in {"1", "true", "yes", "on"}
+    return external or bool(pg and redis)
+
+
+def _extras(*names: str) -> str:
+    """The package spec with *names*, plus the embedded servers when none are installed."""
+    extras = list(names) + ([] if _have_server_binaries() else ["embedded"])
+    return f".[{','.join(extras)}]"
+
+
 @nox.session
 @nox.parametrize("python,django", MATRIX)
 def tests(session: nox.Session, django: str) -> None:
     """Run the test suite against services the harness boots (or DBSCALE_TEST_EXTERNAL)."""
-    session.install("-e", ".[test]", _django_spec(django))
+    session.install("-e", _extras("test"), _django_spec(django))
     session.run("python", "-m", "pytest", *session.posargs)
 
 
@@ -60,6 +88,7 @@ def lint(session: nox.Session) -> None:
     """ruff check and format check."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python="3.11")
@@ -79,7 +108,7 @@ def docs(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (each boots its own services); figures are paired ratios."""
-    session.install("-e", ".[test]")
+    session.install("-e", _extras("test"))
     for module in ("bench.bench_routing", "bench.bench_sharding", "bench.bench_cache"):
         if (ROOT / (module.replace(".", "/") + ".py")).exists():
             session.run("python", "-m", module, *session.posargs)
@@ -88,7 +117,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
     """Boot services, migrate every database, generate data and show where it all went."""
-    session.install("-e", ".[test]")  # psycopg[binary]: no system libpq needed
+    session.install("-e", _extras("test"))  # psycopg[binary]: no system libpq needed
     session.run("python", "testproject/manage.py", "demo", *session.posargs)
 
 
