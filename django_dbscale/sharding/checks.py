@@ -1,0 +1,320 @@
+"""System checks of sharded models (ids ``dbscale.E100``-``E149``, ``W100``-``W149``).
+
+Model checks run with ``manage.py check``; the ring-stamp checks touch the shard databases
+and run only with ``check --database <alias>`` (or ``--database``-less ``migrate``), as
+Django does for every check tagged ``database``. Importing this module also connects the
+``pre_migrate`` receiver that installs the ID function on every shard
+(:mod:`django_dbscale.sharding.ids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+from django.apps import apps as live_apps
+from django.core import checks
+from django.core.checks import Tags, register
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import (
+    DO_NOTHING,
+    AutoField,
+    BigAutoField,
+    ForeignKey,
+    ManyToManyField,
+    Model,
+    SmallAutoField,
+)
+
+from django_dbscale.conf import dbscale_settings
+from django_dbscale.sharding import ids  # noqa: F401 - connects the pre_migrate receiver
+from django_dbscale.sharding.exceptions import ShardingError
+from django_dbscale.sharding.ids import ShardedIDField, is_populated, read_stamp, stamp_problems
+from django_dbscale.sharding.ring import get_ring
+from django_dbscale.sharding.routing import ShardSpec, shard_spec
+
+__all__ = ["ALL_IDS"]
+
+E100 = "dbscale.E100"  # shard_group names no configured group
+E101 = "dbscale.E101"  # shard_key is not a concrete field / FK of the model
+E102 = "dbscale.E102"  # auto-increment primary key on a sharded model
+E103 = "dbscale.E103"  # foreign key between sharded models of different groups
+E104 = "dbscale.E104"  # FK from a sharded to an unsharded model with a constraint/cascade
+E105 = "dbscale.E105"  # foreign key from an unsharded model to a sharded one
+E106 = "dbscale.E106"  # shard_group / shard_key missing or not a str
+E107 = "dbscale.E107"  # ShardedIDField layout cannot number the group's shards
+E108 = "dbscale.E108"  # ShardedIDField on an unsharded model
+E109 = "dbscale.E109"  # "default" listed as a shard
+E110 = "dbscale.E110"  # populated shard stamped with another VNODES / group / shard number
+W100 = "dbscale.W100"  # populated shard stamped with another ring fingerprint
+W101 = "dbscale.W101"  # colocated models of one group with shard keys of different types
+W102 = "dbscale.W102"  # a sharded model's default manager does not return ShardedQuerySet
+
+ALL_IDS = (E100, E101, E102, E103, E104, E105, E106, E107, E108, E109, E110, W100, W101, W102)
+
+
+def _concrete_models(app_configs: Sequence[Any] | None) -> Iterable[type[Model]]:
+    configs = app_configs if app_configs is not None else live_apps.get_app_configs()
+    for config in configs:
+        for model in config.get_models():
+            if not model._meta.abstract and not model._meta.proxy:
+                yield model
+
+
+def _declared(model: type[Model]) -> bool:
+    return bool(getattr(model, "_dbscale_sharded", False))
+
+
+def _spec_or_error(model: type[Model]) -> tuple[ShardSpec | None, list[checks.CheckMessage]]:
+    group = getattr(model, "shard_group", None)
+    key = getattr(model, "shard_key", None)
+    if not isinstance(group, str) or not isinstance(key, str):
+        return None, [
+            checks.Error(
+                f"{model._meta.label} subclasses ShardedModel but shard_group={group!r} and "
+                f"shard_key={key!r} are not both strings.",
+                hint="Set e.g. shard_group = 'customers' and shard_key = 'customer_id' on "
+                "the class.",
+                obj=model,
+                id=E106,
+            )
+        ]
+    try:
+        return shard_spec(model), []
+    except ShardingError as exc:
+        return None, [
+            checks.Error(
+                str(exc),
+                hint="Name a concrete field or foreign key of the model in shard_key.",
+                obj=model,
+                id=E101,
+            )
+        ]
+
+
+def _key_type(spec: ShardSpec) -> str:
+    field = spec.key_field
+    if field is None:
+        return "?"
+    target = getattr(field, "target_field", None) if field.is_relation else field
+    if target is None:
+        return "?"
+    internal = str(target.get_internal_type())
+    return {"AutoField": "IntegerField", "BigAutoField": "BigIntegerField"}.get(internal, internal)
+
+
+@register(Tags.models)
+def check_sharded_models(
+    app_configs: Sequence[Any] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Check every sharded model's declaration, primary key and relations."""
+    from django_dbscale.sharding.models import ShardedQuerySet
+
+    errors: list[checks.CheckMessage] = []
+    try:
+        groups = dbscale_settings.shard_groups
+    except Exception:
+        return []  # the foundation's dbscale.E000 reports an unparsable DBSCALE
+    if DEFAULT_DB_ALIAS in dbscale_settings.group_of_shard:
+        errors.append(
+            checks.Error(
+                f"{DEFAULT_DB_ALIAS!r} is listed as a shard of group "
+                f"{dbscale_settings.group_of_shard[DEFAULT_DB_ALIAS]!r}.",
+                hint="Unsharded models live on 'default'; give the shard its own alias.",
+                id=E109,
+            )
+        )
+    key_types: dict[str, dict[str, list[str]]] = {}
+    for model in _concrete_models(app_configs):
+        label = model._meta.label
+        pk = model._meta.pk
+        if not _declared(model):
+            for field in model._meta.get_fields():
+                if isinstance(field, ShardedIDField) and field.model is model:
+                    errors.append(
+                        checks.Error(
+                            f"{label}.{field.name} is a ShardedIDField but {label} is not sharded.",
+                            hint="Subclass ShardedModel, or use an ordinary primary key.",
+                            obj=model,
+                            id=E108,
+                        )
+                    )
+                if (
+                    isinstance(field, ForeignKey)
+                    and field.model is model
+                    and isinstance(field.related_model, type)
+                    and _declared(field.related_model)
+                ):
+                    errors.append(
+                        checks.Error(
+                            f"{label}.{field.name} points from an unsharded model to the "
+                            f"sharded {field.related_model._meta.label}: the router cannot "
+                            "tell which shard to follow it to.",
+                            hint="Store the sharded row's key and id as plain fields, or "
+                            "shard this model in the same group.",
+                            obj=model,
+                            id=E105,
+                        )
+                    )
+            continue
+        spec, problems = _spec_or_error(model)
+        errors.extend(problems)
+        if spec is None:
+            continue
+        if spec.group not in groups:
+            errors.append(
+                checks.Error(
+                    f"{label}.shard_group = {spec.group!r} is not a group of "
+                    f"DBSCALE['SHARD_GROUPS'] (configured: {sorted(groups)}).",
+                    hint="Add the group to the setting or fix the name.",
+                    obj=model,
+                    id=E100,
+                )
+            )
+            continue
+        key_types.setdefault(spec.group, {}).setdefault(_key_type(spec), []).append(label)
+        manager = model._default_manager
+        if not isinstance(manager.get_queryset(), ShardedQuerySet):
+            errors.append(
+                checks.Warning(
+                    f"{label}'s default manager {manager.name!r} does not return a "
+                    "ShardedQuerySet: filter(<shard key>=...), for_key() and all_shards() "
+                    "are unavailable through it, and unpinned reads raise ShardKeyRequired.",
+                    hint="Derive custom managers from ShardedManager (or build them with "
+                    "ShardedManager.from_queryset(YourShardedQuerySet)).",
+                    obj=model,
+                    id=W102,
+                )
+            )
+        if isinstance(pk, AutoField | BigAutoField | SmallAutoField):
+            errors.append(
+                checks.Error(
+                    f"{label} is sharded but its primary key {pk.name!r} is a "
+                    f"{type(pk).__name__}: each shard would count from 1 and ids would "
+                    "collide across shards.",
+                    hint="Declare id = ShardedIDField(primary_key=True), or another "
+                    "globally unique key (a UUIDField with default=uuid.uuid4).",
+                    obj=model,
+                    id=E102,
+                )
+            )
+        if isinstance(pk, ShardedIDField):
+            shards = len(groups[spec.group].shards)
+            if shards > pk.layout.max_shards:
+                errors.append(
+                    checks.Error(
+                        f"{label}.{pk.name} is a {pk.layout.total_bits}-bit ShardedIDField "
+                        f"that can number {pk.layout.max_shards} shards, but group "
+                        f"{spec.group!r} has {shards}.",
+                        hint="Use ShardedIDField() (64-bit, 4096 shards) instead of js_safe=True.",
+                        obj=model,
+                        id=E107,
+                    )
+                )
+        for field in model._meta.get_fields():
+            if (
+                isinstance(field, ManyToManyField)
+                and field.model is model
+                and isinstance(field.related_model, type)
+                and not _declared(field.related_model)
+                and cast(Any, field.remote_field).through._meta.auto_created
+            ):
+                errors.append(
+                    checks.Error(
+                        f"{label}.{field.name} links the sharded {label} to the unsharded "
+                        f"{field.related_model._meta.label}: its link table lives on the "
+                        "shards, with a foreign key to a table that is not there.",
+                        hint="Use an explicit sharded through model whose foreign key to "
+                        "the reference model has db_constraint=False and "
+                        "on_delete=DO_NOTHING.",
+                        obj=model,
+                        id=E104,
+                    )
+                )
+            if not isinstance(field, ForeignKey) or field.model is not model:
+                continue
+            target = field.related_model
+            if not isinstance(target, type):
+                continue
+            target_spec = shard_spec(target) if _declared(target) else None
+            if target_spec is None:
+                if getattr(field, "db_constraint", True) or (
+                    field.remote_field.on_delete is not DO_NOTHING
+                ):
+                    errors.append(
+                        checks.Error(
+                            f"{label}.{field.name} points to the unsharded "
+                            f"{target._meta.label}, which does not exist on the shards, "
+                            "so it needs db_constraint=False and on_delete=DO_NOTHING (a "
+                            "constraint or a cascade would run on the wrong database).",
+                            hint="Declare ForeignKey(..., on_delete=models.DO_NOTHING, "
+                            "db_constraint=False); reference rows are read from 'default'.",
+                            obj=model,
+                            id=E104,
+                        )
+                    )
+            elif target_spec.group != spec.group:
+                errors.append(
+                    checks.Error(
+                        f"{label}.{field.name} points from group {spec.group!r} to "
+                        f"{target._meta.label} in group {target_spec.group!r}.",
+                        hint="Related sharded models must share one group (and key).",
+                        obj=model,
+                        id=E103,
+                    )
+                )
+    for group, by_type in key_types.items():
+        if len(by_type) > 1:
+            errors.append(
+                checks.Warning(
+                    f"Models of shard group {group!r} have shard keys of different types "
+                    f"({', '.join(f'{t}: {sorted(m)}' for t, m in sorted(by_type.items()))}); "
+                    "equal-looking keys may not be colocated.",
+                    hint="Use one key type (e.g. the customer's id) across the group.",
+                    id=W101,
+                )
+            )
+    return errors
+
+
+@register(Tags.database)
+def check_shard_stamps(
+    app_configs: Sequence[Any] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Compare each populated shard's ring stamp with the configured ring."""
+    if not databases:
+        return []
+    messages: list[checks.CheckMessage] = []
+    for alias in databases:
+        group = dbscale_settings.group_of_shard.get(alias)
+        if group is None or alias not in connections:
+            continue
+        connection = connections[alias]
+        stamp = read_stamp(connection)
+        if stamp is None:
+            continue
+        populated = is_populated(connection, group)
+        problems = stamp_problems(alias, stamp, populated)
+        if problems:
+            messages.append(
+                checks.Error(
+                    f"Shard {alias!r} of group {group!r} is populated and "
+                    + "; ".join(problems)
+                    + ".",
+                    hint="Restore the previous setting, or reshard and then run "
+                    "`manage.py dbscale shards --stamp --force`.",
+                    id=E110,
+                )
+            )
+        elif populated and stamp.fingerprint != get_ring(group).fingerprint:
+            messages.append(
+                checks.Warning(
+                    f"Shard {alias!r} of group {group!r} holds rows placed by ring "
+                    f"{stamp.fingerprint}, but the configured ring is "
+                    f"{get_ring(group).fingerprint} (shards or weights changed): some rows "
+                    "are now on a shard their key no longer maps to.",
+                    hint="Move the rows (reshard), then run `manage.py dbscale shards --stamp`.",
+                    id=W100,
+                )
+            )
+    return messages

@@ -1,0 +1,108 @@
+"""``using_shard``: pin the queries of a block (or a function) to one shard of a group.
+
+The pin lives in a :class:`~contextvars.ContextVar` holding an immutable mapping
+``group -> shard primary alias``; entering sets a new mapping and keeps the token, leaving
+resets it. So blocks nest (the innermost pin of a group wins, outer pins of other groups
+stay), and a pin never leaks into another request, thread, task or coroutine: threads
+started inside do not inherit it unless run with :func:`contextvars.copy_context`, and
+asyncio tasks get a copy at creation.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from types import MappingProxyType
+from typing import Any, TypeVar, cast
+
+from django_dbscale.sharding import keys
+from django_dbscale.sharding.exceptions import UnknownShardGroup
+from django_dbscale.sharding.ring import get_ring
+
+__all__ = ["current_shard", "shard_for_key", "using_shard"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+_pins: ContextVar[Mapping[str, str]] = ContextVar("dbscale_shard_pins", default=_EMPTY)
+
+
+def shard_for_key(group: str, key: Any) -> str:
+    """Return the primary alias of the shard of *group* that owns *key*.
+
+    *key* is converted to its canonical ring string (:func:`~.keys.ring_key`), so ``42``
+    and ``"42"`` give the same shard. Raises :class:`~.exceptions.UnknownShardGroup` or
+    :class:`~.exceptions.InvalidShardKey`.
+    """
+    return get_ring(group).node_for(keys.ring_key(key))
+
+
+def current_shard(group: str) -> str | None:
+    """Return the shard alias *group* is pinned to by :func:`using_shard`, or ``None``."""
+    return _pins.get().get(group)
+
+
+class using_shard:
+    """Route every query of *group*'s models in the block to the shard owning *key*.
+
+    ``with using_shard("customers", 42): Order.objects.filter(status="open")`` reads the
+    shard of customer 42 (through its replicas, honouring read-your-writes) and writes to
+    its primary. Also a decorator of sync and async functions. Pass ``shard="shard1"``
+    instead of a key to pin a shard alias directly (maintenance scripts, per-shard jobs).
+
+    An explicit key in the query itself (``for_key()`` or a shard-key equality filter) wins
+    over the pin. Raises at construction for an unknown group, an invalid key, or a
+    ``shard`` that is not in the group.
+    """
+
+    def __init__(self, group: str, key: Any = None, *, shard: str | None = None) -> None:
+        if not isinstance(group, str):
+            raise TypeError(f"using_shard(group={group!r}): the group must be a str name.")
+        ring = get_ring(group)
+        if (key is None) == (shard is None):
+            raise TypeError(
+                f"using_shard({group!r}, ...): pass exactly one of a key (a shard-key value) "
+                "or shard= (a shard alias of the group)."
+            )
+        if shard is not None:
+            if shard not in ring.nodes:
+                raise UnknownShardGroup(
+                    f"using_shard({group!r}, shard={shard!r}): {shard!r} is not a shard of "
+                    f"{group!r} (its shards: {list(ring.nodes)})."
+                )
+            self.alias = shard
+        else:
+            self.alias = ring.node_for(keys.ring_key(key))
+        self.group = group
+        self.key = key
+        self.shard = shard
+        self._tokens: list[Token[Mapping[str, str]]] = []
+
+    def __enter__(self) -> str:
+        pins = dict(_pins.get())
+        pins[self.group] = self.alias
+        self._tokens.append(_pins.set(MappingProxyType(pins)))
+        return self.alias
+
+    def __exit__(self, *exc: object) -> None:
+        _pins.reset(self._tokens.pop())
+
+    def __call__(self, func: F) -> F:
+        group, key, shard = self.group, self.key, self.shard
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_inner(*args: Any, **kwargs: Any) -> Any:
+                with using_shard(group, key, shard=shard):
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_inner)
+
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with using_shard(group, key, shard=shard):
+                return func(*args, **kwargs)
+
+        return cast(F, inner)

@@ -1,0 +1,653 @@
+"""Explicit fan-out: one query run on every shard of a group, with the results combined.
+
+``Order.objects.filter(status="open").order_by("-created", "id").all_shards()[:20]`` runs
+the query on each shard concurrently (a thread per shard, each with its own connection),
+merges the per-shard results in ``order_by`` order and slices after the merge: the result is
+the one a single database holding every row would give.
+
+What can be combined, and how:
+
+* iteration, ``len()``, ``bool()``, indexing and slicing (each shard fetches at most the
+  slice's stop, the merged stream is then sliced);
+* ``count()`` (sum of per-shard counts, then the slice applied), ``exists()``;
+* ``aggregate()`` with ``Sum``, ``Count``, ``Min`` and ``Max`` (``default=`` applied after
+  combining); ``first()``, ``last()``, ``get()``;
+* ``update()`` and ``delete()`` (per shard, on the primaries; counts summed);
+* ``values()``/``values_list()`` rows, made unique across shards after ``distinct()``.
+
+What cannot, and raises :class:`~.exceptions.FanoutNotSupported` before any query: ``Avg``,
+``StdDev``/``Variance``, ``Count(distinct=True)``, aggregate expressions, ``GROUP BY``
+(aggregating ``annotate()``), ``distinct(*fields)``, ordering by ``?``, by a lookup across a
+relation or by an expression that is not a plain field (annotate it first and order by the
+annotation's name), ``extra()``, aggregating a sliced or ``distinct()`` values query.
+
+Merging compares values in Python: numbers, dates and UUIDs sort as in PostgreSQL, NULLs are
+placed as PostgreSQL does (last ascending, first descending, or as ``nulls_first``/
+``nulls_last`` say), but text sorts by code point, as under the ``"C"`` collation; order text
+columns declared with ``db_collation="C"`` for an exact match.
+
+Threads: the calling thread queries one shard itself; the others are queried by workers of
+one process-wide pool, each in a copy of the caller's :mod:`contextvars` context, which close
+their thread's connections that are obsolete under ``CONN_MAX_AGE`` when done (all of them
+with the default ``0``; set ``CONN_MAX_AGE`` on shard aliases to keep worker connections
+open). A shard whose connection is inside ``transaction.atomic`` in the calling thread is
+queried from the calling thread, so the block sees its own uncommitted rows; so is everything
+when there is one shard, or when the fan-out runs inside a fan-out worker.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import heapq
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from django.core.exceptions import FieldDoesNotExist
+from django.db import connections, models
+from django.db.models import Count, F, Max, Min, Sum
+from django.db.models.expressions import OrderBy
+from django.db.models.query import (
+    FlatValuesListIterable,
+    ModelIterable,
+    NamedValuesListIterable,
+    ValuesIterable,
+    ValuesListIterable,
+)
+from django.db.models.utils import create_namedtuple_class
+
+from django_dbscale import replicas
+from django_dbscale.sharding.exceptions import FanoutNotSupported
+from django_dbscale.sharding.ring import get_ring
+from django_dbscale.sharding.routing import shard_spec
+
+if TYPE_CHECKING:
+    from django_dbscale.sharding.models import ShardedQuerySet
+
+__all__ = ["FanoutQuerySet", "MAX_WORKERS", "run_on_shards"]
+
+_M = TypeVar("_M", bound=models.Model)
+R = TypeVar("R")
+
+#: Size of the process-wide worker pool shared by all fan-outs.
+MAX_WORKERS = 32
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dbscale_fanout_worker", default=False
+)
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="dbscale-fanout")
+    return _pool
+
+
+def _close_thread_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
+
+
+def _work(fn: Callable[[str], R], alias: str) -> R:
+    _in_worker.set(True)
+    try:
+        return fn(alias)
+    finally:
+        _close_thread_connections()
+
+
+def run_on_shards(aliases: Sequence[str], fn: Callable[[str], R]) -> list[R]:
+    """Return ``[fn(alias) for alias in aliases]``, computed concurrently.
+
+    All calls but one run in pool threads, each in a copy of the caller's context; the
+    calling thread runs the last one itself instead of idling. Aliases whose connection is
+    in an atomic block in this thread run here too (and all of them inside a worker). Every
+    call finishes before the first error (in alias order) is raised, with a note naming
+    its alias.
+    """
+    pooled = len(aliases) > 1 and not _in_worker.get()
+    here: list[int] = []
+    there: list[int] = []
+    for index, alias in enumerate(aliases):
+        (there if pooled and not connections[alias].in_atomic_block else here).append(index)
+    if there and not here:
+        here.append(there.pop())
+    futures: dict[int, Future[R]] = {}
+    for index in there:
+        ctx = contextvars.copy_context()
+        futures[index] = _executor().submit(ctx.run, _work, fn, aliases[index])
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    for index in here:
+        try:
+            outcomes[index] = (True, fn(aliases[index]))
+        except Exception as exc:
+            outcomes[index] = (False, exc)
+    for index, future in futures.items():
+        try:
+            outcomes[index] = (True, future.result())
+        except Exception as exc:
+            outcomes[index] = (False, exc)
+    for index, alias in enumerate(aliases):
+        ok, value = outcomes[index]
+        if not ok:
+            value.add_note(f"(raised by the fan-out query on shard {alias!r})")
+            raise value
+    return [outcomes[index][1] for index in range(len(aliases))]
+
+
+@dataclass(frozen=True)
+class _Term:
+    names: tuple[str, ...]  # keys of values() rows that may hold it, first found wins
+    attname: str  # attribute of model instances holding it
+    descending: bool
+    nulls_first: bool
+
+
+class _SortKey:
+    """Orders rows the way PostgreSQL's ORDER BY would (text by code point)."""
+
+    __slots__ = ("terms", "values")
+
+    def __init__(self, values: tuple[Any, ...], terms: tuple[_Term, ...]) -> None:
+        self.values = values
+        self.terms = terms
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SortKey) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash(self.values)
+
+    def __lt__(self, other: _SortKey) -> bool:
+        for a, b, term in zip(self.values, other.values, self.terms, strict=True):
+            if a == b:
+                continue
+            if a is None:
+                return term.nulls_first
+            if b is None:
+                return not term.nulls_first
+            return bool(a > b) if term.descending else bool(a < b)
+        return False
+
+
+_SUPPORTED_AGGREGATES: tuple[type[Any], ...] = (Sum, Count, Min, Max)
+_CHAIN_METHODS = frozenset(
+    {
+        "all",
+        "filter",
+        "exclude",
+        "order_by",
+        "reverse",
+        "values",
+        "values_list",
+        "distinct",
+        "annotate",
+        "alias",
+        "only",
+        "defer",
+        "select_related",
+        "prefetch_related",
+        "none",
+        "complex_filter",
+    }
+)
+
+
+class FanoutQuerySet(Generic[_M]):
+    """A sharded queryset run on every shard of its group, results combined.
+
+    Made by ``.all_shards()``; chain the usual methods (filter, exclude, order_by,
+    values, values_list, distinct, annotate, only, defer, select_related,
+    prefetch_related, reverse) before or after it. Anything else raises
+    :class:`FanoutNotSupported` naming the method.
+    """
+
+    def __init__(
+        self, queryset: ShardedQuerySet[_M], low: int = 0, high: int | None = None
+    ) -> None:
+        spec = shard_spec(queryset.model)
+        if spec is None:
+            raise TypeError(f"{queryset.model._meta.label} is not sharded; no fan-out needed.")
+        if queryset.query.is_sliced:
+            q_low, q_high = queryset.query.low_mark, queryset.query.high_mark
+            queryset = queryset._chain()
+            queryset.query.clear_limits()
+            low, high = _combine_marks(q_low, q_high, low, high)
+        self._qs = queryset
+        self.model = queryset.model
+        self.group = spec.group
+        self._low = low
+        self._high = high
+        self._result_cache: list[Any] | None = None
+
+    # -- chaining ------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CHAIN_METHODS:
+
+            def chained(*args: Any, **kwargs: Any) -> FanoutQuerySet[_M]:
+                if self.is_sliced and name not in {"all", "prefetch_related"}:
+                    raise FanoutNotSupported(
+                        f"Cannot call {name}() on a sliced fan-out query; call it before slicing."
+                    )
+                if name == "distinct" and args:
+                    raise FanoutNotSupported(
+                        "distinct(*fields) (DISTINCT ON) cannot be combined across shards."
+                    )
+                qs = getattr(self._qs, name)(*args, **kwargs)
+                return FanoutQuerySet(qs, self._low, self._high)
+
+            return chained
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise FanoutNotSupported(
+            f"{name}() is not supported on a fan-out query of {self.model._meta.label}. "
+            f"Supported: iteration, len(), slicing, count(), exists(), aggregate() with "
+            f"Sum/Count/Min/Max, first(), last(), get(), update(), delete(), per_shard(), "
+            f"and {sorted(_CHAIN_METHODS)}. Run it per shard with "
+            f"{self.model.__name__}.objects.on_shard(alias) instead."
+        )
+
+    @property
+    def query(self) -> Any:
+        """The underlying (unsliced) query, as run on each shard."""
+        return self._qs.query
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        """The shard primaries this query runs on, in configured order."""
+        return get_ring(self.group).nodes
+
+    @property
+    def is_sliced(self) -> bool:
+        return self._low != 0 or self._high is not None
+
+    @property
+    def ordered(self) -> bool:
+        return self._qs.ordered
+
+    def __getitem__(self, k: int | slice) -> Any:
+        if isinstance(k, int):
+            if k < 0:
+                raise ValueError("Negative indexing is not supported.")
+            if self._result_cache is not None:
+                return self._result_cache[k]
+            rows = list(self[k : k + 1])
+            if not rows:
+                raise IndexError("fan-out query index out of range")
+            return rows[0]
+        if not isinstance(k, slice):
+            raise TypeError(f"Fan-out query indices must be int or slice, not {type(k).__name__}.")
+        if (k.start is not None and k.start < 0) or (k.stop is not None and k.stop < 0):
+            raise ValueError("Negative indexing is not supported.")
+        if self._result_cache is not None:
+            return self._result_cache[k]
+        low, high = _combine_marks(self._low, self._high, k.start or 0, k.stop)
+        sliced: FanoutQuerySet[_M] = FanoutQuerySet(self._qs, low, high)
+        if k.step:
+            return list(sliced)[:: k.step]
+        return sliced
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def _read_queryset(self, alias: str) -> Any:
+        return self._qs.using(replicas.read_alias(alias))
+
+    def _plan(self) -> tuple[Any, list[_Term], list[Any], Callable[[Any], Any] | None]:
+        """Return (per-shard queryset, order terms, accessors, row converter)."""
+        qs: Any = self._qs
+        query = qs.query
+        if query.extra or query.extra_order_by:
+            raise FanoutNotSupported("extra() cannot be combined across shards.")
+        if query.group_by is not None or any(
+            getattr(a, "contains_aggregate", False) for a in query.annotations.values()
+        ):
+            raise FanoutNotSupported(
+                "Aggregating annotate() (GROUP BY) cannot be combined across shards yet. "
+                "Use aggregate() per group value, or query per shard with on_shard()."
+            )
+        if query.distinct_fields:
+            raise FanoutNotSupported("distinct(*fields) cannot be combined across shards.")
+        terms = _order_terms(qs)
+        iterable = qs._iterable_class
+        if iterable is ModelIterable:
+            return qs, terms, [_attr_getter(t) for t in terms], None
+        if iterable is ValuesIterable:
+            keys = set(qs._fields) if qs._fields else None
+            missing = [t.names[0] for t in terms if keys is not None and not keys & set(t.names)]
+            if not missing:
+                return qs, terms, [_key_getter(t) for t in terms], None
+            fields = list(qs._fields)
+            per_shard = qs.values(*fields, *missing)
+
+            def strip(row: dict[str, Any]) -> dict[str, Any]:
+                return {k: row[k] for k in fields}
+
+            return per_shard, terms, [_key_getter(t) for t in terms], strip
+        names = _values_list_names(qs)
+        missing = [t.names[0] for t in terms if not set(t.names) & set(names)]
+        columns = [*names, *missing]
+        accessors = [_index_getter(t, columns) for t in terms]
+        per_shard = (
+            qs.values_list(*columns) if (missing or iterable is not ValuesListIterable) else qs
+        )
+        width = len(names)
+        if iterable is FlatValuesListIterable:
+            return per_shard, terms, accessors, lambda row: row[0]
+        if iterable is NamedValuesListIterable:
+            row_class = create_namedtuple_class(*(qs._fields or names))
+            return per_shard, terms, accessors, lambda row: tuple.__new__(row_class, row[:width])
+        if missing:
+            return per_shard, terms, accessors, lambda row: row[:width]
+        return per_shard, terms, accessors, None
+
+    def _fetch(self) -> list[Any]:
+        per_shard_qs, terms, accessors, convert = self._plan()
+        limit = self._high
+        distinct = self._qs.query.distinct and self._qs._iterable_class is not ModelIterable
+
+        def fetch(alias: str) -> list[Any]:
+            qs = per_shard_qs.using(replicas.read_alias(alias))
+            if limit is not None:
+                qs = qs[:limit]
+            return list(qs)
+
+        per_shard = run_on_shards(self.shards, fetch)
+        if terms:
+            frozen = tuple(terms)
+            merged: Iterator[Any] = heapq.merge(
+                *per_shard, key=lambda row: _SortKey(tuple(a(row) for a in accessors), frozen)
+            )
+        else:
+            merged = (row for rows in per_shard for row in rows)
+        rows: list[Any] = []
+        seen: set[Any] = set()
+        for row in merged:
+            out = convert(row) if convert is not None else row
+            if distinct:
+                marker = tuple(sorted(out.items())) if isinstance(out, dict) else out
+                if marker in seen:
+                    continue
+                seen.add(marker)
+            rows.append(out)
+        return rows[self._low : self._high]
+
+    def _fetch_all(self) -> list[Any]:
+        if self._result_cache is None:
+            self._result_cache = self._fetch()
+        return self._result_cache
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._fetch_all())
+
+    def __len__(self) -> int:
+        return len(self._fetch_all())
+
+    def __bool__(self) -> bool:
+        return bool(self._fetch_all())
+
+    def __repr__(self) -> str:
+        data = list(self[:21]) if self._result_cache is None else self._result_cache[:21]
+        shown = [*data[:20], "...(remaining elements truncated)..."] if len(data) > 20 else data
+        return f"<FanoutQuerySet {shown!r}>"
+
+    def iterator(self, chunk_size: int | None = None) -> Iterator[Any]:
+        """Iterate over the merged rows (fetched in full first)."""
+        return iter(self._fetch_all())
+
+    def per_shard(self) -> dict[str, list[Any]]:
+        """Return each shard's rows (unmerged, unsliced by the fan-out), by shard alias."""
+        rows = run_on_shards(self.shards, lambda alias: list(self._read_queryset(alias)))
+        return dict(zip(self.shards, rows, strict=True))
+
+    def count(self) -> int:
+        """Return the number of rows the merged (and sliced) query has."""
+        if self._result_cache is not None:
+            return len(self._result_cache)
+        if self._qs.query.distinct and self._qs._iterable_class is not ModelIterable:
+            return len(self._fetch_all())
+        total = sum(
+            int(n) for n in run_on_shards(self.shards, lambda a: self._read_queryset(a).count())
+        )
+        if self._high is not None:
+            total = min(total, self._high)
+        return max(0, total - self._low)
+
+    def exists(self) -> bool:
+        """Return whether any shard has a row (honouring a slice)."""
+        if self._result_cache is not None:
+            return bool(self._result_cache)
+        if self.is_sliced:
+            return self.count() > 0
+        return any(run_on_shards(self.shards, lambda alias: self._read_queryset(alias).exists()))
+
+    def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Combine ``Sum``/``Count``/``Min``/``Max`` over every shard's rows."""
+        if self.is_sliced:
+            raise FanoutNotSupported(
+                "aggregate() over a sliced fan-out query cannot be combined: each shard "
+                "would aggregate its own slice."
+            )
+        if self._qs.query.distinct and self._qs._iterable_class is not ModelIterable:
+            raise FanoutNotSupported(
+                "aggregate() over distinct() values cannot be combined: equal values on "
+                "different shards would be counted twice."
+            )
+        for arg in args:
+            try:
+                kwargs[arg.default_alias] = arg
+            except (AttributeError, TypeError) as exc:
+                raise TypeError("Complex aggregates require an alias.") from exc
+        per_shard_aggs: dict[str, Any] = {}
+        defaults: dict[str, Any] = {}
+        for name, agg in kwargs.items():
+            if type(agg) not in _SUPPORTED_AGGREGATES:
+                raise FanoutNotSupported(
+                    f"aggregate({name}={agg!r}): only Sum, Count, Min and Max can be "
+                    "combined across shards. For Avg use Sum and Count and divide; "
+                    "StdDev/Variance and expressions of aggregates cannot be combined."
+                )
+            if getattr(agg, "distinct", False):
+                raise FanoutNotSupported(
+                    f"aggregate({name}={agg!r}): distinct aggregates cannot be combined: a "
+                    "value on two shards would be counted twice."
+                )
+            agg = copy.copy(agg)
+            # The default replaces an empty shard's NULL, which would corrupt Min/Max.
+            defaults[name], agg.default = agg.default, None
+            per_shard_aggs[name] = agg
+        results = run_on_shards(
+            self.shards, lambda alias: self._read_queryset(alias).aggregate(**per_shard_aggs)
+        )
+        combined: dict[str, Any] = {}
+        for name, agg in per_shard_aggs.items():
+            values = [r[name] for r in results if r[name] is not None]
+            if isinstance(agg, Count):
+                value: Any = sum(values)
+            elif not values:
+                value = None
+            elif isinstance(agg, Sum):
+                value = sum(values[1:], values[0])
+            elif isinstance(agg, Min):
+                value = min(values)
+            else:
+                value = max(values)
+            combined[name] = (
+                defaults[name] if value is None and defaults[name] is not None else value
+            )
+        return combined
+
+    def first(self) -> _M | Any | None:
+        """Return the first merged row (by ``pk`` when unordered) or None."""
+        fan = self if self.ordered else self.order_by("pk")
+        rows = list(fan[:1])
+        return rows[0] if rows else None
+
+    def last(self) -> _M | Any | None:
+        """Return the last merged row (by ``pk`` when unordered) or None."""
+        if self.is_sliced:
+            raise FanoutNotSupported("Cannot call last() on a sliced fan-out query.")
+        fan = self.reverse() if self.ordered else self.order_by("-pk")
+        rows = list(fan[:1])
+        return rows[0] if rows else None
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        """Return the one row matching, searching every shard."""
+        fan = self.filter(*args, **kwargs) if (args or kwargs) else self
+        rows = list(fan[:2]) if not fan.is_sliced else list(fan)
+        if not rows:
+            raise cast(Any, self.model).DoesNotExist(
+                f"{self.model._meta.object_name} matching query does not exist on any shard."
+            )
+        if len(rows) > 1:
+            raise cast(Any, self.model).MultipleObjectsReturned(
+                f"get() returned more than one {self.model._meta.object_name} across shards."
+            )
+        return rows[0]
+
+    def update(self, **kwargs: Any) -> int:
+        """Update matching rows on every shard primary; return the total count."""
+        if self.is_sliced:
+            raise FanoutNotSupported("Cannot update a sliced fan-out query.")
+        return sum(run_on_shards(self.shards, lambda alias: self._qs.using(alias).update(**kwargs)))
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        """Delete matching rows on every shard primary; return Django's combined counts."""
+        if self.is_sliced:
+            raise FanoutNotSupported("Cannot delete a sliced fan-out query.")
+        results = run_on_shards(self.shards, lambda alias: self._qs.using(alias).delete())
+        total = 0
+        per_model: dict[str, int] = {}
+        for count, counts in results:
+            total += count
+            for label, n in counts.items():
+                per_model[label] = per_model.get(label, 0) + n
+        return total, per_model
+
+
+def _combine_marks(
+    low: int, high: int | None, new_low: int, new_high: int | None
+) -> tuple[int, int | None]:
+    # Same arithmetic as Django's Query.set_limits.
+    if new_high is not None:
+        high = min(high, low + new_high) if high is not None else low + new_high
+    low = min(high, low + new_low) if high is not None else low + new_low
+    return low, high
+
+
+def _resolve_order_name(qs: Any, name: str) -> tuple[tuple[str, ...], str]:
+    query = qs.query
+    meta = qs.model._meta
+    if name in query.annotations:
+        if name not in query.annotation_select:
+            raise FanoutNotSupported(
+                f"order_by({name!r}) names an alias() that is not selected; use annotate()."
+            )
+        return (name,), name
+    if name == "pk":
+        return ("pk", meta.pk.name, meta.pk.attname), meta.pk.attname
+    if "__" in name:
+        raise FanoutNotSupported(
+            f"order_by({name!r}) orders by a lookup across a relation, whose values are not "
+            f"in the rows to merge. Annotate it first: .annotate(sort_key=F({name!r}))"
+            ".order_by('sort_key')."
+        )
+    try:
+        field = meta.get_field(name)
+    except FieldDoesNotExist as exc:
+        raise FanoutNotSupported(
+            f"order_by({name!r}): not a field or annotation of {meta.label}."
+        ) from exc
+    if field.is_relation:
+        if not field.concrete or not field.many_to_one and not field.one_to_one:
+            raise FanoutNotSupported(f"order_by({name!r}): cannot order by a reverse relation.")
+        related: Any = field.related_model
+        if name != field.attname and related._meta.ordering:
+            raise FanoutNotSupported(
+                f"order_by({name!r}) orders by {related.__name__}'s Meta.ordering, "
+                f"which is not in the rows to merge; order by {field.attname!r} instead."
+            )
+    attname = str(cast(Any, field).attname)
+    return (name, attname), attname
+
+
+def _order_terms(qs: Any) -> list[_Term]:
+    query = qs.query
+    if query.order_by:
+        items = list(query.order_by)
+    elif query.default_ordering and qs.model._meta.ordering:
+        items = list(qs.model._meta.ordering)
+    else:
+        return []
+    terms = []
+    for item in items:
+        nulls_first: bool | None = None
+        nulls_last: bool | None = None
+        if isinstance(item, str):
+            if item == "?":
+                raise FanoutNotSupported("order_by('?') (random order) cannot be merged.")
+            descending = item.startswith("-")
+            name = item.lstrip("-+")
+        elif isinstance(item, OrderBy) and isinstance(item.expression, F):
+            descending = item.descending
+            nulls_first, nulls_last = item.nulls_first, item.nulls_last
+            name = str(cast(Any, item.expression).name)
+        elif isinstance(item, F):
+            descending, name = False, str(cast(Any, item).name)
+        else:
+            raise FanoutNotSupported(
+                f"order_by({item!r}): only field names, F() and F().asc()/desc() can be "
+                "merged. Annotate the expression and order by the annotation's name."
+            )
+        if not query.standard_ordering:
+            descending = not descending
+            nulls_first, nulls_last = nulls_last, nulls_first
+        first = True if nulls_first else (False if nulls_last else descending)
+        names, attname = _resolve_order_name(qs, name)
+        terms.append(_Term(names, attname, descending, first))
+    return terms
+
+
+def _values_list_names(qs: Any) -> list[str]:
+    query = qs.query
+    if qs._fields:
+        return [*qs._fields, *(f for f in query.annotation_select if f not in qs._fields)]
+    return [*query.extra_select, *query.values_select, *query.annotation_select]
+
+
+def _attr_getter(term: _Term) -> Callable[[Any], Any]:
+    attname = term.attname
+
+    def get(row: Any) -> Any:
+        try:
+            return row.__dict__[attname]
+        except KeyError:
+            raise FanoutNotSupported(
+                f"The fan-out orders by {attname!r}, which only()/defer() left out of the "
+                "rows. Keep it loaded to merge by it."
+            ) from None
+
+    return get
+
+
+def _key_getter(term: _Term) -> Callable[[Any], Any]:
+    def get(row: dict[str, Any]) -> Any:
+        for name in term.names:
+            if name in row:
+                return row[name]
+        raise FanoutNotSupported(f"The fan-out orders by {term.names[0]!r}, missing from rows.")
+
+    return get
+
+
+def _index_getter(term: _Term, columns: list[str]) -> Callable[[Any], Any]:
+    index = next(columns.index(n) for n in term.names if n in columns)
+    return lambda row: row[index]

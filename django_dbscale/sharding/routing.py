@@ -1,0 +1,425 @@
+"""Where a sharded model's rows live: the functions behind ``routers.ShardRouter``.
+
+A model is *sharded* when it subclasses :class:`~django_dbscale.sharding.models.ShardedModel`
+(or is the auto-created many-to-many table of one). Its rows live on the shard of its group
+whose ring owns the row's shard-key value. These functions answer Django's router questions
+for such models and return ``None`` ("no opinion") for every other model, except where an
+unsharded model is reached *from* a sharded row (see :func:`primary_for_read`).
+
+All functions here are stateless and cheap: the ring lookup is one md5 and a binary search;
+per-model metadata is cached by class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.apps import apps as live_apps
+from django.db import DEFAULT_DB_ALIAS
+from django.db.models import Field, Model
+
+from django_dbscale.conf import dbscale_settings
+from django_dbscale.sharding import keys
+from django_dbscale.sharding.context import current_shard
+from django_dbscale.sharding.exceptions import (
+    CrossShardRelation,
+    ShardKeyChanged,
+    ShardKeyMissing,
+    ShardKeyRequired,
+    ShardMismatch,
+)
+from django_dbscale.sharding.ring import get_ring
+
+__all__ = [
+    "ShardSpec",
+    "allow_migrate",
+    "allow_relation",
+    "check_write_target",
+    "is_sharded",
+    "key_required",
+    "primary_for_read",
+    "primary_for_write",
+    "shard_for_instance",
+    "shard_spec",
+]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How one model is sharded.
+
+    ``key_field`` is the concrete shard-key field (``None`` for an auto-created
+    many-to-many table, whose rows follow the model that declares the relation: ``owner``).
+    """
+
+    model: type[Model]
+    group: str
+    key_field: Field[Any, Any] | None
+    owner: type[Model]
+    int_key: bool = False  # the key is stored as an integer: ints need no to_python()
+
+    @property
+    def key_attname(self) -> str | None:
+        """The attribute holding the raw key value (``customer_id`` for a foreign key)."""
+        return None if self.key_field is None else self.key_field.attname
+
+    def ring_key(self, value: Any) -> str:
+        """Return the canonical ring string of a key *value* of this model."""
+        if self.int_key and type(value) is int:
+            return str(value)
+        return keys.ring_key(value, field=self.key_field)
+
+    def describe_key(self) -> str:
+        """Return ``Model.field`` for messages."""
+        field = self.key_field.name if self.key_field is not None else "?"
+        return f"{self.model.__name__}.{field}"
+
+
+_specs: dict[type[Model], ShardSpec | None] = {}
+_INT_TYPES = frozenset(
+    {
+        "AutoField",
+        "BigAutoField",
+        "SmallAutoField",
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveBigIntegerField",
+        "PositiveSmallIntegerField",
+    }
+)
+
+
+def _build_spec(model: type[Model]) -> ShardSpec | None:
+    meta = model._meta
+    if meta.abstract:
+        return None
+    owner = meta.auto_created
+    if isinstance(owner, type) and owner is not model and issubclass(owner, Model):
+        owner_spec = shard_spec(owner)
+        if owner_spec is None:
+            return None
+        return ShardSpec(model, owner_spec.group, None, owner)
+    if not getattr(model, "_dbscale_sharded", False):
+        return None
+    group = getattr(model, "shard_group", None)
+    key_name = getattr(model, "shard_key", None)
+    if not isinstance(group, str) or not isinstance(key_name, str):
+        # The system checks (dbscale.E107) explain this; routing refuses to guess.
+        raise ShardKeyRequired(
+            f"{meta.label} subclasses ShardedModel but does not set both shard_group and "
+            "shard_key as strings. Declare e.g. shard_group = 'customers' and "
+            "shard_key = 'customer_id' on the class."
+        )
+    try:
+        field = meta.get_field(key_name)
+    except Exception as exc:
+        raise ShardKeyRequired(
+            f"{meta.label}.shard_key = {key_name!r} is not a field of the model. Name a "
+            "concrete field (or a foreign key) holding the shard key."
+        ) from exc
+    if not getattr(field, "concrete", False) or getattr(field, "many_to_many", False):
+        raise ShardKeyRequired(
+            f"{meta.label}.shard_key = {key_name!r} must be a concrete field or foreign key."
+        )
+    target = getattr(field, "target_field", None) if field.is_relation else field
+    internal = target.get_internal_type() if target is not None else ""
+    int_key = internal in _INT_TYPES
+    return ShardSpec(model, group, field, model, int_key)  # type: ignore[arg-type]
+
+
+def shard_spec(model: type[Model]) -> ShardSpec | None:
+    """Return how *model* is sharded, or ``None`` if it is not sharded (cached per class)."""
+    try:
+        return _specs[model]
+    except KeyError:
+        spec = _specs[model] = _build_spec(model)
+        return spec
+
+
+def is_sharded(model: type[Model]) -> bool:
+    """Return whether *model* (a class) is sharded."""
+    return shard_spec(model) is not None
+
+
+def _primary(alias: str | None) -> str | None:
+    if alias is None:
+        return None
+    return dbscale_settings.primary_of.get(alias, alias)
+
+
+def shard_for_instance(instance: Model, spec: ShardSpec | None = None) -> str:
+    """Return the shard primary alias owning *instance*, from its shard-key value.
+
+    Raises :class:`ShardKeyMissing` when the key is ``None``.
+    """
+    spec = spec or shard_spec(type(instance))
+    if spec is None or spec.key_attname is None:
+        raise TypeError(f"{type(instance).__name__} is not a sharded model with a shard key.")
+    value = getattr(instance, spec.key_attname)
+    if value is None:
+        raise ShardKeyMissing(
+            f"{spec.describe_key()} is None on {instance!r}, so it has no shard in group "
+            f"{spec.group!r}. Set {spec.key_field.name if spec.key_field else '?'} before "
+            "saving, deleting or following relations."
+        )
+    return get_ring(spec.group).node_for(spec.ring_key(value))
+
+
+def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | None:
+    """Return the shard a related *instance* lives on, or None if it cannot tell.
+
+    A row read from the database is where ``_state.db`` says (a replica maps to its
+    primary); an unsaved row is where its key maps.
+    """
+    ispec = shard_spec(type(instance))
+    if ispec is None:
+        return None
+    if ispec.group != group:
+        raise CrossShardRelation(
+            f"{type(instance).__name__} (shard group {ispec.group!r}) and "
+            f"{model.__name__} (shard group {group!r}) live in different shard groups, so "
+            "no relation between them can be followed. Keep related sharded models in one "
+            "group (same shard_group and key)."
+        )
+    ring = get_ring(group)
+    if not instance._state.adding:
+        db = _primary(instance._state.db)
+        if db in ring.nodes:
+            return db
+    attname = ispec.key_attname
+    if attname is None:
+        return None
+    value = instance.__dict__.get(attname)
+    if value is None:
+        return None
+    return ring.node_for(ispec.ring_key(value))
+
+
+def key_required(model: type[Model], spec: ShardSpec, action: str) -> ShardKeyRequired:
+    key = spec.key_field.name if spec.key_field is not None else "its shard key"
+    attname = spec.key_attname or key
+    return ShardKeyRequired(
+        f"Cannot {action} {model._meta.label} without knowing its shard in group "
+        f"{spec.group!r}. Use {model.__name__}.objects.for_key(<{key}>), filter on "
+        f"{attname}=<value> (equality or __in on one shard), wrap the code in "
+        f"using_shard({spec.group!r}, <{key}>), or query every shard explicitly with "
+        ".all_shards()."
+    )
+
+
+def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
+    """Return the shard primary a read of *model* must use, or ``None`` if not sharded.
+
+    In order: the shard of ``hints["instance"]`` when following a relation from a row of
+    the same group; else the :func:`~.context.using_shard` pin of the model's group; else
+    :class:`ShardKeyRequired` (never ``default``), except when the hint is an unsharded
+    row (``product.shard_orders``): then ``None``, and the sharded queryset raises
+    :class:`ShardKeyRequired` when evaluated without a shard-key filter. An *unsharded*
+    model reached from a sharded row (``order.product``) is read from ``default``: the
+    row's ``_state.db`` (a shard) does not hold reference tables.
+    """
+    spec = shard_spec(model)
+    instance = hints.get("instance")
+    if spec is None:
+        if instance is not None and shard_spec(type(instance)) is not None:
+            return DEFAULT_DB_ALIAS
+        return None
+    if instance is not None:
+        primary = _shard_of_related(instance, spec.group, model)
+        if primary is not None:
+            return primary
+    pinned = current_shard(spec.group)
+    if pinned is not None:
+        return pinned
+    if instance is not None and shard_spec(type(instance)) is None:
+        # product.shard_orders asks the router before its filter exists, only to look up
+        # backend features; ShardedQuerySet.db raises at evaluation if no key turns up.
+        return None
+    raise key_required(model, spec, "read")
+
+
+def primary_for_write(model: type[Model], hints: dict[str, Any]) -> str | None:
+    """Return the shard primary a write of *model* must use, or ``None`` if not sharded.
+
+    For a row of the model itself (``save()``, ``delete()``), the shard its key maps to
+    (:class:`ShardKeyMissing` when the key is ``None``); for a write reached through a
+    relation (``customer.orders.create()``, many-to-many tables), the related row's shard;
+    else the :func:`~.context.using_shard` pin; else :class:`ShardKeyRequired`. When the
+    hinted instance is an unsharded row (``Order(product=p)`` asks where the new order
+    goes), the answer is left to the next router: the order's own key decides at save.
+    """
+    spec = shard_spec(model)
+    instance = hints.get("instance")
+    if spec is None:
+        if instance is not None and shard_spec(type(instance)) is not None:
+            return DEFAULT_DB_ALIAS
+        return None
+    if instance is not None:
+        if type(instance) is model and spec.key_field is not None:
+            return shard_for_instance(instance, spec)
+        if shard_spec(type(instance)) is None:
+            return None
+        primary = _shard_of_related(instance, spec.group, model)
+        if primary is not None:
+            return primary
+    pinned = current_shard(spec.group)
+    if pinned is not None:
+        return pinned
+    raise key_required(model, spec, "write")
+
+
+def check_write_target(instance: Model, using: str, *, deleting: bool = False) -> str:
+    """Refuse, before anything is written, a save or delete that would misplace *instance*.
+
+    Checks that the key is set, that *using* is the shard the key maps to, and that the
+    key of a row loaded from the database has not changed (which would leave the old row
+    behind on its shard). Returns the shard primary alias.
+    """
+    spec = shard_spec(type(instance))
+    if spec is None or spec.key_attname is None:
+        return using
+    verb = "delete" if deleting else "save"
+    target = shard_for_instance(instance, spec)
+    if not instance._state.adding:
+        loaded = getattr(instance, "_dbscale_loaded_key", None)
+        current = spec.ring_key(getattr(instance, spec.key_attname))
+        if loaded is not None and spec.ring_key(loaded) != current:
+            raise ShardKeyChanged(
+                f"Cannot {verb} {instance!r}: its shard key {spec.describe_key()} changed "
+                f"from {loaded!r} to {getattr(instance, spec.key_attname)!r}. A row's shard "
+                "key is fixed once written; create a new row with the new key and delete "
+                "the old one."
+            )
+        home = _primary(instance._state.db)
+        if home in get_ring(spec.group).nodes and home != target:
+            raise ShardKeyChanged(
+                f"Cannot {verb} {instance!r}: it was read from shard {home!r} but its key "
+                f"now maps to {target!r} (the ring of group {spec.group!r} changed, "
+                f"fingerprint {get_ring(spec.group).fingerprint}). Move the group's rows "
+                "(reshard) before writing them."
+            )
+    for related in instance._state.fields_cache.values():
+        if isinstance(related, Model) and shard_spec(type(related)) is not None:
+            other = _shard_of_related(related, spec.group, type(instance))
+            if other is not None and other != target:
+                raise CrossShardRelation(
+                    f"Cannot {verb} {instance!r} on shard {target!r} (its key "
+                    f"{spec.describe_key()}={getattr(instance, spec.key_attname)!r}): it "
+                    f"points to {related!r}, which lives on shard {other!r}. Related rows "
+                    "must share the shard key value."
+                )
+    if _primary(using) != target:
+        raise ShardMismatch(
+            f"Cannot {verb} {instance!r} on {using!r}: its key "
+            f"{spec.describe_key()}={getattr(instance, spec.key_attname)!r} maps to shard "
+            f"{target!r} of group {spec.group!r}. Drop the explicit using= (the router "
+            "picks the shard) or pass the right shard."
+        )
+    return target
+
+
+def _live_model(app_label: str, model_name: str | None, model: Any) -> type[Model] | None:
+    # Historical models in migrations lose abstract bases such as ShardedModel, so the
+    # decision is taken on the live model with the same label.
+    if isinstance(model, type) and issubclass(model, Model) and shard_spec(model) is not None:
+        return model
+    if model_name is None:
+        return None
+    try:
+        return live_apps.get_model(app_label, model_name)
+    except LookupError:
+        return None
+
+
+def _app_has_sharded_models(app_label: str) -> bool:
+    try:
+        config = live_apps.get_app_config(app_label)
+    except LookupError:
+        return False
+    return any(shard_spec(m) is not None for m in config.get_models(include_auto_created=True))
+
+
+def allow_migrate(
+    db: str, app_label: str, model_name: str | None, model: type[Model] | None
+) -> bool | None:
+    """Put sharded tables on every shard of their group and unsharded ones off the shards.
+
+    Sharded model: ``True`` on its group's shard aliases, ``False`` anywhere else.
+    Unsharded model on a shard alias: ``False``. An operation without a model (RunSQL,
+    RunPython) on a shard alias: ``False`` for apps without sharded models, else no
+    opinion (pass ``hints={"model_name": ...}`` to such operations). Otherwise ``None``.
+    """
+    shard_group = dbscale_settings.group_of_shard.get(db)
+    live = _live_model(app_label, model_name, model)
+    spec = shard_spec(live) if live is not None else None
+    if spec is not None:
+        return shard_group == spec.group
+    if shard_group is None:
+        return None
+    if live is None and model_name is None and _app_has_sharded_models(app_label):
+        return None
+    return False
+
+
+def _shard_of_object(obj: Model, group: str) -> str | None:
+    ring = get_ring(group)
+    if not obj._state.adding:
+        db = _primary(obj._state.db)
+        if db in ring.nodes:
+            return db
+    spec = shard_spec(type(obj))
+    if spec is None or spec.key_attname is None:
+        return None
+    value = obj.__dict__.get(spec.key_attname)
+    return None if value is None else ring.node_for(spec.ring_key(value))
+
+
+def allow_relation(obj1: Model, obj2: Model) -> bool | None:
+    """Refuse, by raising :class:`CrossShardRelation`, relations between shards.
+
+    Two rows of one group are related only if they live on the same shard (``True``);
+    rows of different groups never (raise). A sharded row may point to an unsharded
+    reference row (``True``). Unsharded pairs: ``None``. Raising (rather than returning
+    ``False``) puts the shards and keys in the error instead of Django's generic message.
+    """
+    spec1, spec2 = shard_spec(type(obj1)), shard_spec(type(obj2))
+    if spec1 is None and spec2 is None:
+        return None
+    if spec1 is None or spec2 is None:
+        return True
+    if spec1.group != spec2.group:
+        raise CrossShardRelation(
+            f"{obj1!r} (group {spec1.group!r}) and {obj2!r} (group {spec2.group!r}) are in "
+            "different shard groups and cannot be related."
+        )
+    shard1, shard2 = _shard_of_object(obj1, spec1.group), _shard_of_object(obj2, spec2.group)
+    if shard1 is not None and shard2 is not None and shard1 != shard2:
+        raise CrossShardRelation(
+            f"{obj1!r} lives on shard {shard1!r} and {obj2!r} on shard {shard2!r} (group "
+            f"{spec1.group!r}): rows on different shards cannot be related. Give both the "
+            "same shard key value so they are colocated."
+        )
+    return True
+
+
+def sharded_models(group: str | None = None) -> list[ShardSpec]:
+    """Return the specs of every installed sharded model (of *group* if given)."""
+    specs = []
+    for model in live_apps.get_models(include_auto_created=True):
+        spec = shard_spec(model)
+        if spec is not None and (group is None or spec.group == group):
+            specs.append(spec)
+    return specs
+
+
+def clear_spec_cache(models: Iterable[type[Model]] | None = None) -> None:
+    """Forget cached specs (all, or of *models*); for tests that build models on the fly."""
+    if models is None:
+        _specs.clear()
+    else:
+        for model in models:
+            _specs.pop(model, None)
