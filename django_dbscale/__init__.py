@@ -1,11 +1,14 @@
 """django_dbscale: scale a Django project's PostgreSQL layer without rewriting its code.
 
-Read/write splitting with replica-lag awareness and read-your-writes, consistent-hash
-sharding, and a Redis queryset cache, sharing one consistency model
-(:mod:`django_dbscale.consistency`). The names below are the public API.
+Read/write splitting with replica-lag awareness, consistent-hash sharding, and a Redis
+queryset cache, sharing one consistency model (:mod:`django_dbscale.consistency`). The
+names below are the public API. Model classes and managers (``ShardedModel``, ...) load on
+first access: they can only be defined once Django's app registry is loading.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django_dbscale.consistency import (
     InvalidConsistencyToken,
@@ -16,13 +19,69 @@ from django_dbscale.consistency import (
     use_primary,
     use_replica,
 )
+from django_dbscale.sharding import (
+    CrossShardRelation,
+    FanoutNotSupported,
+    InvalidShardKey,
+    RingChangeRefused,
+    ShardedIDField,
+    ShardingError,
+    ShardKeyChanged,
+    ShardKeyMissing,
+    ShardKeyRequired,
+    ShardMismatch,
+    UnknownShardGroup,
+    current_shard,
+    decode_id,
+    get_ring,
+    ring_key,
+    shard_for_key,
+    shard_of_id,
+    using_shard,
+)
 
 __all__ = [
+    "CrossShardRelation",
+    "FanoutNotSupported",
     "InvalidConsistencyToken",
+    "InvalidShardKey",
+    "RingChangeRefused",
+    "ShardKeyChanged",
+    "ShardKeyMissing",
+    "ShardKeyRequired",
+    "ShardMismatch",
+    "ShardedIDField",
+    "ShardedManager",
+    "ShardedModel",
+    "ShardedQuerySet",
+    "ShardingError",
+    "UnknownShardGroup",
     "consistency_context",
     "consistency_token",
+    "current_shard",
+    "decode_id",
+    "get_ring",
     "read_at_least",
+    "ring_key",
+    "shard_for_key",
+    "shard_of_id",
     "use_database",
     "use_primary",
     "use_replica",
+    "using_shard",
 ]
+
+_LAZY = {
+    "ShardedManager": "django_dbscale.sharding",
+    "ShardedModel": "django_dbscale.sharding",
+    "ShardedQuerySet": "django_dbscale.sharding",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
