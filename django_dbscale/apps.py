@@ -18,3 +18,6 @@ class DBScaleConfig(AppConfig):
         from django_dbscale.backends.other import track_writes
 
         connection_created.connect(track_writes, dispatch_uid="dbscale_track_writes")
+        from django_dbscale.cache import install as install_cache
+
+        install_cache()  # CACHE["MODELS"]: give those models' managers the cache mixin

@@ -1,0 +1,69 @@
+"""The Redis queryset cache: opt-in per queryset or per model, never serving stale rows.
+
+Public API (re-exported by :mod:`django_dbscale`):
+
+* :class:`CachedQuerySet`, :class:`CachedManager`, :class:`CachedModel` —
+  ``Model.objects.cache(timeout=...)`` / ``.nocache()`` / ``.explain_cache()``;
+* :func:`cached_queryset` — cache a function's result, invalidated with its models;
+* :func:`invalidate_model`, :func:`invalidate`, :func:`invalidate_all` — for raw-SQL writes;
+* :data:`cache_read`, :data:`cache_invalidated` — signals;
+* :func:`cache_stats` — hits, misses, stores, rejected fills, bypasses, invalidations and
+  errors per model.
+
+See ``docs/cache.md`` for the design, the settings and the guarantees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django_dbscale.cache.decorators import cached_queryset
+from django_dbscale.cache.explain import Explanation
+from django_dbscale.cache.hooks import install, invalidate, invalidate_all, invalidate_model
+from django_dbscale.cache.queryset import (
+    CachedManager,
+    CachedModel,
+    CachedQuerySet,
+    CacheManagerMixin,
+)
+from django_dbscale.cache.signals import cache_invalidated, cache_read
+
+__all__ = [
+    "CacheManagerMixin",
+    "CachedManager",
+    "CachedModel",
+    "CachedQuerySet",
+    "Explanation",
+    "cache_invalidated",
+    "cache_read",
+    "cache_stats",
+    "cached_queryset",
+    "install",
+    "invalidate",
+    "invalidate_all",
+    "invalidate_model",
+]
+
+
+def cache_stats(*, shared: bool = True) -> dict[str, dict[str, int]]:
+    """Return ``{label: {event: count}}`` for models (``"app.Model"``), functions
+    (``"fn:..."``) and invalidated tables (``"table:..."``).
+
+    With *shared* (default) the totals every process has shipped to Redis plus this
+    process's unshipped counts; if Redis cannot be reached, this process's counts only.
+    """
+    from django_dbscale.cache import stats
+    from django_dbscale.cache.client import RedisUnavailable, gateway
+    from django_dbscale.cache.options import options
+
+    if not shared:
+        return stats.summary()
+    opts = options()
+    try:
+        commands = stats.drain_commands(opts.prefix)
+        replies: list[Any] = gateway().pipeline([*commands, ("HGETALL", f"{opts.prefix}:stats")])
+    except Exception:
+        stats.restore(commands)
+        return stats.summary()
+    _ = RedisUnavailable
+    return stats.summary(replies[-1])

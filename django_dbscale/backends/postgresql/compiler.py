@@ -1,11 +1,329 @@
-"""SQL compilers of the dbscale backend (placeholder until the cache pillar fills it in)."""
+"""SQL compilers of the dbscale backend: where the queryset cache sees every read and write.
+
+Django compiles every query through ``connection.ops.compiler(...)``; the dbscale backend
+points that at this module, which makes it the one hook with complete coverage:
+
+* **Writes.** ``save()``, ``create()``, ``update()``, ``bulk_create()``, ``bulk_update()``,
+  queryset and cascading ``delete()``, the ``UPDATE`` Django runs for
+  ``on_delete=SET_NULL``/``SET_DEFAULT``, many-to-many ``add()``/``remove()``/``clear()``/
+  ``set()`` from either side and through custom ``through`` models, ``loaddata``: each
+  ends in ``execute_sql`` of one of the compilers below, which report the written table
+  (and, for models with invalidation dimensions, the dimension values of the rows
+  touched) to :func:`django_dbscale.cache.invalidation.record_write`.
+
+  Old dimension values of updated and deleted rows are read in the same statement: an
+  ``UPDATE`` whose WHERE clause does not pin them is rewritten to
+  ``UPDATE ... FROM (SELECT pk, dims ... FOR UPDATE) RETURNING old, new`` inside a CTE that
+  aggregates the distinct values, and a ``DELETE`` gets ``RETURNING``. No extra round trip.
+* **Reads**, during cache fills only: each compiled query reports the tables it reads to
+  the active collector, and each executed one may be moved from a lagging replica to its
+  primary (:meth:`~django_dbscale.cache.analysis.Collector.source_for`).
+
+Outside fills and with the cache disabled, the read path costs one context-variable lookup
+per compile and per execution.
+"""
 
 from __future__ import annotations
 
-from django.db.models.sql.compiler import (  # noqa: F401
-    SQLAggregateCompiler,
-    SQLCompiler,
-    SQLDeleteCompiler,
-    SQLInsertCompiler,
-    SQLUpdateCompiler,
-)
+from typing import Any
+
+from django.core.exceptions import EmptyResultSet, FullResultSet
+from django.db import connections
+from django.db.models.sql import compiler
+from django.db.models.sql.constants import CURSOR, MULTI, NO_RESULTS, ROW_COUNT, SINGLE
+
+from django_dbscale.cache.analysis import MAX_DIMENSION_VALUES, collector, dimensions_from_where
+
+__all__ = [
+    "SQLAggregateCompiler",
+    "SQLCompiler",
+    "SQLDeleteCompiler",
+    "SQLInsertCompiler",
+    "SQLUpdateCompiler",
+]
+
+_ = (CURSOR, MULTI, SINGLE)
+
+
+def _cache_enabled() -> bool:
+    from django_dbscale.cache.options import options
+
+    return options().enabled
+
+
+class _ReadHooks:
+    """Report compiled queries to the fill collector; steer fills away from lagging replicas."""
+
+    query: Any
+    using: str | None
+    connection: Any
+
+    def as_sql(self, *args: Any, **kwargs: Any) -> Any:
+        col = collector.get()
+        if col is None:
+            return super().as_sql(*args, **kwargs)  # type: ignore[misc]
+        sql = ""
+        try:
+            result = super().as_sql(*args, **kwargs)  # type: ignore[misc]
+            sql = result[0]
+            return result
+        finally:
+            col.record(self.query, self.using or self.connection.alias, sql)
+
+    def get_from_clause(self) -> Any:
+        result = super().get_from_clause()  # type: ignore[misc]
+        col = collector.get()
+        if col is not None:
+            # Only here are the reference counts those of the SQL being built (as_sql
+            # restores them afterwards): joins trimmed while resolving lookups are gone,
+            # select_related and multi-table parent joins are present.
+            query = self.query
+            refcount = query.alias_refcount
+            tables = [
+                join.table_name for alias, join in query.alias_map.items() if refcount.get(alias)
+            ]
+            tables.extend(query.extra_tables)
+            col.add_tables(query, self.using or self.connection.alias, tables)
+        return result
+
+    def execute_sql(self, *args: Any, **kwargs: Any) -> Any:
+        col = collector.get()
+        if col is not None and self.using is not None:
+            source = col.source_for(self.using)
+            if source != self.using:
+                self.using = source
+                self.connection = connections[source]
+        return super().execute_sql(*args, **kwargs)  # type: ignore[misc]
+
+
+class SQLCompiler(_ReadHooks, compiler.SQLCompiler):
+    """Django's SELECT compiler plus the cache's read hooks."""
+
+
+class SQLAggregateCompiler(_ReadHooks, compiler.SQLAggregateCompiler):
+    """Django's aggregate-over-subquery compiler plus the cache's read hooks."""
+
+
+# -- writes --------------------------------------------------------------------------------
+
+
+def _dims_or_none(per_field: dict[Any, set[str]], fields: tuple[Any, ...]) -> set[str] | None:
+    if not fields:
+        return None
+    dims: set[str] = set()
+    for field in fields:
+        values = per_field.get(field)
+        if values is None:
+            return None
+        dims |= values
+    if len(dims) > MAX_DIMENSION_VALUES * len(fields):
+        return None
+    return dims
+
+
+def _canonical_set(field: Any, values: Any) -> set[str] | None:
+    from django_dbscale.cache.keys import canonical_dimension
+
+    result: set[str] = set()
+    for value in values or ():
+        if value is None:
+            continue
+        dim = canonical_dimension(field, value)
+        if dim is None:
+            return None
+        result.add(dim)
+    return result
+
+
+class SQLInsertCompiler(compiler.SQLInsertCompiler):
+    """Django's INSERT compiler; invalidates the table and the inserted dimension values."""
+
+    def execute_sql(self, returning_fields: Any = None) -> Any:  # type: ignore[override]
+        rows = super().execute_sql(returning_fields)
+        if _cache_enabled():
+            self._dbscale_invalidate()
+        return rows
+
+    def _dbscale_invalidate(self) -> None:
+        from django.db.models.constants import OnConflict
+
+        from django_dbscale.cache import invalidation
+        from django_dbscale.cache.dimensions import dimension_fields_for_table
+
+        query: Any = self.query
+        meta = query.get_meta()
+        fields = dimension_fields_for_table(query.model)
+        dims: set[str] | None = None
+        if fields and query.on_conflict != OnConflict.UPDATE:
+            per_field: dict[Any, set[str]] = {}
+            for field in fields:
+                values = _canonical_set(field, [getattr(obj, field.attname) for obj in query.objs])
+                if values is None:
+                    break
+                per_field[field] = values
+            dims = _dims_or_none(per_field, fields)
+        invalidation.record_write(self.connection, meta.db_table, dims)
+
+
+class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
+    """Django's DELETE compiler; invalidates the table and the deleted dimension values."""
+
+    def execute_sql(self, result_type: Any = MULTI, *args: Any, **kwargs: Any) -> Any:
+        if not _cache_enabled():
+            return super().execute_sql(result_type, *args, **kwargs)
+        from django_dbscale.cache import invalidation
+        from django_dbscale.cache.dimensions import dimension_fields_for_table
+
+        fields = dimension_fields_for_table(self.query.model)
+        table = self.query.get_meta().db_table
+        if not fields:
+            result = super().execute_sql(result_type, *args, **kwargs)
+            invalidation.record_write(self.connection, table, None)
+            return result
+        try:
+            sql, params = self.as_sql()
+        except EmptyResultSet:
+            return None if result_type not in (ROW_COUNT,) else 0
+        pinned = dimensions_from_where(self.query, fields)
+        if all(f in pinned for f in fields):
+            result = super().execute_sql(result_type, *args, **kwargs)
+            invalidation.record_write(
+                self.connection,
+                table,
+                _dims_or_none({f: set(v) for f, v in pinned.items()}, fields),
+            )
+            return result
+        qn: Any = self.connection.ops.quote_name
+        returning = ", ".join(f"{qn(f.column)} AS n{i}" for i, f in enumerate(fields))
+        aggregates = ", ".join(f"array_agg(DISTINCT n{i})" for i in range(len(fields)))
+        wrapped = f"WITH u AS ({sql} RETURNING {returning}) SELECT count(*), {aggregates} FROM u"
+        with self.connection.cursor() as cursor:
+            cursor.execute(wrapped, params)
+            row = cursor.fetchone()
+        per_field = {}
+        for i, field in enumerate(fields):
+            values = _canonical_set(field, row[1 + i])
+            if values is None:
+                break
+            per_field[field] = values
+        invalidation.record_write(self.connection, table, _dims_or_none(per_field, fields))
+        if result_type == ROW_COUNT:
+            return row[0]
+        return None
+
+
+class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
+    """Django's UPDATE compiler; invalidates the table and old and new dimension values."""
+
+    def execute_sql(self, result_type: Any) -> Any:  # type: ignore[override]
+        if not _cache_enabled():
+            return super().execute_sql(result_type)
+        row_count = self._dbscale_execute_main(result_type)
+        is_empty = row_count is None
+        row_count = row_count or 0
+        for query in self.query.get_related_updates():
+            aux_row_count = query.get_compiler(self.using).execute_sql(result_type)
+            if is_empty and aux_row_count:
+                row_count = aux_row_count
+                is_empty = False
+        return row_count
+
+    def _dbscale_execute_main(self, result_type: Any) -> int | None:
+        """Run this compiler's own UPDATE (not the related ones) and invalidate."""
+        from django_dbscale.cache import invalidation
+        from django_dbscale.cache.dimensions import dimension_fields_for_table
+
+        try:
+            sql, params = self.as_sql()
+            if not sql:
+                raise EmptyResultSet
+        except EmptyResultSet:
+            return None
+        query = self.query
+        meta = query.get_meta()
+        table = meta.db_table
+        fields = dimension_fields_for_table(query.model)
+        dims: set[str] | None = None
+        wrapped: str | None = None
+        if fields:
+            static = self._dbscale_static_dims(fields)
+            if static is not None:
+                dims = static
+            else:
+                wrapped = self._dbscale_wrap(sql, fields)
+        with self.connection.cursor() as cursor:
+            if wrapped is None:
+                cursor.execute(sql, params)
+                count = cursor.rowcount
+            else:
+                cursor.execute(wrapped, params)
+                row = cursor.fetchone()
+                count = row[0]
+                per_field: dict[Any, set[str]] = {}
+                for i, field in enumerate(fields):
+                    old = _canonical_set(field, row[1 + 2 * i])
+                    new = _canonical_set(field, row[2 + 2 * i])
+                    if old is None or new is None:
+                        break
+                    per_field[field] = old | new
+                dims = _dims_or_none(per_field, fields)
+        invalidation.record_write(self.connection, table, dims)
+        if result_type in (NO_RESULTS, None):
+            return None
+        return int(count)
+
+    def _dbscale_static_dims(self, fields: tuple[Any, ...]) -> set[str] | None:
+        """Return the touched dimension values if WHERE and SET determine them, else ``None``."""
+        from django_dbscale.cache.keys import canonical_dimension
+
+        pinned = dimensions_from_where(self.query, fields)
+        per_field: dict[Any, set[str]] = {}
+        query: Any = self.query
+        assigned = {field: value for field, _, value in query.values}
+        for field in fields:
+            if field not in pinned:
+                return None
+            values = set(pinned[field])
+            if field in assigned:
+                new = assigned[field]
+                if new is not None:
+                    dim = canonical_dimension(field, new)
+                    if dim is None:
+                        return None
+                    values.add(dim)
+            per_field[field] = values
+        return _dims_or_none(per_field, fields)
+
+    def _dbscale_wrap(self, sql: str, fields: tuple[Any, ...]) -> str | None:
+        """Rewrite ``UPDATE t SET ... WHERE w`` to also return old and new dimension values."""
+        meta = self.query.get_meta()
+        if meta.is_composite_pk:
+            return None
+        qn: Any = self.connection.ops.quote_name
+        table = qn(meta.db_table)
+        try:
+            where, _ = self.compile(self.query.where)  # type: ignore[arg-type]
+        except FullResultSet:
+            where = ""
+        except EmptyResultSet:
+            return None
+        head = f"UPDATE {table} SET "
+        tail = f" WHERE {where}" if where else ""
+        if not sql.startswith(head) or not sql.endswith(tail):
+            return None
+        sets = sql[len(head) : len(sql) - len(tail)]
+        pk = qn(meta.pk.column)
+        old_cols = ", ".join(f"{table}.{qn(f.column)} AS o{i}" for i, f in enumerate(fields))
+        returning = ", ".join(
+            f'"__dbscale_old".o{i} AS o{i}, {table}.{qn(f.column)} AS n{i}'
+            for i, f in enumerate(fields)
+        )
+        aggregates = ", ".join(
+            f"array_agg(DISTINCT o{i}), array_agg(DISTINCT n{i})" for i in range(len(fields))
+        )
+        return (
+            f"WITH u AS (UPDATE {table} SET {sets} FROM (SELECT {table}.{pk} AS k, {old_cols} "
+            f'FROM {table}{tail} FOR UPDATE) AS "__dbscale_old" '
+            f'WHERE {table}.{pk} = "__dbscale_old".k RETURNING {returning}) '
+            f"SELECT count(*), {aggregates} FROM u"
+        )

@@ -1,0 +1,227 @@
+"""The one door to Redis: short timeouts, no retries, a circuit breaker, Lua by SHA.
+
+The connection settings (host, port, db, password, TLS) come from the django-redis alias
+named by ``CACHE["ALIAS"]``; the cache opens its own small pool from them with socket
+timeouts of ``CACHE["SOCKET_TIMEOUT"]`` and no automatic retries, because a request must
+never wait on a sick Redis longer than one short timeout (and, once the breaker is open,
+not at all). Every call goes through :class:`Gateway`, which reports to the breaker and
+turns every Redis error into :class:`RedisUnavailable`.
+
+Scripts are sent with ``EVALSHA``; after a Redis restart (``NOSCRIPT``) they are loaded
+once and the call repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from importlib import resources
+from typing import Any
+
+import redis
+from django.core.cache import caches
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from django_dbscale.cache.breaker import CircuitBreaker
+from django_dbscale.cache.options import options
+from django_dbscale.conf import on_settings_changed
+
+__all__ = ["Gateway", "RedisUnavailable", "Script", "bulk", "gateway", "pack"]
+
+logger = logging.getLogger("django_dbscale.cache")
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be used (breaker open, connection refused, timeout, error reply)."""
+
+
+class Script:
+    """A Lua script shipped in ``django_dbscale/cache/lua/``, called by its SHA1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = (
+            resources.files("django_dbscale.cache").joinpath(f"lua/{name}.lua").read_text()
+        )
+        import hashlib
+
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def bulk(value: bytes) -> bytes:
+    """Return *value* as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def pack(*args: str | bytes | int) -> bytes:
+    """Return a RESP command array (what redis-py sends, built without its machinery)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(bulk(raw))
+    return b"".join(parts)
+
+
+READ = Script("read")
+FILL = Script("fill")
+BUMP = Script("bump")
+RELEASE = Script("release")
+
+
+class Gateway:
+    """Run commands and scripts on the cache's Redis, guarded by a circuit breaker."""
+
+    def __init__(self) -> None:
+        opts = options()
+        self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_cooldown)
+        self._client: redis.Redis[bytes] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> redis.Redis[bytes]:
+        """Return the raw redis-py client (built on first use from the django-redis alias)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._build()
+        return client
+
+    def _build(self) -> redis.Redis[bytes]:
+        opts = options()
+        backend = caches[opts.alias]
+        get_client = getattr(getattr(backend, "client", None), "get_client", None)
+        if get_client is None:
+            raise RedisUnavailable(
+                f"CACHES[{opts.alias!r}] is not a django-redis cache; set its BACKEND to "
+                "'django_redis.cache.RedisCache' (system check dbscale.E006)."
+            )
+        base = get_client(write=True)
+        pool = base.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        for key in ("retry_on_timeout", "retry_on_error"):
+            kwargs.pop(key, None)
+        kwargs.update(
+            socket_timeout=opts.socket_timeout,
+            socket_connect_timeout=opts.socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+        return redis.Redis(connection_pool=own_pool)
+
+    def close(self) -> None:
+        """Disconnect the pool (settings changed, or tests restarting Redis)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect()
+
+    # -- calls --------------------------------------------------------------------------
+    def available(self) -> bool:
+        """Return whether the breaker lets a call through now (claims the probe if due)."""
+        return self.breaker.allow()
+
+    def run_packed(self, packed: bytes, script: Script) -> Any:
+        """Send a command packed by :func:`pack` (an ``EVALSHA`` of *script*) and read the reply.
+
+        The hot path of every cached read: it skips redis-py's per-command machinery
+        (argument encoding, retries, observability hooks) and costs one pool checkout, one
+        ``send`` and one parsed reply, like the floor's ``GET``.
+        """
+        pool = self.client.connection_pool
+        try:
+            connection = pool.get_connection()
+            try:
+                try:
+                    connection.send_packed_command([packed], check_health=False)
+                    result = connection.read_response()
+                except NoScriptError:
+                    connection.send_packed_command([pack("SCRIPT", "LOAD", script.source)])
+                    connection.read_response()
+                    connection.send_packed_command([packed], check_health=False)
+                    result = connection.read_response()
+            finally:
+                pool.release(connection)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            logger.warning("Redis call %s failed: %s", script.name, exc)
+            raise RedisUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result
+
+    def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run *script*; the caller must have checked :meth:`available`."""
+        try:
+            try:
+                result = self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                self.client.execute_command("SCRIPT", "LOAD", script.source)
+                result = self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            logger.warning("Redis call %s failed: %s", script.name, exc)
+            raise RedisUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result
+
+    def pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """Run raw commands (``("EVALSHA", sha, ...)``, ``("HINCRBY", ...)``) in one round trip.
+
+        ``EVALSHA`` calls whose script is missing are loaded and the whole batch repeated
+        once (scripts are idempotent invalidations or counters; counters may double count
+        after a Redis restart, which is harmless).
+        """
+        client = self.client
+        try:
+            for attempt in (0, 1):
+                pipe = client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.execute_command(*call)  # type: ignore[no-untyped-call]
+                results = pipe.execute(raise_on_error=False)
+                missing = [r for r in results if isinstance(r, NoScriptError)]
+                if not missing or attempt:
+                    break
+                for script in (READ, FILL, BUMP, RELEASE):
+                    client.execute_command("SCRIPT", "LOAD", script.source)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                raise errors[0]
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            logger.warning("Redis pipeline failed: %s", exc)
+            raise RedisUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return list(results)
+
+    def command(self, *args: Any) -> Any:
+        """Run one raw command (tools and tests; not on hot paths)."""
+        try:
+            result = self.client.execute_command(*args)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            raise RedisUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result
+
+
+_gateway: list[Gateway] = []
+_gateway_lock = threading.Lock()
+
+
+def gateway() -> Gateway:
+    """Return the process-wide gateway (rebuilt after a settings change)."""
+    if _gateway:
+        return _gateway[0]
+    with _gateway_lock:
+        if not _gateway:
+            _gateway.append(Gateway())
+    return _gateway[0]
+
+
+@on_settings_changed
+def _reset() -> None:
+    with _gateway_lock:
+        while _gateway:
+            _gateway.pop().close()

@@ -1,0 +1,321 @@
+"""The read path: serve a hit, or fill a miss without ever storing stale rows.
+
+:func:`read_through` is shared by querysets and :func:`~django_dbscale.cache.cached_queryset`:
+
+1. **One round trip** (``read.lua``): read the current versions of everything the query
+   depends on, and the entry; serve the entry if it was stored under exactly these
+   versions. On a miss the script returns the versions (the *header*) and maybe a *lease*.
+2. **Dogpile**: without the lease, wait briefly (up to ``LOCK_TIMEOUT``) for the lease
+   holder's fill, polling with the same script; then fall through to the database.
+3. **Fill**: run the query with a :class:`~django_dbscale.cache.analysis.Collector`
+   active. The dbscale compiler sends each statement to a replica only if that replica has
+   replayed the WAL position recorded with the last invalidation of every version in the
+   header, else to its primary.
+4. **Check-and-set** (``fill.lua``): store only if every version is still the one in the
+   header (a write that committed meanwhile has bumped one), and only if the fill read
+   nothing outside them and nothing non-deterministic.
+
+Inside a transaction, reads of tables the transaction wrote bypass the cache; a miss under
+``REPEATABLE READ``/``SERIALIZABLE`` is never stored (its snapshot may predate a commit
+whose invalidation the header already includes). Any Redis failure turns into a plain
+database read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from django.db import connections
+
+from django_dbscale.cache import invalidation, stats
+from django_dbscale.cache.analysis import INFINITE_LSN, Collector, collector
+from django_dbscale.cache.client import (
+    FILL,
+    READ,
+    RELEASE,
+    RedisUnavailable,
+    bulk,
+    gateway,
+    pack,
+)
+from django_dbscale.cache.keys import tokens
+from django_dbscale.cache.options import options
+from django_dbscale.cache.signals import cache_read
+
+__all__ = ["Plan", "bypass", "read_through"]
+
+logger = logging.getLogger("django_dbscale.cache")
+
+T = TypeVar("T")
+
+#: Set (to a reason) while reads must not use the cache, e.g. inside ``get_or_create()``.
+bypass: ContextVar[str | None] = ContextVar("dbscale_cache_bypass", default=None)
+
+_STORE_ISOLATIONS = frozenset({"read committed", "read uncommitted"})
+
+
+@dataclass(eq=False)
+class Plan:
+    """Everything needed to read one query through the cache, derived once per key."""
+
+    label: str
+    model: Any
+    alias: str
+    entry_key: str
+    header_key: str
+    lease_key: str
+    version_keys: tuple[str, ...]
+    #: The primary alias each version key belongs to (parallel to ``version_keys``).
+    version_aliases: tuple[str, ...]
+    tables: frozenset[tuple[str, str]]
+    base_table: str | None
+    uses_dimensions: bool
+    description: tuple[str, ...]
+    shape: Any = None
+    reason: str | None = None
+    #: The ``EVALSHA read.lua`` command up to its keys, and the constant arguments after
+    #: the caller's nonce: a hit costs two byte concatenations to pack.
+    read_head: bytes = field(init=False, repr=False)
+    read_tail: bytes = field(init=False, repr=False)
+    aliases: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        opts = options()
+        keys = self.keys
+        head = pack("EVALSHA", READ.sha, len(keys), *keys)
+        # The array length must count the 4 ARGV too: rewrite the "*N" header.
+        self.read_head = b"*%d\r\n" % (3 + len(keys) + 4) + head.split(b"\r\n", 1)[1]
+        self.read_tail = bulk(str(max(int(opts.lock_timeout * 1000), 1)).encode()) + bulk(
+            str(opts.version_timeout).encode()
+        )
+        self.aliases = tuple(sorted({a for a, _ in self.tables} or {self.alias}))
+
+    @property
+    def keys(self) -> list[str]:
+        """Return KEYS for the Lua scripts: payload, header, lease, then the versions."""
+        return [self.entry_key, self.header_key, self.lease_key, *self.version_keys]
+
+
+_NO_FLAG = bulk(b"")
+_IGNORE_ENTRY = bulk(b"1")
+
+
+def _nonce() -> bytes:
+    """Return this thread's lease owner id (one fill at a time per thread: fills never nest)."""
+    return b"%s%x-" % (tokens.owner(), threading.get_ident())
+
+
+def _read(plan: Plan, nonce: bytes, ignore_entry: bool = False) -> Any:
+    packed = (
+        plan.read_head
+        + bulk(nonce)
+        + plan.read_tail
+        + (_IGNORE_ENTRY if ignore_entry else _NO_FLAG)
+    )
+    return gateway().run_packed(packed, READ)
+
+
+def _required_positions(plan: Plan, header: str) -> dict[str, int]:
+    required: dict[str, int] = {}
+    for alias, value in zip(plan.version_aliases, header.split("|"), strict=False):
+        _, _, lsn_text = value.rpartition(":")
+        lsn = INFINITE_LSN if lsn_text == "P" else int(lsn_text, 16)
+        if lsn > required.get(alias, 0):
+            required[alias] = lsn
+    return required
+
+
+def _isolation_allows_store(alias: str) -> bool:
+    """Return whether a fill read inside the open transaction on *alias* may be stored."""
+    connection = connections[alias]
+    configured = getattr(connection, "isolation_level", None)
+    if configured is not None and int(configured) >= 3:  # REPEATABLE READ, SERIALIZABLE
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW transaction_isolation")
+        row = cursor.fetchone()
+    return row is not None and str(row[0]).lower() in _STORE_ISOLATIONS
+
+
+def _notify(plan: Plan, hit: bool, stored: bool, reason: str) -> None:
+    if cache_read.receivers:
+        cache_read.send(
+            sender=plan.model,
+            key=plan.entry_key,
+            hit=hit,
+            stored=stored,
+            reason=reason,
+            alias=plan.alias,
+        )
+
+
+def _bypass(plan: Plan, run: Callable[[], T], why: str) -> T:
+    stats.incr(plan.label, "bypass")
+    value = run()
+    _notify(plan, False, False, f"bypass:{why}")
+    return value
+
+
+def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
+    """Return *run()*'s value through the cache (see the module docstring)."""
+    if plan.reason is not None:
+        return _bypass(plan, run, plan.reason)
+    if collector.get() is not None:
+        # Inside another fill (a prefetch, a @cached_queryset function): that fill must see
+        # this read's queries to know what it depends on, so neither serve nor store here.
+        return run()
+    if invalidation.has_pending() and not invalidation.flush_pending():
+        return _bypass(plan, run, "undelivered invalidations")
+    in_transaction: list[str] = []
+    for alias in plan.aliases:
+        connection = connections[alias]
+        if not connection.in_atomic_block:
+            continue
+        in_transaction.append(alias)
+        dirty = invalidation.dirty_tables(alias)
+        if dirty and any(t in dirty for a, t in plan.tables if a == alias):
+            return _bypass(plan, run, "table written in this transaction")
+        configured = getattr(connection, "isolation_level", None)
+        if configured is not None and int(configured) >= 3:
+            return _bypass(plan, run, "repeatable read transaction")
+    gw = gateway()
+    if not gw.available():
+        return _bypass(plan, run, "circuit open")
+    opts = options()
+    nonce = _nonce()
+    try:
+        reply = _read(plan, nonce)
+    except RedisUnavailable:
+        stats.incr(plan.label, "error")
+        return _bypass(plan, run, "redis error")
+    if reply[0] == 1:
+        try:
+            value: T = pickle.loads(reply[1])
+        except Exception:
+            logger.warning("Unreadable cache entry %s; refilling it.", plan.entry_key)
+            stats.incr(plan.label, "error")
+            try:
+                reply = _read(plan, nonce, ignore_entry=True)
+            except RedisUnavailable:
+                return _bypass(plan, run, "redis error")
+        else:
+            stats.incr(plan.label, "hit")
+            if cache_read.receivers:
+                _notify(plan, True, False, "hit")
+            return value
+    header: str = reply[1].decode()
+    leased = reply[2] == 1
+    if not leased and opts.lock_timeout > 0:
+        deadline = time.monotonic() + opts.lock_timeout
+        delay = 0.002
+        while not leased and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            try:
+                reply = _read(plan, nonce)
+            except RedisUnavailable:
+                return _bypass(plan, run, "redis error")
+            if reply[0] == 1:
+                try:
+                    value = pickle.loads(reply[1])
+                except Exception:
+                    break
+                stats.incr(plan.label, "hit")
+                _notify(plan, True, False, "hit")
+                return value
+            header = reply[1].decode()
+            leased = reply[2] == 1
+    owner = nonce.decode() if leased else ""
+    return _fill(plan, run, timeout, header, owner, in_transaction)
+
+
+def _fill(
+    plan: Plan,
+    run: Callable[[], T],
+    timeout: int,
+    header: str,
+    nonce: str,
+    in_transaction: list[str],
+) -> T:
+    stats.incr(plan.label, "miss")
+    col = Collector(base_table=plan.base_table, required=_required_positions(plan, header))
+    token = collector.set(col)
+    try:
+        value = run()
+    except BaseException:
+        collector.reset(token)
+        _release(nonce, plan)
+        raise
+    collector.reset(token)
+    reason = _verdict(plan, col)
+    if reason is None and not all(_isolation_allows_store(a) for a in in_transaction):
+        reason = "snapshot isolation: the snapshot may predate the header"
+    if reason is not None:
+        _release(nonce, plan)
+        stats.incr(plan.label, "bypass")
+        _notify(plan, False, False, f"bypass:{reason}")
+        return value
+    opts = options()
+    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > opts.max_result_bytes:
+        _release(nonce, plan)
+        stats.incr(plan.label, "too_big")
+        _notify(plan, False, False, "bypass:too big")
+        return value
+    try:
+        stored = gateway().evalsha(
+            FILL, plan.keys, [header, payload, timeout, nonce, opts.version_timeout]
+        )
+    except RedisUnavailable:
+        stats.incr(plan.label, "error")
+        _notify(plan, False, False, "error")
+        return value
+    if stored == 1:
+        stats.incr(plan.label, "store")
+        _notify(plan, False, True, "miss")
+    else:
+        stats.incr(plan.label, "rejected")
+        _notify(plan, False, False, "rejected")
+    return value
+
+
+def _verdict(plan: Plan, col: Collector) -> str | None:
+    """Return why the fill must not be stored, or ``None`` to store it."""
+    if col.reason is not None:
+        return col.reason
+    read = col.read_tables()
+    extra = read - plan.tables
+    if extra:
+        if plan.shape is not None:
+            _widen(plan, read, col)
+        return f"read tables outside its versions: {sorted(t for _, t in extra)}"
+    if plan.uses_dimensions and col.base_count(plan.alias) > 1:
+        if plan.shape is not None:
+            _widen(plan, read, col)
+        return "the dimension table is read more than once"
+    return None
+
+
+def _widen(plan: Plan, read: frozenset[tuple[str, str]], col: Collector) -> None:
+    """Teach the plan's shape what its fills really read; rebuilt plans then store."""
+    from django_dbscale.cache import planning
+
+    planning.widen(plan, read, col.base_count(plan.alias))
+
+
+def _release(nonce: str, plan: Plan) -> None:
+    if not nonce:
+        return
+    gw = gateway()
+    if not gw.available():
+        return
+    with contextlib.suppress(RedisUnavailable):
+        gw.evalsha(RELEASE, [plan.lease_key], [nonce])

@@ -1,0 +1,172 @@
+"""Typed, validated view of ``DBSCALE["CACHE"]``, rebuilt whenever the settings change.
+
+:func:`options` sits on the hot path of every cached read, so it returns one frozen object
+built once; :func:`django_dbscale.conf.on_settings_changed` drops it (``override_settings``
+in tests takes effect at once). Errors name the key and say how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from django_dbscale.conf import dbscale_settings, on_settings_changed
+
+__all__ = ["CacheOptions", "options", "primary_alias"]
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The parsed ``DBSCALE["CACHE"]`` dict (see ``docs/cache.md`` for each key)."""
+
+    alias: str
+    timeout: int
+    prefix: str
+    models: frozenset[str]
+    max_result_bytes: int
+    socket_timeout: float
+    breaker_failures: int
+    breaker_cooldown: float
+    lock_timeout: float
+    enabled: bool
+    dimensions: Mapping[str, tuple[str, ...]]
+    version_timeout: int
+
+
+def _error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"DBSCALE['CACHE'][{key!r}] {problem}. {fix}")
+
+
+def _positive_int(raw: Mapping[str, Any], key: str) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _error(key, f"must be a positive int (seconds), not {value!r}", "Fix the value.")
+    return value
+
+
+def _positive_number(raw: Mapping[str, Any], key: str, *, allow_zero: bool = False) -> float:
+    value = raw[key]
+    bad = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad or value < 0 or (value == 0 and not allow_zero):
+        raise _error(key, f"must be a number > 0, not {value!r}", "Fix the value.")
+    return float(value)
+
+
+def _label(value: Any, key: str) -> str:
+    if not isinstance(value, str) or value.count(".") != 1:
+        raise _error(
+            key,
+            f"has {value!r}, which is not a model label",
+            'Use "app_label.ModelName", e.g. "auth.User".',
+        )
+    return value.lower()
+
+
+def parse(raw: Mapping[str, Any]) -> CacheOptions:
+    """Validate the merged ``CACHE`` dict; raise ``ImproperlyConfigured`` naming the key."""
+    alias = raw["ALIAS"]
+    if not isinstance(alias, str) or not alias:
+        raise _error("ALIAS", f"must be a CACHES alias, not {alias!r}", 'Example: "dbscale".')
+    prefix = raw["PREFIX"]
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \n|{}"):
+        raise _error(
+            "PREFIX",
+            f"must be a non-empty str without spaces, '|' or braces, not {prefix!r}",
+            'Example: "dbscale".',
+        )
+    models_raw = raw["MODELS"]
+    if isinstance(models_raw, str) or not isinstance(models_raw, list | tuple | set | frozenset):
+        raise _error("MODELS", f"must be a list of model labels, not {models_raw!r}", "")
+    models = frozenset(_label(item, "MODELS") for item in models_raw)
+    breaker = raw["CIRCUIT_BREAKER"]
+    ok = (
+        isinstance(breaker, list | tuple)
+        and len(breaker) == 2
+        and isinstance(breaker[0], int)
+        and not isinstance(breaker[0], bool)
+        and breaker[0] >= 1
+        and isinstance(breaker[1], int | float)
+        and not isinstance(breaker[1], bool)
+        and breaker[1] > 0
+    )
+    if not ok:
+        raise _error(
+            "CIRCUIT_BREAKER",
+            f"must be (failures_before_opening, seconds_open), not {breaker!r}",
+            "Example: (5, 5.0).",
+        )
+    max_bytes = raw["MAX_RESULT_BYTES"]
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise _error("MAX_RESULT_BYTES", f"must be a positive int, not {max_bytes!r}", "")
+    enabled = raw["ENABLED"]
+    if not isinstance(enabled, bool):
+        raise _error("ENABLED", f"must be True or False, not {enabled!r}", "")
+    dims_raw = raw["DIMENSIONS"]
+    if not isinstance(dims_raw, Mapping):
+        raise _error(
+            "DIMENSIONS",
+            f"must map a model label to field names, not {dims_raw!r}",
+            'Example: {"shop.Order": ["customer_id"]}.',
+        )
+    dimensions: dict[str, tuple[str, ...]] = {}
+    for label, fields in dims_raw.items():
+        key = _label(label, "DIMENSIONS")
+        if isinstance(fields, str):
+            fields = [fields]
+        if not isinstance(fields, list | tuple) or not all(isinstance(f, str) for f in fields):
+            raise _error(
+                "DIMENSIONS",
+                f"[{label!r}] must be a list of field names, not {fields!r}",
+                f'Example: {{"{label}": ["customer_id"]}}.',
+            )
+        dimensions[key] = tuple(fields)
+    timeout = _positive_int(raw, "TIMEOUT")
+    version_timeout = _positive_int(raw, "VERSION_TIMEOUT")
+    if version_timeout < timeout:
+        raise _error(
+            "VERSION_TIMEOUT",
+            f"({version_timeout}s) must be at least TIMEOUT ({timeout}s)",
+            "Versions must outlive the entries built on them; raise VERSION_TIMEOUT.",
+        )
+    return CacheOptions(
+        alias=alias,
+        timeout=timeout,
+        prefix=prefix,
+        models=models,
+        max_result_bytes=max_bytes,
+        socket_timeout=_positive_number(raw, "SOCKET_TIMEOUT"),
+        breaker_failures=int(breaker[0]),
+        breaker_cooldown=float(breaker[1]),
+        lock_timeout=_positive_number(raw, "LOCK_TIMEOUT", allow_zero=True),
+        enabled=enabled,
+        dimensions=dimensions,
+        version_timeout=version_timeout,
+    )
+
+
+_current: list[CacheOptions] = []
+
+
+def options() -> CacheOptions:
+    """Return the current cache options (parsed once per settings change)."""
+    if _current:
+        return _current[0]
+    parsed = parse(dbscale_settings.cache)
+    _current[:] = [parsed]
+    return parsed
+
+
+@on_settings_changed
+def _reset() -> None:
+    _current.clear()
+
+
+def primary_alias(alias: str) -> str:
+    """Return *alias*'s primary if it is a configured replica, else *alias* (no query).
+
+    Cache keys and versions name the primary: a replica holds the same data.
+    """
+    return dbscale_settings.primary_of.get(alias, alias)

@@ -1,0 +1,257 @@
+"""The cache never serves or stores data older than the last write committed before a read.
+
+Races are made deterministic with Django's ``execute_wrapper``: a reader thread is held
+right after its database query, before it stores the fill, while another thread commits a
+write. Lagging replicas are real: replay is paused on the harness's streaming replica.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+
+from django_dbscale import consistency, replicas
+from django_dbscale.testing.harness import Services
+from tests.test_cache_support import (
+    QueryCounter,
+    cache_env,
+    entry_keys,
+    fresh_context,
+    observe,
+    redis,
+)
+from tests.testapp.models_cache import CCounter
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.usefixtures(cache_env.__name__),
+]
+
+
+def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start *target* in a thread with its own connections; collect result or error."""
+    box: list[Any] = []
+
+    def main() -> None:
+        try:
+            box.append(target())
+        except BaseException as exc:
+            box.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=main)
+    thread.start()
+    return thread, box
+
+
+def result(thread: threading.Thread, box: list[Any]) -> Any:
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def value_of(pk: int) -> int:
+    return int(CCounter.objects.cache().get(pk=pk).value)
+
+
+def counter_selects(sql: str) -> bool:
+    return sql.lstrip().upper().startswith("SELECT") and "testapp_ccounter" in sql
+
+
+@pytest.fixture
+def counter() -> CCounter:
+    row: CCounter = CCounter.objects.create(name="c", value=1)
+    connections.close_all()
+    return row
+
+
+def test_a_fill_read_before_a_commit_and_stored_after_it_is_rejected(counter: CCounter) -> None:
+    queried, proceed = threading.Event(), threading.Event()
+
+    def hold_after_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        result = execute(sql, params, many, context)
+        if counter_selects(sql):
+            queried.set()
+            assert proceed.wait(10)
+        return result
+
+    def reader() -> tuple[int, list[str]]:
+        with (
+            fresh_context(),
+            observe() as seen,
+            connections["default"].execute_wrapper(hold_after_query),
+            connections["default_replica"].execute_wrapper(hold_after_query),
+        ):
+            return value_of(counter.pk), seen.reasons
+
+    thread, box = run_in_thread(reader)
+    assert queried.wait(10)
+    CCounter.objects.filter(pk=counter.pk).update(value=2)  # commits and bumps meanwhile
+    proceed.set()
+    old_value, reasons = result(thread, box)
+    assert old_value == 1  # it started before the write: the old value is fine to return...
+    assert reasons == ["rejected"]  # ...but not to store
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["miss"]
+
+
+def test_repeatable_read_snapshot_older_than_a_commit_is_not_stored(counter: CCounter) -> None:
+    snapshot_taken, written = threading.Event(), threading.Event()
+
+    def reader() -> tuple[int, list[str]]:
+        with fresh_context(), transaction.atomic():
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cursor.execute("SELECT 1")  # the snapshot is taken here
+            snapshot_taken.set()
+            assert written.wait(10)
+            with observe() as seen:
+                return value_of(counter.pk), seen.reasons
+
+    thread, box = run_in_thread(reader)
+    assert snapshot_taken.wait(10)
+    CCounter.objects.filter(pk=counter.pk).update(value=2)
+    written.set()
+    value, reasons = result(thread, box)
+    assert value == 1  # the snapshot predates the write
+    assert reasons == ["bypass:snapshot isolation: the snapshot may predate the header"]
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["miss"]
+
+
+def test_a_fill_never_comes_from_a_replica_behind_the_last_invalidation(
+    counter: CCounter, services: Services, paused: Callable[[Any], Any]
+) -> None:
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    with fresh_context(), QueryCounter(["default", "default_replica"]) as q:
+        assert value_of(counter.pk) == 1
+    assert q.counts["default_replica"] == 1 and q.counts["default"] == 0  # a replica fill
+    paused(services.pg1_replica)
+    CCounter.objects.filter(pk=counter.pk).update(value=2)
+    replicas.monitor.refresh()
+    with fresh_context():
+        assert replicas.read_alias("default") == "default_replica"  # routing still says replica
+    stale = services.pg1_replica.execute(
+        "SELECT value FROM testapp_ccounter WHERE id = %s", (counter.pk,), dbname="dbscale"
+    )
+    assert stale == [(1,)]  # the replica really is behind
+    with fresh_context(), observe() as seen, QueryCounter(["default", "default_replica"]) as q:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["miss"]
+    assert q.counts == {"default": 1, "default_replica": 0}
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["hit"]
+    services.pg1_replica.resume_replay()
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["hit"]
+    # Nothing stale left in Redis: every stored payload holds the new value.
+    stored = [pickle.loads(redis().get(key)) for key in entry_keys()]
+    assert stored and all(rows[0].value == 2 for rows in stored), stored
+
+
+def test_readers_racing_writers_never_see_a_value_older_than_the_last_commit(
+    counter: CCounter,
+) -> None:
+    duration = 3.0
+    deadline = time.monotonic() + duration
+    lock = threading.Lock()
+    committed: list[tuple[float, int]] = [(0.0, 1)]
+    observations: list[tuple[float, int]] = []
+    hits = [0]
+
+    def writer() -> int:
+        value = 1
+        rng = random.Random(7)
+        with fresh_context():
+            while time.monotonic() < deadline:
+                value += 1
+                how = rng.randrange(3)
+                if how == 0:
+                    CCounter.objects.filter(pk=counter.pk).update(value=value)
+                elif how == 1:
+                    with transaction.atomic():
+                        row = CCounter.objects.select_for_update().get(pk=counter.pk)
+                        row.value = value
+                        row.save()
+                else:
+                    row = CCounter.objects.get(pk=counter.pk)
+                    row.value = value
+                    row.save(update_fields=["value"])
+                with lock:
+                    committed.append((time.monotonic(), value))
+                time.sleep(rng.uniform(0.001, 0.02))
+        return value
+
+    def reader() -> int:
+        count = 0
+        while time.monotonic() < deadline:
+            with fresh_context(), observe() as seen:
+                started = time.monotonic()
+                value = value_of(counter.pk)
+            with lock:
+                observations.append((started, value))
+                hits[0] += seen.hits
+            count += 1
+        return count
+
+    threads = [run_in_thread(writer)] + [run_in_thread(reader) for _ in range(3)]
+    for thread, box in threads:
+        result(thread, box)
+    assert len(observations) > 100
+    assert hits[0] > 10  # the cache did serve reads
+    committed.sort()
+    for started, value in observations:
+        floor = max(v for t, v in committed if t <= started)
+        assert value >= floor, (started, value, floor)
+
+
+def test_concurrent_misses_of_one_key_run_one_query(counter: CCounter) -> None:
+    workers = 6
+    barrier = threading.Barrier(workers)
+    selects: list[int] = []
+    lock = threading.Lock()
+
+    def slow_select(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        result = execute(sql, params, many, context)
+        if counter_selects(sql):
+            with lock:
+                selects.append(1)
+            time.sleep(0.15)
+        return result
+
+    def reader() -> int:
+        with (
+            fresh_context(),
+            connections["default"].execute_wrapper(slow_select),
+            connections["default_replica"].execute_wrapper(slow_select),
+        ):
+            barrier.wait()
+            return value_of(counter.pk)
+
+    threads = [run_in_thread(reader) for _ in range(workers)]
+    assert [result(t, b) for t, b in threads] == [1] * workers
+    assert len(selects) == 1
+
+
+@pytest.fixture
+def _restore_context() -> Iterator[None]:
+    token = consistency.open_context()
+    yield
+    consistency.close_context(token)

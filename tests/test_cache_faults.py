@@ -1,0 +1,192 @@
+"""Redis cut off, black-holed, restarted or holding garbage: reads stay correct and fast.
+
+Faults are injected for real through the harness's TCP proxy in front of Redis and by
+stopping and starting the Redis server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from django_dbscale import replicas
+from django_dbscale.cache import invalidation
+from django_dbscale.cache.breaker import CircuitBreaker
+from django_dbscale.cache.client import gateway
+from django_dbscale.testing.harness import Services
+from tests.test_cache_support import (
+    QueryCounter,
+    cache_env,
+    entry_keys,
+    fresh_context,
+    observe,
+    redis,
+)
+from tests.testapp.models_cache import CCounter
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.usefixtures(cache_env.__name__),
+]
+
+COOLDOWN = 0.3
+
+
+@pytest.fixture
+def fast_breaker() -> Iterator[None]:
+    """Open after 2 failures, probe again after COOLDOWN seconds, 0.1 s socket timeouts."""
+    cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        yield
+
+
+def value_of(pk: int) -> int:
+    return int(CCounter.objects.cache().get(pk=pk).value)
+
+
+def read(pk: int) -> tuple[int, list[str]]:
+    """Read in the test's own context, which did the writes.
+
+    Reads that bypass the cache are routed like any uncached read; only in the writer's
+    context is the router bound to return what that context wrote (read-your-writes).
+    """
+    with observe() as seen:
+        return value_of(pk), seen.reasons
+
+
+def prime(pk: int, value: int) -> None:
+    assert read(pk)[0] == value
+    assert read(pk) == (value, ["hit"])
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_invalidations_lost_to_a_cut_are_delivered_before_the_cache_is_used_again(
+    services: Services,
+) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    proxy = services.proxies["redis"]
+    with proxy.cut_off():
+        CCounter.objects.filter(pk=row.pk).update(value=2)  # the write succeeds
+        assert invalidation.has_pending()
+        value, reasons = read(row.pk)
+        assert value == 2 and reasons[0].startswith("bypass:")
+    # Healed: the entry filled before the outage is still in Redis, under old versions.
+    assert entry_keys()
+    time.sleep(COOLDOWN + 0.05)
+    value, reasons = read(row.pk)
+    assert value == 2
+    assert reasons == ["miss"]  # the pending invalidation went out first
+    assert not invalidation.has_pending()
+    assert read(row.pk) == (2, ["hit"])
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_writes_inside_transactions_during_a_cut_are_not_forgotten(services: Services) -> None:
+    from django.db import transaction
+
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    with services.proxies["redis"].cut_off():
+        with transaction.atomic():
+            CCounter.objects.filter(pk=row.pk).update(value=3)
+        assert read(row.pk)[0] == 3
+    time.sleep(COOLDOWN + 0.05)
+    assert read(row.pk) == (3, ["miss"])
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_a_black_holed_redis_costs_no_timeout_once_the_breaker_opens(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    with services.proxies["redis"].blackholed():
+        for _ in range(2):  # each pays one socket timeout; then the breaker opens
+            assert read(row.pk)[0] == 1
+        assert gateway().breaker.state == "open"
+        started = time.monotonic()
+        for i in range(20):
+            CCounter.objects.filter(pk=row.pk).update(value=10 + i)
+            # Read in the writer's own context: a fresh one could be routed to a replica
+            # still replaying the write (read-your-writes is the router's business).
+            assert value_of(row.pk) == 10 + i
+        elapsed = time.monotonic() - started
+        assert elapsed < 0.1 * 4, elapsed  # 40 operations in well under a few timeouts
+    time.sleep(COOLDOWN + 0.05)
+    assert read(row.pk) == (29, ["miss"])
+
+
+def test_redis_restart_reloads_scripts_and_fills_from_the_primary(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    prime(row.pk, 1)
+    services.redis.stop()
+    try:
+        assert read(row.pk)[0] == 1  # Redis down: straight to the database
+    finally:
+        services.redis.start()
+    gateway().breaker.reset()
+    # Empty Redis, no scripts: versions are recreated as "position unknown", so the fill
+    # reads the primary even though the replica has replayed everything.
+    with fresh_context(), observe() as seen, QueryCounter(["default", "default_replica"]) as q:
+        assert value_of(row.pk) == 1
+    assert seen.reasons == ["miss"]
+    assert q.counts == {"default": 1, "default_replica": 0}
+    assert read(row.pk) == (1, ["hit"])
+
+
+def test_an_entry_that_fails_to_unpickle_is_a_miss_and_is_refilled() -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    (entry,) = entry_keys()
+    redis().set(entry, b"\x80\x05garbage", keepttl=True)  # header untouched: still "valid"
+    value, reasons = read(row.pk)
+    assert value == 1 and reasons == ["miss"]
+    assert read(row.pk) == (1, ["hit"])
+
+
+def test_results_above_the_size_cap_are_not_stored() -> None:
+    row = CCounter.objects.create(name="c" * 40, value=1)
+    cache = {**settings.DBSCALE["CACHE"], "MAX_RESULT_BYTES": 64}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        assert read(row.pk) == (1, ["bypass:too big"])
+        assert read(row.pk) == (1, ["bypass:too big"])
+    assert not entry_keys()
+
+
+# -- the breaker on its own ---------------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
+    breaker = CircuitBreaker(2, 0.05)
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.failure()
+    assert breaker.allow()
+    breaker.success()
+    breaker.failure()
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow()  # this caller is the probe
+    assert not breaker.allow()  # everyone else still bypasses
+    breaker.failure()  # the probe failed: open again
+    assert breaker.state == "open" and not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+@pytest.mark.parametrize(("failures", "cooldown"), [(0, 1.0), (1, 0.0)])
+def test_breaker_rejects_bad_parameters(failures: int, cooldown: float) -> None:
+    with pytest.raises(ValueError, match="failures >= 1 and cooldown > 0"):
+        CircuitBreaker(failures, cooldown)
+
+
+def _unused(*args: Any) -> None:
+    pass

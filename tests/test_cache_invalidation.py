@@ -1,0 +1,558 @@
+"""Every write path invalidates: write, then read, and the read returns the new data.
+
+Each test primes the cache with a read, proves the next read is a hit that runs no SQL,
+writes through one of Django's write paths, and checks the next read runs SQL and returns
+exactly the new rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, connections, transaction
+from django.db.models import Count, Exists, OuterRef, Sum
+
+from django_dbscale.cache import invalidate, invalidate_model
+from django_dbscale.cache import stats as cache_stats_module
+from tests.test_cache_support import (
+    QueryCounter,
+    cache_env,
+    cache_keys,
+    commandstats,
+    entry_keys,
+    fresh_context,
+    invalidations,
+    observe,
+)
+from tests.testapp.models_cache import (
+    CAuthor,
+    CBook,
+    CClub,
+    CMembership,
+    CPerson,
+    CPlace,
+    CPublisher,
+    CRestaurant,
+    CReview,
+    CShelf,
+    CTag,
+)
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.usefixtures(cache_env.__name__),
+]
+
+
+def primed(read: Callable[[], Any], expected: Any) -> None:
+    """Read until a read is a hit that runs no SQL; every read returns *expected*.
+
+    At most two reads may miss: a stored miss, plus one for a query shape whose first run
+    taught the cache about a table it reads (prefetches, aggregates) and was not stored.
+    """
+    for _ in range(3):
+        with fresh_context(), observe() as seen, QueryCounter() as counter:
+            assert read() == expected
+        if seen.reasons == ["hit"]:
+            assert counter.total == 0, counter.sql
+            return
+    raise AssertionError(f"never became a hit: {seen.reasons}")
+
+
+def reread(read: Callable[[], Any], expected: Any) -> None:
+    """Read after a write: SQL runs (not a hit) and the result is *expected*."""
+    with fresh_context(), observe() as seen, QueryCounter() as counter:
+        got = read()
+    assert got == expected
+    assert seen.hits == 0, seen.reasons
+    assert counter.selects() >= 1
+
+
+@pytest.fixture
+def library() -> dict[str, Any]:
+    ann = CAuthor.objects.create(name="Ann")
+    bob = CAuthor.objects.create(name="Bob")
+    pub = CPublisher.objects.create(name="Pub")
+    shelf = CShelf.objects.create(label="S1")
+    b1 = CBook.objects.create(title="A1", author=ann, publisher=pub, price=10, shelf=shelf)
+    b2 = CBook.objects.create(title="A2", author=ann, publisher=pub, price=20)
+    b3 = CBook.objects.create(title="B1", author=bob, price=30)
+    red = CTag.objects.create(name="red")
+    blue = CTag.objects.create(name="blue")
+    b1.tags.add(red)
+    connections["default"].close()
+    return {
+        "ann": ann,
+        "bob": bob,
+        "pub": pub,
+        "shelf": shelf,
+        "b1": b1,
+        "b2": b2,
+        "b3": b3,
+        "red": red,
+        "blue": blue,
+    }
+
+
+def titles_of(author: CAuthor) -> Callable[[], list[str]]:
+    return lambda: [b.title for b in CBook.objects.cache().filter(author=author).order_by("title")]
+
+
+def all_titles() -> list[str]:
+    return [b.title for b in CBook.objects.cache().order_by("title")]
+
+
+# -- single-object writes --------------------------------------------------------------------
+
+
+def test_save_of_an_existing_object_invalidates(library: dict[str, Any]) -> None:
+    read = titles_of(library["ann"])
+    primed(read, ["A1", "A2"])
+    book = CBook.objects.get(pk=library["b1"].pk)
+    book.title = "A0"
+    book.save()
+    reread(read, ["A0", "A2"])
+
+
+def test_create_invalidates_count_exists_and_rows(library: dict[str, Any]) -> None:
+    ann = library["ann"]
+    primed(lambda: CBook.objects.cache().filter(author=ann).count(), 2)
+    primed(lambda: CBook.objects.cache().filter(title="A3").exists(), False)
+    CBook.objects.create(title="A3", author=ann)
+    reread(lambda: CBook.objects.cache().filter(author=ann).count(), 3)
+    reread(lambda: CBook.objects.cache().filter(title="A3").exists(), True)
+
+
+def test_get_is_cached_and_invalidated(library: dict[str, Any]) -> None:
+    pk = library["b2"].pk
+    primed(lambda: CBook.objects.cache().get(pk=pk).price, 20)
+    CBook.objects.filter(pk=pk).update(price=21)
+    reread(lambda: CBook.objects.cache().get(pk=pk).price, 21)
+
+
+def test_instance_delete_invalidates(library: dict[str, Any]) -> None:
+    primed(all_titles, ["A1", "A2", "B1"])
+    CBook.objects.get(pk=library["b3"].pk).delete()
+    reread(all_titles, ["A1", "A2"])
+
+
+# -- bulk writes Django sends no signal for ---------------------------------------------------
+
+
+def test_queryset_update_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: sorted(CBook.objects.cache().values_list("price", flat=True))  # noqa: E731
+    primed(read, [10, 20, 30])
+    CBook.objects.filter(price__gte=20).update(price=5)
+    reread(read, [5, 5, 10])
+
+
+def test_bulk_create_invalidates(library: dict[str, Any]) -> None:
+    bob = library["bob"]
+    read = titles_of(bob)
+    primed(read, ["B1"])
+    CBook.objects.bulk_create([CBook(title="B2", author=bob), CBook(title="B3", author=bob)])
+    reread(read, ["B1", "B2", "B3"])
+
+
+def test_bulk_create_with_update_conflicts_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: list(CTag.objects.cache().values_list("name", flat=True))  # noqa: E731
+    primed(read, ["blue", "red"])
+    CTag.objects.bulk_create(
+        [CTag(id=library["red"].pk, name="green")],
+        update_conflicts=True,
+        unique_fields=["id"],
+        update_fields=["name"],
+    )
+    reread(read, ["blue", "green"])
+
+
+def test_bulk_update_invalidates(library: dict[str, Any]) -> None:
+    read = titles_of(library["ann"])
+    primed(read, ["A1", "A2"])
+    b1, b2 = CBook.objects.filter(author=library["ann"]).order_by("id")
+    b1.title, b2.title = "X1", "X2"
+    CBook.objects.bulk_update([b1, b2], ["title"])
+    reread(read, ["X1", "X2"])
+
+
+def test_queryset_delete_invalidates(library: dict[str, Any]) -> None:
+    primed(all_titles, ["A1", "A2", "B1"])
+    CBook.objects.filter(price__lt=25).delete()
+    reread(all_titles, ["B1"])
+
+
+def test_raw_delete_of_fast_deletable_rows_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: list(CShelf.objects.values_list("label", flat=True))  # noqa: E731
+    # CShelf has no cache manager: read it through a cached query that joins it.
+    join: Callable[[], Any] = lambda: list(  # noqa: E731
+        CBook.objects.cache().filter(shelf__label="S1").values_list("title", flat=True)
+    )
+    primed(join, ["A1"])
+    assert read() == ["S1"]
+    CShelf.objects.all().delete()  # SET_NULL on books, then a fast delete of shelves
+    reread(join, [])
+
+
+def test_cascading_delete_invalidates_the_children(library: dict[str, Any]) -> None:
+    CReview.objects.create(book=library["b1"], stars=5)
+    read: Callable[[], Any] = lambda: CReview.objects.cache().count()  # noqa: E731
+    primed(read, 1)
+    CPublisher.objects.get(pk=library["pub"].pk).delete()  # cascades to books, then reviews
+    reread(read, 0)
+    reread(all_titles, ["B1"])
+
+
+def test_on_delete_set_null_update_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: CBook.objects.cache().filter(author__isnull=True).count()  # noqa: E731
+    primed(read, 0)
+    CAuthor.objects.get(pk=library["bob"].pk).delete()  # UPDATE books SET author_id = NULL
+    reread(read, 1)
+
+
+def test_loaddata_invalidates(library: dict[str, Any], tmp_path: Path) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    fixture = tmp_path / "books.json"
+    fixture.write_text(
+        json.dumps(
+            [
+                {
+                    "model": "testapp.cbook",
+                    "pk": library["b3"].pk,
+                    "fields": {
+                        "title": "B9",
+                        "author": library["bob"].pk,
+                        "price": 1,
+                        "publisher": None,
+                        "shelf": None,
+                        "tags": [],
+                    },
+                },
+                {
+                    "model": "testapp.cbook",
+                    "pk": 999,
+                    "fields": {
+                        "title": "B8",
+                        "author": library["bob"].pk,
+                        "price": 2,
+                        "publisher": None,
+                        "shelf": None,
+                        "tags": [],
+                    },
+                },
+            ]
+        )
+    )
+    call_command("loaddata", str(fixture), verbosity=0)
+    reread(read, ["B8", "B9"])
+
+
+# -- many-to-many, both directions, custom through ---------------------------------------------
+
+
+def test_m2m_add_and_remove_from_both_sides_invalidate(library: dict[str, Any]) -> None:
+    b1, red, blue = library["b1"], library["red"], library["blue"]
+    forward: Callable[[], Any] = lambda: list(b1.tags.cache().values_list("name", flat=True))  # noqa: E731
+    reverse: Callable[[], Any] = lambda: list(blue.books.cache().values_list("title", flat=True))  # noqa: E731
+    primed(forward, ["red"])
+    primed(reverse, [])
+    b1.tags.add(blue)
+    reread(forward, ["blue", "red"])
+    reread(reverse, ["A1"])
+    primed(forward, ["blue", "red"])
+    red.books.remove(b1)  # from the other side
+    reread(forward, ["blue"])
+    primed(reverse, ["A1"])
+    blue.books.clear()
+    reread(reverse, [])
+    reread(forward, [])
+    b1.tags.set([red])
+    reread(forward, ["red"])
+
+
+def test_m2m_through_model_writes_invalidate(library: dict[str, Any]) -> None:
+    club = CClub.objects.create(name="chess")
+    ann = CPerson.objects.create(name="ann")
+
+    def read() -> list[str]:
+        return list(
+            CClub.objects.cache().filter(members__name="ann").values_list("name", flat=True)
+        )
+
+    primed(read, [])
+    CMembership.objects.create(club=club, person=ann, role="chair")
+    reread(read, ["chess"])
+    primed(read, ["chess"])
+    club.members.remove(ann)
+    reread(read, [])
+    club.members.add(ann, through_defaults={"role": "member"})
+    reread(read, ["chess"])
+
+
+# -- what a query depends on --------------------------------------------------------------------
+
+
+def test_a_write_to_a_joined_table_invalidates(library: dict[str, Any]) -> None:
+    def read() -> list[str]:
+        return list(
+            CBook.objects.cache().filter(author__name="Ann").values_list("title", flat=True)
+        )
+
+    primed(read, ["A1", "A2"])
+    CAuthor.objects.filter(pk=library["ann"].pk).update(name="Anne")
+    reread(read, [])
+
+
+def test_a_write_to_a_select_related_table_invalidates(library: dict[str, Any]) -> None:
+    pk = library["b1"].pk
+
+    def read() -> Any:
+        return CBook.objects.cache().select_related("author").get(pk=pk).author.name
+
+    primed(read, "Ann")
+    CAuthor.objects.filter(pk=library["ann"].pk).update(name="Anne")
+    reread(read, "Anne")
+
+
+def test_a_write_to_a_prefetched_table_invalidates(library: dict[str, Any]) -> None:
+    def read() -> list[tuple[str, list[str]]]:
+        authors = CAuthor.objects.cache().prefetch_related("books")
+        return [(a.name, sorted(b.title for b in a.books.all())) for a in authors]
+
+    primed(read, [("Ann", ["A1", "A2"]), ("Bob", ["B1"])])
+    CBook.objects.filter(pk=library["b3"].pk).update(title="B0")
+    reread(read, [("Ann", ["A1", "A2"]), ("Bob", ["B0"])])
+
+
+def test_a_write_to_a_table_in_a_subquery_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: list(  # noqa: E731
+        CAuthor.objects.cache()
+        .filter(Exists(CBook.objects.filter(author=OuterRef("pk"), price__gt=25)))
+        .values_list("name", flat=True)
+    )
+    primed(read, ["Bob"])
+    CBook.objects.filter(pk=library["b1"].pk).update(price=99)
+    reread(read, ["Ann", "Bob"])
+
+
+def test_a_write_to_an_annotated_table_invalidates(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: [  # noqa: E731
+        (a.name, a.n) for a in CAuthor.objects.cache().annotate(n=Count("books")).order_by("name")
+    ]
+    primed(read, [("Ann", 2), ("Bob", 1)])
+    CBook.objects.create(title="B2", author=library["bob"])
+    reread(read, [("Ann", 2), ("Bob", 2)])
+
+
+def test_aggregate_is_cached_and_invalidated(library: dict[str, Any]) -> None:
+    read: Callable[[], Any] = lambda: CBook.objects.cache().aggregate(total=Sum("price"))  # noqa: E731
+    primed(read, {"total": 60})
+    CBook.objects.filter(pk=library["b1"].pk).update(price=11)
+    reread(read, {"total": 61})
+
+
+def test_multi_table_inheritance_parent_and_child_writes_invalidate() -> None:
+    CRestaurant.objects.create(name="Luigi", serves_pizza=True)
+
+    def read() -> Any:
+        return list(CRestaurant.objects.cache().values_list("name", "serves_pizza"))
+
+    primed(read, [("Luigi", True)])
+    CPlace.objects.filter(name="Luigi").update(name="Mario")  # the parent table only
+    reread(read, [("Mario", True)])
+    primed(read, [("Mario", True)])
+    r = CRestaurant.objects.get()
+    r.serves_pizza = False
+    r.save()  # both tables
+    reread(read, [("Mario", False)])
+
+
+def test_raw_sql_writes_need_invalidate_model(library: dict[str, Any]) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE testapp_cbook SET title = 'Braw' WHERE id = %s", [library["b3"].pk])
+    with fresh_context():
+        assert read() == ["B1"]  # the cache cannot see raw SQL...
+    invalidate_model(CBook)
+    reread(read, ["Braw"])  # ...until told
+
+
+def test_invalidate_object_bumps_its_dimension(library: dict[str, Any]) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE testapp_cbook SET title = 'Braw' WHERE id = %s", [library["b3"].pk])
+    invalidate(library["b3"])
+    reread(read, ["Braw"])
+
+
+# -- dimensions ---------------------------------------------------------------------------------
+
+
+def test_a_write_to_one_author_keeps_the_other_authors_entries(library: dict[str, Any]) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    CBook.objects.create(title="A3", author=library["ann"])
+    with fresh_context(), observe() as seen, QueryCounter() as counter:
+        assert bob_titles() == ["B1"]
+    assert seen.reasons == ["hit"] and counter.total == 0
+    reread(ann_titles, ["A1", "A2", "A3"])
+    # A read without a dimension filter depends on the whole table.
+    reread(all_titles, ["A1", "A2", "A3", "B1"])
+
+
+def test_moving_a_row_between_dimension_values_invalidates_both(library: dict[str, Any]) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    book = CBook.objects.get(pk=library["b2"].pk)  # loaded, then saved with a new author
+    book.author = library["bob"]
+    book.save()
+    reread(ann_titles, ["A1"])
+    reread(bob_titles, ["A2", "B1"])
+
+
+def test_update_moving_rows_by_an_unrelated_filter_invalidates_old_and_new(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    CBook.objects.filter(price=10).update(author=library["bob"])  # old author only known to PG
+    reread(ann_titles, ["A2"])
+    reread(bob_titles, ["A1", "B1"])
+
+
+def test_delete_by_an_unrelated_filter_invalidates_the_deleted_rows_dimension(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    CBook.objects.filter(price=30).delete()
+    reread(bob_titles, [])
+    with fresh_context(), observe() as seen:
+        assert ann_titles() == ["A1", "A2"]
+    assert seen.reasons == ["hit"]
+
+
+# -- transactions -------------------------------------------------------------------------------
+
+
+def test_invalidation_waits_for_commit_and_dirty_tables_bypass(library: dict[str, Any]) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    with transaction.atomic():
+        CBook.objects.create(title="B2", author=library["bob"])
+        with observe() as seen:
+            assert read() == ["B1", "B2"]  # own uncommitted write, from the database
+        assert seen.reasons == ["bypass:table written in this transaction"]
+        assert entry_keys()  # nothing bumped yet: other readers keep the old entry
+    reread(read, ["B1", "B2"])
+
+
+def test_rollback_invalidates_nothing_and_stores_nothing(library: dict[str, Any]) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    with invalidations() as seen, pytest.raises(RuntimeError), transaction.atomic():
+        CBook.objects.create(title="B2", author=library["bob"])
+        assert read() == ["B1", "B2"]
+        raise RuntimeError("roll back")
+    assert seen == []
+    with fresh_context(), observe() as reads:
+        assert read() == ["B1"]
+    assert reads.reasons == ["hit"]
+
+
+def test_nested_savepoint_rollback_then_commit(library: dict[str, Any]) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            CBook.objects.create(title="B2", author=library["bob"])
+            raise RuntimeError("roll back the savepoint")
+        with transaction.atomic():
+            CBook.objects.create(title="A3", author=library["ann"])
+            with transaction.atomic():
+                CBook.objects.filter(title="A1").update(price=1)
+    reread(ann_titles, ["A1", "A2", "A3"])
+    # The rolled-back savepoint's write did not happen; invalidating Bob is allowed but
+    # reading must give the committed data either way.
+    with fresh_context():
+        assert bob_titles() == ["B1"]
+
+
+def test_savepoint_rollback_that_drops_the_commit_hook_is_noticed(library: dict[str, Any]) -> None:
+    read = titles_of(library["ann"])
+    primed(read, ["A1", "A2"])
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            CBook.objects.create(title="Z", author=library["bob"])  # registers the hook here
+            raise RuntimeError("the hook is dropped with this savepoint")
+        CBook.objects.create(title="A3", author=library["ann"])
+    reread(read, ["A1", "A2", "A3"])
+
+
+# -- cost ---------------------------------------------------------------------------------------
+
+
+def _redis_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {k: v for k, v in delta.items() if v and k != "info"}
+
+
+def test_a_write_costs_one_redis_round_trip(
+    library: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # INFO commandstats also counts the GET/SET the bump script runs inside Redis; the
+    # client sends one command: EVALSHA.
+    monkeypatch.setattr(cache_stats_module, "FLUSH_INTERVAL", 1e9)
+    before = commandstats()
+    CBook.objects.filter(pk=library["b1"].pk).update(price=1)
+    calls = _redis_calls(before, commandstats())
+    assert calls["evalsha"] == 1
+    assert set(calls) <= {"evalsha", "get", "set"}, calls
+    before = commandstats()
+    with transaction.atomic():
+        for i in range(5):
+            CBook.objects.create(title=f"T{i}", author=library["ann"])
+        CBook.objects.filter(price__lt=5).delete()
+        library["b2"].tags.add(library["red"])
+    calls = _redis_calls(before, commandstats())
+    assert calls["evalsha"] == 1
+    assert set(calls) <= {"evalsha", "get", "set"}, calls
+
+
+def test_every_key_has_a_ttl(library: dict[str, Any]) -> None:
+    from tests.test_cache_support import redis
+
+    primed(titles_of(library["ann"]), ["A1", "A2"])
+    CBook.objects.create(title="A3", author=library["ann"])
+    cache_stats_module.FLUSH_INTERVAL, saved = 0.0, cache_stats_module.FLUSH_INTERVAL
+    try:
+        with fresh_context():
+            titles_of(library["ann"])()
+    finally:
+        cache_stats_module.FLUSH_INTERVAL = saved
+    keys = cache_keys()
+    assert any(":e:" in k for k in keys) and any(":v:" in k for k in keys)
+    assert all(redis().ttl(k) > 0 for k in keys), {k: redis().ttl(k) for k in keys}
+
+
+def test_a_rolled_back_transaction_leaves_no_dirty_tables_behind(library: dict[str, Any]) -> None:
+    read = titles_of(library["bob"])
+    primed(read, ["B1"])
+    with pytest.raises(RuntimeError), transaction.atomic():
+        CBook.objects.create(title="B2", author=library["bob"])
+        raise RuntimeError("roll back")
+    with transaction.atomic(), observe() as seen:  # the very next thing is a transaction
+        assert read() == ["B1"]
+    assert seen.reasons == ["hit"]
