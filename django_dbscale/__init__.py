@@ -2,8 +2,8 @@
 
 Read/write splitting with replica-lag awareness, consistent-hash sharding, and a Redis
 queryset cache, sharing one consistency model (:mod:`django_dbscale.consistency`). The
-names below are the public API. Model classes and managers (``ShardedModel``, ...) load on
-first access: they can only be defined once Django's app registry is loading.
+names below are the public API. Model classes, managers and the cache API load on first
+access: model classes can only be defined once Django's app registry is loading.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ from django_dbscale.sharding import (
 )
 
 __all__ = [
+    "CacheManagerMixin",
+    "CachedManager",
+    "CachedModel",
+    "CachedQuerySet",
     "CrossShardRelation",
     "FanoutNotSupported",
     "InvalidConsistencyToken",
@@ -56,11 +60,18 @@ __all__ = [
     "ShardedQuerySet",
     "ShardingError",
     "UnknownShardGroup",
+    "cache_invalidated",
+    "cache_read",
+    "cache_stats",
+    "cached_queryset",
     "consistency_context",
     "consistency_token",
     "current_shard",
     "decode_id",
     "get_ring",
+    "invalidate",
+    "invalidate_all",
+    "invalidate_model",
     "read_at_least",
     "ring_key",
     "shard_for_key",
@@ -75,6 +86,23 @@ _LAZY = {
     "ShardedManager": "django_dbscale.sharding",
     "ShardedModel": "django_dbscale.sharding",
     "ShardedQuerySet": "django_dbscale.sharding",
+    # The cache package defines model and manager classes: import it on first use.
+    **dict.fromkeys(
+        [
+            "CacheManagerMixin",
+            "CachedManager",
+            "CachedModel",
+            "CachedQuerySet",
+            "cache_invalidated",
+            "cache_read",
+            "cache_stats",
+            "cached_queryset",
+            "invalidate",
+            "invalidate_all",
+            "invalidate_model",
+        ],
+        "django_dbscale.cache",
+    ),
 }
 
 

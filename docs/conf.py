@@ -6,6 +6,7 @@ project = "django_dbscale"
 author = "django_dbscale founders"
 extensions = ["myst_parser"]
 myst_enable_extensions = ["deflist", "colon_fence"]
+myst_heading_anchors = 3
 source_suffix = {".md": "markdown"}
 html_theme = "furo"
 exclude_patterns = ["_build"]

@@ -28,9 +28,13 @@ def dbscale(**changes: Any) -> dict[str, Any]:
 
 
 def test_check_ids_are_unique_and_documented() -> None:
-    assert len(set(checks.ALL_IDS)) == len(checks.ALL_IDS)
+    from django_dbscale.cache import checks as cache_checks
+    from django_dbscale.sharding import checks as shard_checks
+
+    all_ids = [*checks.ALL_IDS, *shard_checks.ALL_IDS, *cache_checks.ALL_IDS]
+    assert len(set(all_ids)) == len(all_ids)
     doc = (ROOT / "docs" / "checks.md").read_text()
-    for check_id in checks.ALL_IDS:
+    for check_id in all_ids:
         assert f"`{check_id}`" in doc, f"{check_id} missing from docs/checks.md"
 
 

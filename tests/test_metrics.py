@@ -27,3 +27,41 @@ def test_collector_exposes_routes_and_lag(services: Services) -> None:
         replicas.monitor.refresh()
         text = generate_latest(registry).decode()
     assert 'dbscale_replica_eligible{alias="default_replica"} 0.0' in text
+
+
+def test_collector_exposes_cache_events(services: Services) -> None:
+    from tests.testapp.models_cache import CAuthor
+
+    author = CAuthor.objects.create(name="metrics")
+    CAuthor.objects.cache().get(pk=author.pk)
+    CAuthor.objects.cache().get(pk=author.pk)
+    registry = CollectorRegistry()
+    registry.register(DBScaleCollector())
+    text = generate_latest(registry).decode()
+    assert 'dbscale_cache_events_total{event="hit",model="testapp.CAuthor"}' in text
+    assert 'dbscale_cache_events_total{event="miss",model="testapp.CAuthor"}' in text
+
+
+def test_status_command_shows_cache_counters_per_model(services: Services) -> None:
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    from tests.testapp.models_cache import CAuthor
+
+    def counters() -> dict[str, int]:
+        buffer = io.StringIO()
+        call_command("dbscale", "status", "--json", stdout=buffer)
+        return dict(json.loads(buffer.getvalue())["cache"].get("testapp.CAuthor", {}))
+
+    before = counters()
+    author = CAuthor.objects.create(name="status")
+    for _ in range(3):
+        assert CAuthor.objects.cache().get(pk=author.pk).name == "status"
+    after = counters()
+    assert after.get("miss", 0) - before.get("miss", 0) == 1, (before, after)
+    assert after.get("hit", 0) - before.get("hit", 0) == 2, (before, after)
+    text = io.StringIO()
+    call_command("dbscale", "status", stdout=text)
+    assert f"hit={after['hit']}" in text.getvalue()

@@ -536,7 +536,9 @@ def test_status_command_reports_health_and_lag(services: Services, paused: Any) 
 
     buffer = io.StringIO()
     call_command("dbscale", "status", "--json", stdout=buffer)
-    rows = {row["primary"]: row for row in json.loads(buffer.getvalue())}
+    report = json.loads(buffer.getvalue())
+    assert set(report) == {"primaries", "routes", "cache"}
+    rows = {row["primary"]: row for row in report["primaries"]}
     assert set(rows) == {"default", "shard0", "shard1", "shard2"}
     default = rows["default"]
     assert default["reads_go_to"] == "default_replica"

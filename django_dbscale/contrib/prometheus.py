@@ -15,6 +15,11 @@ Metrics (labels never carry keys or primary keys):
     the last measured replay lag of each replica;
 ``dbscale_replica_eligible{alias}``
     1 if the replica currently receives reads, else 0.
+``dbscale_cache_events_total{model,event}``
+    the queryset cache's hits, misses, stores, rejected fills, bypasses, invalidations and
+    errors per model (or ``fn:...`` for ``cached_queryset`` functions). These are totals
+    over every process, kept in Redis: scrape them from one target, or aggregate with
+    ``max`` rather than ``sum``. Read with one Redis round trip per scrape.
 """
 
 from __future__ import annotations
@@ -62,3 +67,16 @@ class DBScaleCollector(Collector):
         yield lag_s
         yield lag_b
         yield eligible
+
+        cache_events = CounterMetricFamily(
+            "dbscale_cache_events",
+            "Queryset cache events per model (all processes).",
+            labels=["model", "event"],
+        )
+        if dbscale_settings.cache["ENABLED"]:
+            from django_dbscale.cache import cache_stats
+
+            for label, events in sorted(cache_stats().items()):
+                for event, count in sorted(events.items()):
+                    cache_events.add_metric([label, event], count)
+        yield cache_events

@@ -13,7 +13,10 @@ from django_dbscale import replicas
 from django_dbscale.conf import dbscale_settings
 from django_dbscale.consistency import format_lsn
 
-HELP = "Probe every replica now and print health, lag and where reads would go."
+HELP = (
+    "Probe every replica now and print health, lag and where reads would go; reads routed "
+    "by reason; and the queryset cache's counters per model."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +55,24 @@ def collect() -> list[dict[str, Any]]:
     return rows
 
 
+def cache_counters() -> dict[str, dict[str, int]]:
+    """Return the cache's hits, misses, stores, ... per model (all processes, via Redis)."""
+    if not dbscale_settings.cache["ENABLED"]:
+        return {}
+    from django_dbscale.cache import cache_stats
+
+    return cache_stats()
+
+
 def handle(command: BaseCommand, **options: Any) -> None:
     rows = collect()
+    routes = {
+        f"{alias} {reason}": n for (alias, reason), n in sorted(replicas.route_counts.items())
+    }
+    counters = cache_counters()
     if options.get("json"):
-        command.stdout.write(json.dumps(rows, indent=2))
+        report = {"primaries": rows, "routes": routes, "cache": counters}
+        command.stdout.write(json.dumps(report, indent=2))
         return
     budget = (
         f"budget: {dbscale_settings.max_replica_lag}s or "
@@ -71,3 +88,10 @@ def handle(command: BaseCommand, **options: Any) -> None:
                 f"{r['lag_seconds']} s  replay_lsn={r['replay_lsn']}  weight={r['weight']}"
                 + (f"  error={r['error']}" if r["error"] else "")
             )
+    command.stdout.write("reads routed by this process (alias, reason):")
+    for label, count in routes.items() or [("none yet", 0)]:
+        command.stdout.write(f"  {label:<40} {count}")
+    command.stdout.write("queryset cache (all processes):")
+    for label, events in sorted(counters.items()) or [("none yet", {})]:
+        shown = "  ".join(f"{event}={n}" for event, n in sorted(events.items()))
+        command.stdout.write(f"  {label:<40} {shown}")
