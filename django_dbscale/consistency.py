@@ -176,7 +176,8 @@ def record_write(primary: str, *, has_lsn: bool = True) -> None:
     of the write is kept, for ``READ_YOUR_WRITES = "time"``.
     """
     state = current_state()
-    if has_lsn:
+    # A primary without replicas is always read from itself: its position is never needed.
+    if has_lsn and dbscale_settings.replicas.get(primary):
         state.pending.add(primary)
     state.write_times[primary] = time.time()
     state.wrote = True

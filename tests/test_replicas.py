@@ -930,3 +930,15 @@ def test_time_fallback_tracks_writes_on_a_foreign_engine_primary(services: Servi
             time.sleep(0.55)
             assert replicas.read_alias("default_plain") == "default_replica_direct"
     connections["default_plain"].close()
+
+
+def test_writes_to_a_primary_without_replicas_cost_no_position_query(services: Services) -> None:
+    no_replicas = {k: v for k, v in settings.DBSCALE["REPLICAS"].items() if k != "default"}
+    with override_settings(DBSCALE={**settings.DBSCALE, "REPLICAS": no_replicas}):
+        with consistency_context() as state, CaptureQueriesContext(connections["default"]) as q:
+            Note.objects.create(title="lonely")
+            assert Note.objects.all().db == "default"
+            token = consistency_token()
+        assert state.wrote and not state.pending
+    assert not [x for x in q.captured_queries if "pg_current_wal" in x["sql"]]
+    assert decode(token).positions == {}
