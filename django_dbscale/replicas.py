@@ -29,6 +29,7 @@ after the backoff re-admits it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -202,6 +203,7 @@ class ReplicaMonitor:
         self._last_refresh = -math.inf
         self._pid = os.getpid()
         self._rr: dict[str, float] = defaultdict(float)
+        self._closed = False
 
     # -- state ------------------------------------------------------------------------
     def status(self, alias: str) -> ReplicaStatus:
@@ -228,8 +230,15 @@ class ReplicaMonitor:
             self._rr.clear()
 
     # -- refreshing -------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop background probing for good (at interpreter exit) and close probes."""
+        self._closed = True
+        self.reset()
+
     def maybe_refresh(self) -> None:
         """Start a background refresh if the measurements are older than the interval."""
+        if self._closed:
+            return
         now = time.monotonic()
         if now - self._last_refresh < dbscale_settings.replica_check_interval:
             return
@@ -279,7 +288,7 @@ class ReplicaMonitor:
                 row = self._probe(primary).query(PRIMARY_PROBE_SQL, timeout)
                 primary_lsns[primary] = consistency.parse_lsn(row[0])
             except Exception as exc:  # only means "byte lag unknown"
-                logger.warning("Probe of primary %r failed: %s", primary, exc)
+                self._log("Probe of primary %r failed: %s", primary, exc)
 
         _run_all([(probe_primary, (p,)) for p in {p for p, _ in targets}], budget)
         late = _run_all(
@@ -350,13 +359,17 @@ class ReplicaMonitor:
             backoff=backoff,
             failures=status.failures,
         )
-        logger.warning(
+        self._log(
             "Replica %r quarantined for %.1fs (failure %d): %s",
             status.alias,
             backoff,
             status.failures,
             reason,
         )
+
+    def _log(self, message: str, *args: Any) -> None:
+        # After shutdown, failures are the servers going away with the process: not news.
+        (logger.debug if self._closed else logger.warning)(message, *args)
 
     def report_failure(self, alias: str, reason: str) -> None:
         """Quarantine *alias* after a failure seen outside the prober."""
@@ -390,6 +403,9 @@ class ReplicaMonitor:
 
 monitor = ReplicaMonitor()
 on_settings_changed(monitor.reset)
+# Before the servers go away at exit (atexit runs last-registered first), stop probing so a
+# late background probe does not log failures of a process that is shutting down.
+atexit.register(monitor.shutdown)
 
 
 def _run_all(
