@@ -93,5 +93,5 @@ def handle(command: BaseCommand, **options: Any) -> None:
         command.stdout.write(f"  {label:<40} {count}")
     command.stdout.write("queryset cache (all processes):")
     for label, events in sorted(counters.items()) or [("none yet", {})]:
-        shown = "  ".join(f"{event}={n}" for event, n in sorted(events.items()))
+        shown = "  ".join(f"{event}={n}" for event, n in sorted(events.items()) if n)
         command.stdout.write(f"  {label:<40} {shown}")
