@@ -20,7 +20,7 @@ shards). It adds three things to Django's backend and changes nothing else:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,13 @@ from django_dbscale.conf import dbscale_settings
 logger = logging.getLogger("django_dbscale.backends")
 
 _FAILOVER_ERRORS = (OperationalError, InterfaceError)
+
+#: Called with the connection right after every successful COMMIT of a dbscale connection
+#: (atomic() or manual set_autocommit(False) transactions), before Django's on_commit
+#: callbacks run. Listeners must be quick and must not raise.
+commit_listeners: list[Callable[[DatabaseWrapper], None]] = []
+#: Called with the connection right after every full ROLLBACK of a dbscale connection.
+rollback_listeners: list[Callable[[DatabaseWrapper], None]] = []
 
 
 def _statusmessage(cursor: Any) -> str | None:
@@ -197,10 +204,16 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
         if self.dbscale_dirty:
             self.dbscale_dirty = False
             consistency.record_write(self.alias)
+        # Before Django runs transaction.on_commit() callbacks: they must see invalidated
+        # caches, so listeners (the queryset cache) deliver here rather than in a callback.
+        for listener in commit_listeners:
+            listener(self)
 
     def rollback(self) -> None:
         self.dbscale_dirty = False
         super().rollback()
+        for listener in rollback_listeners:
+            listener(self)
 
     # -- cursors ----------------------------------------------------------------------
     def make_cursor(self, cursor: Any) -> CursorWrapper:
