@@ -11,13 +11,14 @@ import pickle
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from django.db import connections, transaction
 
-from django_dbscale import consistency, replicas
+from django_dbscale import replicas
+from django_dbscale.cache import cached_queryset
 from django_dbscale.testing.harness import Services
 from tests.test_cache_support import (
     QueryCounter,
@@ -250,8 +251,140 @@ def test_concurrent_misses_of_one_key_run_one_query(counter: CCounter) -> None:
     assert len(selects) == 1
 
 
-@pytest.fixture
-def _restore_context() -> Iterator[None]:
-    token = consistency.open_context()
-    yield
-    consistency.close_context(token)
+# -- manual transactions and commit ordering ----------------------------------------------------
+
+
+def prime(pk: int) -> None:
+    with fresh_context():
+        value_of(pk)
+    with fresh_context(), observe() as seen:
+        value_of(pk)
+    assert seen.reasons == ["hit"]
+
+
+def test_on_commit_callbacks_registered_before_the_write_read_fresh_data(
+    counter: CCounter,
+) -> None:
+    prime(counter.pk)
+    seen: list[int] = []
+    with transaction.atomic():
+        transaction.on_commit(lambda: seen.append(value_of(counter.pk)))
+        CCounter.objects.filter(pk=counter.pk).update(value=2)
+    assert seen == [2]
+
+
+def test_a_manual_transaction_neither_serves_nor_leaks_uncommitted_rows(
+    counter: CCounter,
+) -> None:
+    prime(counter.pk)
+    conn = connections["default"]
+    conn.set_autocommit(False)
+    try:
+        CCounter.objects.filter(pk=counter.pk).update(value=666)
+        with observe() as seen:
+            assert value_of(counter.pk) == 666  # its own write, from the database
+        assert seen.reasons == ["bypass:table written in this transaction"]
+
+        def other_reader() -> tuple[int, list[str]]:
+            with fresh_context(), observe() as other:
+                return value_of(counter.pk), other.reasons
+
+        # Nothing was bumped before COMMIT: other readers keep hitting the committed value.
+        assert result(*run_in_thread(other_reader)) == (1, ["hit"])
+        conn.rollback()
+    finally:
+        conn.set_autocommit(True)
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 1
+    assert seen.reasons == ["hit"]  # the rollback bumped nothing either
+
+
+def test_a_manual_transaction_invalidates_right_after_commit(counter: CCounter) -> None:
+    prime(counter.pk)
+    conn = connections["default"]
+    conn.set_autocommit(False)
+    try:
+        CCounter.objects.filter(pk=counter.pk).update(value=2)
+        conn.commit()
+        assert conn.get_autocommit() is False
+        with fresh_context(), observe() as seen:
+            assert value_of(counter.pk) == 2
+        assert seen.reasons == ["miss"]  # bumped at COMMIT, refilled (read committed)
+        conn.commit()
+    finally:
+        conn.set_autocommit(True)
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 2
+    assert seen.reasons == ["hit"]
+
+
+def test_a_manual_repeatable_read_transaction_does_not_store_its_snapshot(
+    counter: CCounter,
+) -> None:
+    taken, written = threading.Event(), threading.Event()
+
+    def reader() -> tuple[int, list[str]]:
+        conn = connections["default"]
+        with fresh_context():
+            conn.set_autocommit(False)
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    cursor.execute("SELECT 1")
+                taken.set()
+                assert written.wait(10)
+                with observe() as seen:
+                    return value_of(counter.pk), seen.reasons
+            finally:
+                conn.rollback()
+                conn.set_autocommit(True)
+
+    thread, box = run_in_thread(reader)
+    assert taken.wait(10)
+    CCounter.objects.filter(pk=counter.pk).update(value=2)
+    written.set()
+    value, reasons = result(thread, box)
+    assert value == 1
+    assert reasons == ["bypass:snapshot isolation: the snapshot may predate the header"]
+    with fresh_context():
+        assert value_of(counter.pk) == 2
+
+
+def test_a_connection_configured_for_repeatable_read_bypasses_inside_transactions(
+    counter: CCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prime(counter.pk)
+    conn = connections["default"]
+    conn.ensure_connection()
+    monkeypatch.setattr(conn, "isolation_level", 3, raising=False)  # OPTIONS isolation_level
+    with fresh_context(), transaction.atomic(), observe() as seen:
+        assert value_of(counter.pk) == 1
+    assert seen.reasons == ["bypass:repeatable read transaction"]
+    with fresh_context(), observe() as seen:
+        assert value_of(counter.pk) == 1
+    assert seen.reasons == ["hit"]  # outside a transaction the snapshot is per statement
+
+
+@cached_queryset(depends_on=[CCounter])
+def _raw_values() -> list[int]:
+    return [c.value for c in CCounter.objects.raw("SELECT id, name, value FROM testapp_ccounter")]
+
+
+def test_a_raw_read_from_a_lagging_replica_is_never_stored(
+    counter: CCounter, services: Services, paused: Callable[[Any], Any]
+) -> None:
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    paused(services.pg1_replica)
+    CCounter.objects.filter(pk=counter.pk).update(value=2)
+    replicas.monitor.refresh()
+    with fresh_context(), observe() as seen:
+        _raw_values()  # raw() skips the compiler: may read the lagging replica...
+    assert seen.reasons == [
+        "bypass:read from replica 'default_replica', behind the last invalidation"
+    ]  # ...but is not stored
+    services.pg1_replica.resume_replay()
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    with fresh_context():
+        assert _raw_values() == [2]

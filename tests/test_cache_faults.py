@@ -188,5 +188,66 @@ def test_breaker_rejects_bad_parameters(failures: int, cooldown: float) -> None:
         CircuitBreaker(failures, cooldown)
 
 
-def _unused(*args: Any) -> None:
-    pass
+@pytest.mark.usefixtures("fast_breaker")
+def test_one_flush_gives_every_key_of_every_alias_a_distinct_token(services: Services) -> None:
+    from django_dbscale.cache import invalidate_model
+    from tests.test_cache_support import cache_keys
+
+    with services.proxies["redis"].cut_off():
+        invalidate_model(CCounter, using="default")
+        invalidate_model(CCounter, using="shard0")
+    time.sleep(COOLDOWN + 0.05)
+    assert invalidation.flush_pending()  # both aliases in one pipelined flush
+    values = {k: redis().get(k) for k in cache_keys("v:*")}
+    assert len(values) >= 4
+    tokens = {v.decode().rpartition(":")[0] for v in values.values()}
+    assert len(tokens) == len(values), values
+
+
+def test_bump_keeps_the_highest_position_but_never_an_unknown_one() -> None:
+    from django_dbscale.cache.client import BUMP
+
+    key = f"{invalidation.options().prefix}:v:default:t:a"
+    low, high, unknown = f"{1:016x}", f"{2:016x}", f"{invalidation.UNKNOWN_LSN:016x}"
+    gw = gateway()
+    gw.evalsha(BUMP, [key], ["x1.", high, 60, 60])
+    gw.evalsha(BUMP, [key], ["x2.", low, 60, 60])
+    assert redis().get(key).decode().endswith(":" + high)  # an older position never wins
+    gw.evalsha(BUMP, [key], ["x3.", unknown, 60, 60])
+    assert redis().get(key).decode().endswith(":" + unknown)  # fill from the primary...
+    gw.evalsha(BUMP, [key], ["x4.", low, 60, 60])
+    assert redis().get(key).decode().endswith(":" + low)  # ...until the next known position
+
+
+def test_an_interrupted_hit_never_leaves_its_connection_for_reuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    gw = gateway()
+    connection = gw._free[-1]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # mid-reply: the reply would be left unread on the socket
+
+    monkeypatch.setattr(connection, "read_response", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read(row.pk)
+    assert connection not in gw._free
+    monkeypatch.undo()
+    assert read(row.pk) == (1, ["hit"])
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_undelivered_invalidations_are_retried_in_the_background(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    with services.proxies["redis"].cut_off():
+        CCounter.objects.filter(pk=row.pk).update(value=2)
+        assert invalidation.has_pending()
+    deadline = time.monotonic() + 5
+    while invalidation.has_pending() and time.monotonic() < deadline:
+        time.sleep(0.05)  # no cache call in this process meanwhile
+    assert not invalidation.has_pending()
+    # What another process sees: the entry's versions were bumped in Redis.
+    assert read(row.pk) == (2, ["miss"])

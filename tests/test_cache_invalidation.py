@@ -8,6 +8,7 @@ exactly the new rows.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections, transaction
-from django.db.models import Count, Exists, OuterRef, Sum
+from django.db.models import Count, Exists, OuterRef, Q, Sum
 
 from django_dbscale.cache import invalidate, invalidate_model
 from django_dbscale.cache import stats as cache_stats_module
@@ -24,7 +25,6 @@ from tests.test_cache_support import (
     cache_env,
     cache_keys,
     commandstats,
-    entry_keys,
     fresh_context,
     invalidations,
     observe,
@@ -372,6 +372,29 @@ def test_multi_table_inheritance_parent_and_child_writes_invalidate() -> None:
     reread(read, [("Mario", False)])
 
 
+def test_a_multi_table_child_of_a_parent_with_dimensions_is_cached_and_invalidated() -> None:
+    from tests.testapp.models_cache import CKiosk, CStore
+
+    CKiosk.objects.create(city="Oslo")
+    CStore.objects.create(city="Rome")
+
+    def kiosks() -> Any:
+        return list(CKiosk.objects.cache().filter(city="Oslo").values_list("city", "open_late"))
+
+    def stores() -> Any:
+        return list(CStore.objects.cache().filter(city="Rome").values_list("city", flat=True))
+
+    primed(kiosks, [("Oslo", False)])
+    primed(stores, ["Rome"])
+    CKiosk.objects.create(city="Oslo", open_late=True)  # parent row of Oslo, child row
+    reread(kiosks, [("Oslo", False), ("Oslo", True)])
+    with fresh_context(), observe() as seen:
+        assert stores() == ["Rome"]
+    assert seen.reasons == ["hit"]  # the parent's dimensions still split its versions
+    CStore.objects.filter(city="Oslo").update(city="Bergen")
+    reread(kiosks, [])
+
+
 def test_raw_sql_writes_need_invalidate_model(library: dict[str, Any]) -> None:
     read = titles_of(library["bob"])
     primed(read, ["B1"])
@@ -443,6 +466,50 @@ def test_delete_by_an_unrelated_filter_invalidates_the_deleted_rows_dimension(
     assert seen.reasons == ["hit"]
 
 
+def test_update_pinning_the_old_dimension_invalidates_the_new_one(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    CBook.objects.filter(author=library["ann"]).update(author=library["bob"])  # WHERE + SET
+    reread(ann_titles, [])
+    reread(bob_titles, ["A1", "A2", "B1"])
+
+
+def test_bulk_create_across_authors_invalidates_each_author(library: dict[str, Any]) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    CBook.objects.bulk_create(
+        [CBook(title="A3", author=library["ann"]), CBook(title="B2", author=library["bob"])]
+    )
+    reread(ann_titles, ["A1", "A2", "A3"])
+    reread(bob_titles, ["B1", "B2"])
+
+
+@pytest.mark.parametrize(
+    "not_pinned",
+    [
+        lambda ann: CBook.objects.cache().exclude(author=ann),
+        lambda ann: CBook.objects.cache().filter(~Q(author=ann)),
+        lambda ann: CBook.objects.cache().filter(Q(author=ann) | Q(title__startswith="B")),
+    ],
+    ids=["exclude", "negated-Q", "OR"],
+)
+def test_exclude_negation_and_or_do_not_pin_a_dimension(
+    library: dict[str, Any], not_pinned: Callable[[Any], Any]
+) -> None:
+    def read() -> list[str]:
+        return sorted(
+            b.title for b in not_pinned(library["ann"]) if b.author_id != library["ann"].pk
+        )
+
+    primed(read, ["B1"])
+    CBook.objects.create(title="B2", author=library["bob"])  # bumps Bob's dimension only
+    reread(read, ["B1", "B2"])
+
+
 # -- transactions -------------------------------------------------------------------------------
 
 
@@ -454,7 +521,20 @@ def test_invalidation_waits_for_commit_and_dirty_tables_bypass(library: dict[str
         with observe() as seen:
             assert read() == ["B1", "B2"]  # own uncommitted write, from the database
         assert seen.reasons == ["bypass:table written in this transaction"]
-        assert entry_keys()  # nothing bumped yet: other readers keep the old entry
+        box: list[Any] = []
+
+        def other_reader() -> None:
+            try:
+                with fresh_context(), observe() as other:
+                    box.append((read(), other.reasons))
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=other_reader)
+        thread.start()
+        thread.join(30)
+        # Nothing bumped yet: other readers keep hitting the committed entry.
+        assert box == [(["B1"], ["hit"])]
     reread(read, ["B1", "B2"])
 
 
@@ -490,13 +570,13 @@ def test_nested_savepoint_rollback_then_commit(library: dict[str, Any]) -> None:
         assert bob_titles() == ["B1"]
 
 
-def test_savepoint_rollback_that_drops_the_commit_hook_is_noticed(library: dict[str, Any]) -> None:
+def test_a_savepoint_rollback_keeps_the_later_writes_invalidations(library: dict[str, Any]) -> None:
     read = titles_of(library["ann"])
     primed(read, ["A1", "A2"])
     with transaction.atomic():
         with pytest.raises(RuntimeError), transaction.atomic():
-            CBook.objects.create(title="Z", author=library["bob"])  # registers the hook here
-            raise RuntimeError("the hook is dropped with this savepoint")
+            CBook.objects.create(title="Z", author=library["bob"])  # rolled back below
+            raise RuntimeError("roll back this savepoint only")
         CBook.objects.create(title="A3", author=library["ann"])
     reread(read, ["A1", "A2", "A3"])
 
@@ -512,14 +592,14 @@ def _redis_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 def test_a_write_costs_one_redis_round_trip(
     library: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # INFO commandstats also counts the GET/SET the bump script runs inside Redis; the
+    # INFO commandstats also counts the GET/TTL/SET the bump script runs inside Redis; the
     # client sends one command: EVALSHA.
     monkeypatch.setattr(cache_stats_module, "FLUSH_INTERVAL", 1e9)
     before = commandstats()
     CBook.objects.filter(pk=library["b1"].pk).update(price=1)
     calls = _redis_calls(before, commandstats())
     assert calls["evalsha"] == 1
-    assert set(calls) <= {"evalsha", "get", "set"}, calls
+    assert set(calls) <= {"evalsha", "get", "set", "ttl"}, calls
     before = commandstats()
     with transaction.atomic():
         for i in range(5):
@@ -528,7 +608,7 @@ def test_a_write_costs_one_redis_round_trip(
         library["b2"].tags.add(library["red"])
     calls = _redis_calls(before, commandstats())
     assert calls["evalsha"] == 1
-    assert set(calls) <= {"evalsha", "get", "set"}, calls
+    assert set(calls) <= {"evalsha", "get", "set", "ttl"}, calls
 
 
 def test_every_key_has_a_ttl(library: dict[str, Any]) -> None:
@@ -556,3 +636,21 @@ def test_a_rolled_back_transaction_leaves_no_dirty_tables_behind(library: dict[s
     with transaction.atomic(), observe() as seen:  # the very next thing is a transaction
         assert read() == ["B1"]
     assert seen.reasons == ["hit"]
+
+
+def test_an_update_of_a_multi_table_child_costs_one_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cache_stats_module, "FLUSH_INTERVAL", 1e9)
+    CRestaurant.objects.create(name="L", serves_pizza=True)
+
+    def read() -> Any:
+        return list(CRestaurant.objects.cache().values_list("name", "serves_pizza"))
+
+    primed(read, [("L", True)])
+    before = commandstats()
+    with QueryCounter(["default"]) as counter:
+        CRestaurant.objects.filter(name="L").update(name="M", serves_pizza=False)
+    assert _redis_calls(before, commandstats())["evalsha"] == 1  # both tables, one call
+    assert sum("pg_current_wal" in sql for _, sql in counter.sql) <= 1
+    reread(read, [("M", False)])

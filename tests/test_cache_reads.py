@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import FieldError, ImproperlyConfigured
 from django.db import connections, transaction
@@ -27,7 +27,7 @@ from tests.test_cache_support import (
     observe,
     redis,
 )
-from tests.testapp.models_cache import CAuthor, CBook, CCounter, CPublisher, CTag
+from tests.testapp.models_cache import CAuthor, CBook, CCounter, CEvent, CPublisher, CTag
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
@@ -343,7 +343,6 @@ def test_async_evaluation_reads_through_the_cache(books: dict[str, Any]) -> None
             return asyncio.run(read())
 
     assert twice(run) == ((2, "A1"), ["miss", "miss", "hit", "hit"])
-    _ = sync_to_async
 
 
 # -- explain -----------------------------------------------------------------------------------
@@ -421,15 +420,37 @@ def test_decorator_and_queryset_inputs_are_validated() -> None:
         ({"CIRCUIT_BREAKER": 5}, r"\['CIRCUIT_BREAKER'\] must be \(failures_before_opening"),
         ({"VERSION_TIMEOUT": 10}, r"must be at least TIMEOUT"),
         ({"DIMENSIONS": {"testapp.CBook": [3]}}, r"must be a list of field names"),
+        ({"TIMEOUT": "900"}, r"not '900'\. Example: 'TIMEOUT': 900\.$"),
+        ({"MODELS": "auth.User"}, r"labels, not 'auth\.User'\. Example: \["),
+        ({"MAX_RESULT_BYTES": "1MB"}, r"\(bytes\), not '1MB'\. Example: 1_048_576"),
+        ({"ENABLED": 1}, r"True or False, not 1\. Example: True"),
+        ({"LOCK_TIMEOUT": -1}, r"\['LOCK_TIMEOUT'\] must be a number >= 0 \(seconds\)"),
+        ({"SOCKET_TIMEOUT": 0}, r"\['SOCKET_TIMEOUT'\] must be a number > 0 \(seconds\)"),
+        ({"PREFIX": "app*"}, r"glob characters"),
+        ({"PREFIX": "app[1]"}, r"glob characters"),
     ],
 )
 def test_bad_cache_settings_name_the_key_and_the_fix(change: dict[str, Any], message: str) -> None:
     cache = {**settings.DBSCALE["CACHE"], **change}
     with (
         override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}),
-        pytest.raises(ImproperlyConfigured, match=message),
+        pytest.raises(ImproperlyConfigured, match=message) as raised,
     ):
         options()
+    assert not str(raised.value).endswith(". "), "the fix is missing"
+
+
+def test_cache_clear_with_redis_down_is_a_command_error() -> None:
+    from django.core.management import CommandError, call_command
+
+    from django_dbscale.cache.client import gateway
+
+    location = {**settings.CACHES["dbscale"], "LOCATION": "redis://127.0.0.1:1/0"}
+    with override_settings(CACHES={**settings.CACHES, "dbscale": location}):
+        gateway().close()
+        with pytest.raises(CommandError, match="Redis is unreachable"):
+            call_command("dbscale", "cache", "clear")
+    gateway().close()
 
 
 def test_a_bad_dimension_names_the_model_and_the_fields() -> None:
@@ -444,7 +465,10 @@ def test_a_bad_dimension_names_the_model_and_the_fields() -> None:
 
 
 def test_connections_are_left_usable() -> None:
-    assert connections["default"].is_usable() or connections["default"].connection is None
+    connection = connections["default"]
+    connection.ensure_connection()
+    assert connection.is_usable()
+    assert connection.get_autocommit() and not connection.in_atomic_block
 
 
 def test_cached_reads_nested_in_a_fill_are_read_from_the_database(books: dict[str, Any]) -> None:
@@ -494,3 +518,151 @@ def test_lazy_querysets_raise_what_django_raises(books: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="Negative indexing"):
         CBook.objects.cache()[-1]
     assert CBook.objects.cache()[:1].get().title == "A1"  # a sliced get() keeps the order
+
+
+# -- time zones and shards in keys --------------------------------------------------------------
+
+
+def test_the_active_time_zone_is_part_of_the_key_of_zoned_queries() -> None:
+    import datetime
+
+    from django.utils import timezone
+
+    # 23:30 UTC on January 1st is January 2nd in Tokyo.
+    CEvent.objects.create(at=datetime.datetime(2024, 1, 1, 23, 30, tzinfo=datetime.UTC))
+    day = datetime.date(2024, 1, 2)
+    for _ in range(2):
+        with fresh_context(), timezone.override("UTC"):
+            assert CEvent.objects.cache().filter(at__date=day).count() == 0
+    with fresh_context(), timezone.override("UTC"), observe() as seen:
+        assert CEvent.objects.cache().filter(at__date=day).count() == 0
+    assert seen.reasons == ["hit"]
+    with fresh_context(), timezone.override("Asia/Tokyo"):
+        assert CEvent.objects.cache().filter(at__date=day).count() == 1
+        assert CEvent.objects.cache().filter(at__date=day).count() == 1
+
+
+@cached_queryset(depends_on=["testapp.CEvent"])
+def _events_on(day: Any) -> int:
+    return CEvent.objects.filter(at__date=day).count()
+
+
+def test_the_active_time_zone_is_part_of_a_decorated_functions_key() -> None:
+    import datetime
+
+    from django.utils import timezone
+
+    CEvent.objects.create(at=datetime.datetime(2024, 1, 1, 23, 30, tzinfo=datetime.UTC))
+    day = datetime.date(2024, 1, 2)
+    for _ in range(2):
+        with fresh_context(), timezone.override("UTC"):
+            assert _events_on(day) == 0
+    with fresh_context(), timezone.override("Asia/Tokyo"):
+        assert _events_on(day) == 1
+
+
+# -- time-to-live of leases and versions -------------------------------------------------------
+
+
+def test_a_lease_outlives_the_waiters_wait_so_slow_fills_keep_it() -> None:
+    from django_dbscale.cache import engine
+
+    plan = CCounter.objects.cache().filter(name="lease")._dbscale_plan("rows")
+    assert plan is not None
+    reply = engine._read(plan, b"me")
+    assert reply[0] == 0 and reply[2] == 1  # a miss, and the lease
+    assert redis().pttl(plan.lease_key) > 10 * options().lock_timeout * 1000 - 100
+    assert redis().pttl(plan.lease_key) >= 4900
+
+
+def test_dimension_versions_live_about_as_long_as_the_entries_built_on_them() -> None:
+    ann = CAuthor.objects.create(name="Ann")
+    CBook.objects.create(title="A1", author=ann)  # bumps Ann's dimension version
+    key = keys.version_key(options().prefix, "default", "testapp_cbook", "d", f"author_id={ann.pk}")
+    assert 0 < redis().ttl(key) <= options().timeout + 60  # not VERSION_TIMEOUT (7 days)
+    with fresh_context():
+        assert [b.title for b in CBook.objects.cache(timeout=3600).filter(author=ann)] == ["A1"]
+    assert 3600 < redis().ttl(key) <= 3660  # extended to the entry's time-to-live
+    CBook.objects.create(title="A2", author=ann)
+    assert 3600 < redis().ttl(key) <= 3660  # a bump never shortens it
+
+
+def test_two_shards_never_share_a_decorated_functions_entry() -> None:
+    from django_dbscale import using_shard
+    from tests.testapp.models_sharding import ShardCustomer
+
+    @cached_queryset(depends_on=[ShardCustomer])
+    def names() -> list[str]:
+        return sorted(ShardCustomer.objects.values_list("name", flat=True))
+
+    for pk in range(1001, 1009):
+        ShardCustomer.objects.create(id=pk, name=f"c{pk}")  # placed by their key
+    expected = {}
+    for shard in ("shard1", "shard2"):
+        with using_shard("customers", shard=shard):
+            expected[shard] = names.__wrapped__()  # type: ignore[attr-defined]
+    assert expected["shard1"] != expected["shard2"]
+    hit: set[str] = set()
+    for shard in ("shard1", "shard2", "shard1", "shard2"):
+        with fresh_context(), using_shard("customers", shard=shard), observe() as seen:
+            assert names() == expected[shard]
+        assert seen.reasons == ["miss"] if shard not in hit else ["hit"]
+        hit.add(shard)
+    assert len([k for k in cache_keys("f:*") if not k.endswith((":h", ":l"))]) == 2
+
+
+# -- composing with other queryset classes ------------------------------------------------------
+
+
+def test_an_eager_clone_runs_the_other_mixins_clone() -> None:
+    from django.db.models import QuerySet
+
+    from django_dbscale.cache import CachedQuerySet
+
+    class TaggedQuerySet(QuerySet[Any]):
+        tag: str | None = None
+
+        def _clone(self) -> Any:
+            clone = super()._clone()
+            clone.tag = self.tag
+            return clone
+
+    combined: Any = type("CachedTagged", (CachedQuerySet, TaggedQuerySet), {})
+    qs = combined(model=CCounter).cache()
+    qs.tag = "kept"
+    qs.query.clear_ordering(force=True)  # touching .query makes it eager
+    assert qs.filter(name="x").tag == "kept"
+    assert qs.filter(name="x").__dict__["_dbscale_timeout"] == options().timeout
+
+
+def test_a_sharded_model_listed_in_models_is_cached_per_shard_and_invalidated() -> None:
+    from django_dbscale.cache import install
+    from tests.testapp.models_sharding import ShardCustomer, ShardOrder
+
+    cache = {**settings.DBSCALE["CACHE"], "MODELS": ["testapp.ShardOrder"]}
+    managers = [(m, type(m)) for m in ShardOrder._meta.managers]
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [setattr(m, "__class__", cls) for m, cls in managers])
+        stack.enter_context(override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}))
+        install()
+        customers = [ShardCustomer.objects.create(id=pk, name=f"c{pk}") for pk in range(1, 9)]
+        for c in customers:
+            ShardOrder.objects.create(customer=c, status="open")
+
+        def statuses(key: int) -> tuple[list[str], list[str], list[str]]:
+            with fresh_context(), observe() as seen:
+                orders = ShardOrder.objects.for_key(key).filter(customer_id=key)
+                got = list(orders.values_list("status", flat=True))
+            return got, seen.reasons, [e["alias"] for e in seen.events]
+
+        shards = {}
+        for c in customers:
+            assert statuses(c.pk)[:2] == (["open"], ["miss"])
+            got, reasons, aliases = statuses(c.pk)
+            assert (got, reasons) == (["open"], ["hit"])
+            shards[c.pk] = aliases[0]
+        assert len(set(shards.values())) > 1
+        ShardOrder.objects.filter(customer_id=1).update(status="closed")
+        assert statuses(1)[:2] == (["closed"], ["miss"])
+        other = next(pk for pk, alias in shards.items() if alias != shards[1])
+        assert statuses(other)[:2] == (["open"], ["hit"])  # another shard's entry, intact

@@ -53,7 +53,7 @@ def cache_stats(*, shared: bool = True) -> dict[str, dict[str, int]]:
     process's unshipped counts; if Redis cannot be reached, this process's counts only.
     """
     from django_dbscale.cache import stats
-    from django_dbscale.cache.client import RedisUnavailable, gateway
+    from django_dbscale.cache.client import gateway
     from django_dbscale.cache.options import options
 
     if not shared:
@@ -65,5 +65,4 @@ def cache_stats(*, shared: bool = True) -> dict[str, dict[str, int]]:
     except Exception:
         stats.restore(commands)
         return stats.summary()
-    _ = RedisUnavailable
     return stats.summary(replies[-1])

@@ -52,6 +52,18 @@ NONDETERMINISTIC = re.compile(
 MAX_DIMENSION_VALUES = 64
 
 
+#: How Django's PostgreSQL backend converts to the active time zone.
+_ZONED = "AT TIME ZONE"
+
+
+def current_zone() -> str:
+    """Return the active time zone's name ("" without ``USE_TZ``): part of zoned keys."""
+    from django.conf import settings
+    from django.utils import timezone
+
+    return timezone.get_current_timezone_name() if settings.USE_TZ else ""
+
+
 def nondeterministic(sql: str) -> bool:
     """Return whether *sql* calls a function whose result varies between executions."""
     return NONDETERMINISTIC.search(sql) is not None
@@ -94,6 +106,9 @@ class ShapeInfo:
     tables: frozenset[tuple[str, str]]
     base_count: int
     reason: str | None = None
+    #: Its SQL converts to the active time zone (``__date``, ``__year``, ``Trunc`` with
+    #: ``USE_TZ``): the zone's name must be part of the key.
+    zoned: bool = False
 
 
 @dataclass
@@ -110,6 +125,8 @@ class Collector:
     queries: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     reason: str | None = None
     swapped_to_primary: int = 0
+    #: Some compiled SQL converts to the active time zone (``AT TIME ZONE``).
+    zoned: bool = False
     sources: list[str] = field(default_factory=list)
 
     def add_tables(self, query: Any, alias: str, tables: list[str]) -> None:
@@ -120,6 +137,8 @@ class Collector:
 
     def record(self, query: Any, alias: str | None, sql: str) -> None:
         """Note one compiled query's SQL: reject what cannot be cached (called by the compiler)."""
+        if not self.zoned and sql and _ZONED in sql:
+            self.zoned = True
         if self.reason is None:
             if sql and nondeterministic(sql):
                 self.reason = "non-deterministic SQL (random(), now(), ...)"

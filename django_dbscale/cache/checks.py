@@ -39,7 +39,7 @@ def _location(conf: dict[str, Any]) -> tuple[str, str, str]:
 @checks.register()
 def check_cache_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check ``DBSCALE["CACHE"]`` against installed models, ``DATABASES`` and ``CACHES``."""
-    from django_dbscale.cache.dimensions import resolve
+    from django_dbscale.cache.dimensions import declared_dimensions, resolve
     from django_dbscale.cache.options import options
 
     try:
@@ -78,7 +78,7 @@ def check_cache_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.
         except ImproperlyConfigured as exc:
             errors.append(checks.Error(str(exc), id=E202))
     for model in apps.get_models():
-        declared = getattr(model, "cache_dimensions", None)
+        declared = declared_dimensions(model)
         if declared is None or model._meta.label_lower in opts.dimensions:
             continue
         names = (declared,) if isinstance(declared, str) else tuple(declared)

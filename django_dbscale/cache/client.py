@@ -14,13 +14,16 @@ once and the call repeated.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections import deque
 from importlib import resources
 from typing import Any
 
 import redis
 from django.core.cache import caches
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
@@ -78,6 +81,8 @@ class Gateway:
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_cooldown)
         self._client: redis.Redis[bytes] | None = None
         self._lock = threading.Lock()
+        #: Idle connections of the hit path (see :meth:`run_packed`).
+        self._free: deque[Any] = deque()
 
     @property
     def client(self) -> redis.Redis[bytes]:
@@ -115,8 +120,16 @@ class Gateway:
     def close(self) -> None:
         """Disconnect the pool (settings changed, or tests restarting Redis)."""
         client, self._client = self._client, None
+        free, self._free = self._free, deque()
+        for connection in free:
+            connection.disconnect()
         if client is not None:
             client.connection_pool.disconnect()
+
+    def forget_after_fork(self) -> None:
+        """Drop (without closing) the parent's sockets: the child must open its own."""
+        self._client = None
+        self._free = deque()
 
     # -- calls --------------------------------------------------------------------------
     def available(self) -> bool:
@@ -127,29 +140,56 @@ class Gateway:
         """Send a command packed by :func:`pack` (an ``EVALSHA`` of *script*) and read the reply.
 
         The hot path of every cached read: it skips redis-py's per-command machinery
-        (argument encoding, retries, observability hooks) and costs one pool checkout, one
-        ``send`` and one parsed reply, like the floor's ``GET``.
+        (argument encoding, retries, observability hooks, and the pool's locking and
+        metrics) and costs a deque pop and push, one ``send`` and one parsed reply, like
+        the floor's ``GET``. Connections come from the gateway's own free list; one that
+        failed, or was interrupted mid-reply, is disconnected and never reused.
         """
-        pool = self.client.connection_pool
+        free = self._free
         try:
-            connection = pool.get_connection()
+            connection = free.pop()
+            reused = True
+        except IndexError:
+            connection = self._connect()
+            reused = False
+        try:
             try:
-                try:
-                    connection.send_packed_command([packed], check_health=False)
-                    result = connection.read_response()
-                except NoScriptError:
-                    connection.send_packed_command([pack("SCRIPT", "LOAD", script.source)])
-                    connection.read_response()
-                    connection.send_packed_command([packed], check_health=False)
-                    result = connection.read_response()
-            finally:
-                pool.release(connection)
-        except (RedisError, OSError) as exc:
+                result = self._send(connection, packed, script)
+            except RedisConnectionError:
+                if not reused:
+                    raise
+                # An idle connection the server (or a network cut) closed meanwhile: the
+                # pool would have noticed at checkout; retry once on a fresh one.
+                connection.disconnect()
+                connection = self._connect()
+                result = self._send(connection, packed, script)
+        except BaseException as exc:
+            connection.disconnect()
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            while free:  # the idle ones are suspect too
+                free.pop().disconnect()
             self.breaker.failure()
             logger.warning("Redis call %s failed: %s", script.name, exc)
             raise RedisUnavailable(str(exc)) from exc
+        free.append(connection)
         self.breaker.success()
         return result
+
+    def _connect(self) -> Any:
+        pool = self.client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    @staticmethod
+    def _send(connection: Any, packed: bytes, script: Script) -> Any:
+        try:
+            connection.send_packed_command([packed], check_health=False)
+            return connection.read_response()
+        except NoScriptError:
+            connection.send_packed_command([pack("SCRIPT", "LOAD", script.source)])
+            connection.read_response()
+            connection.send_packed_command([packed], check_health=False)
+            return connection.read_response()
 
     def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run *script*; the caller must have checked :meth:`available`."""
@@ -225,3 +265,12 @@ def _reset() -> None:
     with _gateway_lock:
         while _gateway:
             _gateway.pop().close()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's sockets are shared with the child: never write to them from here.
+    while _gateway:
+        _gateway.pop().forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

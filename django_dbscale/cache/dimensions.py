@@ -71,6 +71,21 @@ def resolve(model: type[Model], names: tuple[str, ...], source: str) -> tuple[Fi
     return tuple(fields)
 
 
+def declared_dimensions(model: type[Model]) -> Any:
+    """Return ``cache_dimensions`` as declared by *model* itself or an abstract base.
+
+    A concrete parent's declaration names the parent's columns, not the multi-table child's:
+    the child does not inherit it.
+    """
+    for klass in model.__mro__:
+        if "cache_dimensions" in vars(klass):
+            meta = getattr(klass, "_meta", None)
+            if klass is model or meta is None or meta.abstract:
+                return vars(klass)["cache_dimensions"]
+            return None
+    return None
+
+
 def dimension_fields(model: type[Model]) -> tuple[Field[Any, Any], ...]:
     """Return the dimension fields of *model* (empty for none); proxies share their table's."""
     model = model._meta.concrete_model or model
@@ -83,7 +98,7 @@ def dimension_fields(model: type[Model]) -> tuple[Field[Any, Any], ...]:
     if configured is not None:
         fields = resolve(model, configured, f"DBSCALE['CACHE']['DIMENSIONS'][{meta.label!r}]")
     else:
-        declared = getattr(model, "cache_dimensions", None)
+        declared = declared_dimensions(model)
         if declared is not None:
             if isinstance(declared, str):
                 declared = (declared,)

@@ -28,13 +28,14 @@ import logging
 import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from django.db import connections
 
+from django_dbscale import consistency, replicas
 from django_dbscale.cache import invalidation, stats
 from django_dbscale.cache.analysis import INFINITE_LSN, Collector, collector
 from django_dbscale.cache.client import (
@@ -49,6 +50,7 @@ from django_dbscale.cache.client import (
 from django_dbscale.cache.keys import tokens
 from django_dbscale.cache.options import options
 from django_dbscale.cache.signals import cache_read
+from django_dbscale.conf import dbscale_settings
 
 __all__ = ["Plan", "bypass", "read_through"]
 
@@ -60,6 +62,20 @@ T = TypeVar("T")
 bypass: ContextVar[str | None] = ContextVar("dbscale_cache_bypass", default=None)
 
 _STORE_ISOLATIONS = frozenset({"read committed", "read uncommitted"})
+
+
+def lease_ttl_ms(opts: Any) -> int:
+    """Return how long a fill's lease lives, in milliseconds.
+
+    Independent of ``LOCK_TIMEOUT`` (how long waiters wait): a query slower than the wait
+    must still keep the lease, or the next waiters would all query the database too.
+    """
+    return int(max(opts.lock_timeout * 10, 5.0) * 1000)
+
+
+def min_version_ttl(opts: Any) -> int:
+    """Return the time-to-live of a new or bumped version key (fills extend theirs)."""
+    return int(min(opts.timeout + 60, opts.version_timeout))
 
 
 @dataclass(eq=False)
@@ -81,6 +97,8 @@ class Plan:
     description: tuple[str, ...]
     shape: Any = None
     reason: str | None = None
+    #: The time zone in the key when the SQL converts to the active zone, else ``None``.
+    zone: str | None = None
     #: The ``EVALSHA read.lua`` command up to its keys, and the constant arguments after
     #: the caller's nonce: a hit costs two byte concatenations to pack.
     read_head: bytes = field(init=False, repr=False)
@@ -93,8 +111,8 @@ class Plan:
         head = pack("EVALSHA", READ.sha, len(keys), *keys)
         # The array length must count the 4 ARGV too: rewrite the "*N" header.
         self.read_head = b"*%d\r\n" % (3 + len(keys) + 4) + head.split(b"\r\n", 1)[1]
-        self.read_tail = bulk(str(max(int(opts.lock_timeout * 1000), 1)).encode()) + bulk(
-            str(opts.version_timeout).encode()
+        self.read_tail = bulk(str(lease_ttl_ms(opts)).encode()) + bulk(
+            str(min_version_ttl(opts)).encode()
         )
         self.aliases = tuple(sorted({a for a, _ in self.tables} or {self.alias}))
 
@@ -175,17 +193,20 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
     if invalidation.has_pending() and not invalidation.flush_pending():
         return _bypass(plan, run, "undelivered invalidations")
     in_transaction: list[str] = []
-    for alias in plan.aliases:
-        connection = connections[alias]
-        if not connection.in_atomic_block:
-            continue
-        in_transaction.append(alias)
-        dirty = invalidation.dirty_tables(alias)
-        if dirty and any(t in dirty for a, t in plan.tables if a == alias):
-            return _bypass(plan, run, "table written in this transaction")
-        configured = getattr(connection, "isolation_level", None)
-        if configured is not None and int(configured) >= 3:
-            return _bypass(plan, run, "repeatable read transaction")
+    open_aliases = consistency.open_transactions.get()
+    if open_aliases:
+        for alias in plan.aliases:
+            if alias not in open_aliases:
+                continue
+            # atomic() and set_autocommit(False) alike: never serve or store this
+            # transaction's uncommitted rows, nor a snapshot older than the header.
+            in_transaction.append(alias)
+            dirty = invalidation.dirty_tables(alias)
+            if dirty and any(t in dirty for a, t in plan.tables if a == alias):
+                return _bypass(plan, run, "table written in this transaction")
+            configured = getattr(connections[alias], "isolation_level", None)
+            if configured is not None and int(configured) >= 3:
+                return _bypass(plan, run, "repeatable read transaction")
     gw = gateway()
     if not gw.available():
         return _bypass(plan, run, "circuit open")
@@ -249,7 +270,8 @@ def _fill(
     col = Collector(base_table=plan.base_table, required=_required_positions(plan, header))
     token = collector.set(col)
     try:
-        value = run()
+        with _watch_replicas(plan, col):
+            value = run()
     except BaseException:
         collector.reset(token)
         _release(nonce, plan)
@@ -287,6 +309,34 @@ def _fill(
     return value
 
 
+@contextlib.contextmanager
+def _watch_replicas(plan: Plan, col: Collector) -> Iterator[None]:
+    """Mark the fill unstorable if a statement ran on a replica behind its header.
+
+    The compiler moves ORM statements of a fill off lagging replicas; ``raw()`` and
+    ``cursor()`` reads do not pass through it, so they are checked as they execute.
+    """
+    replica_aliases = [r.alias for a in plan.aliases for r in dbscale_settings.replicas.get(a, ())]
+    if not replica_aliases:
+        yield
+        return
+
+    def check(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        alias = context["connection"].alias
+        primary = dbscale_settings.primary_of.get(alias)
+        need = col.required.get(primary, 0) if primary is not None else 0
+        if need and col.reason is None:
+            got = replicas.replayed_lsn(alias)
+            if got is None or got < need:
+                col.reason = f"read from replica {alias!r}, behind the last invalidation"
+        return execute(sql, params, many, context)
+
+    with contextlib.ExitStack() as stack:
+        for alias in replica_aliases:
+            stack.enter_context(connections[alias].execute_wrapper(check))
+        yield
+
+
 def _verdict(plan: Plan, col: Collector) -> str | None:
     """Return why the fill must not be stored, or ``None`` to store it."""
     if col.reason is not None:
@@ -297,6 +347,10 @@ def _verdict(plan: Plan, col: Collector) -> str | None:
         if plan.shape is not None:
             _widen(plan, read, col)
         return f"read tables outside its versions: {sorted(t for _, t in extra)}"
+    if col.zoned and plan.zone is None:
+        if plan.shape is not None:
+            _widen(plan, read, col)
+        return "its SQL converts to the active time zone, which is not in its key"
     if plan.uses_dimensions and col.base_count(plan.alias) > 1:
         if plan.shape is not None:
             _widen(plan, read, col)
@@ -308,7 +362,7 @@ def _widen(plan: Plan, read: frozenset[tuple[str, str]], col: Collector) -> None
     """Teach the plan's shape what its fills really read; rebuilt plans then store."""
     from django_dbscale.cache import planning
 
-    planning.widen(plan, read, col.base_count(plan.alias))
+    planning.widen(plan, read, col.base_count(plan.alias), col.zoned)
 
 
 def _release(nonce: str, plan: Plan) -> None:

@@ -6,29 +6,31 @@ when unknown). What happens next depends on the connection:
 
 * **Autocommit**: the statement has committed when it returns; the versions are bumped at
   once, in one pipelined Redis round trip, with the primary's WAL position.
-* **Inside ``atomic()``**: the keys are added to the transaction's pending set and the
-  tables to its *dirty* set (reads of dirty tables bypass the cache until the transaction
-  ends). One ``on_commit`` callback bumps everything in one round trip after COMMIT; a
-  rollback drops the callback and nothing is bumped. A savepoint rollback that drops the
-  callback is noticed by the next write, which registers it again; bumping keys of rolled
-  back writes as well is harmless (it only costs misses).
-* **Manual transactions** (``set_autocommit(False)``): no commit hook exists, so versions
-  are bumped at once, before COMMIT. Use ``atomic()``; see the docs' limits.
+* **Inside a transaction** (``atomic()`` or ``set_autocommit(False)``): the keys are added
+  to the transaction's pending set and the tables to its *dirty* set (reads of dirty
+  tables bypass the cache until the transaction ends). The backend's commit listener
+  bumps everything in one round trip right after COMMIT, before Django's ``on_commit``
+  callbacks run (so they read fresh data); its rollback listener drops the set. A
+  savepoint rollback keeps the keys: bumping keys of rolled-back writes as well is
+  harmless (it only costs misses).
 
 Invalidations that cannot reach Redis (down, cut off, breaker open) are kept in a
-process-wide pending set and delivered before this process uses the cache again; until
-they are, every cached read in this process goes to the database.
+process-wide pending set and delivered before this process uses the cache again, or by a
+background timer retrying every breaker cooldown, whichever comes first; until they are,
+every cached read in this process goes to the database.
 
-The transaction state lives on the connection object, next to Django's own
-``run_on_commit`` list, because it belongs to the connection's transaction (Django keeps
-connections per thread and per async task).
+The transaction state lives on the connection object because it belongs to the
+connection's transaction (Django keeps connections per thread and per async task).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,38 +91,70 @@ def write_keys(prefix: str, alias: str, table: str, dims: Iterable[str] | None) 
 class _TxState:
     keys: dict[str, set[str]] = field(default_factory=dict)
     tables: dict[str, set[str]] = field(default_factory=dict)
-    callback: Any = None
-    #: The outermost ``Atomic`` of the transaction the state belongs to.
-    owner: Any = None
 
 
-def _tx_state(connection: Any) -> _TxState | None:
-    state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
-    if state is not None and (
-        not connection.in_atomic_block
-        or not connection.atomic_blocks
-        or connection.atomic_blocks[0] is not state.owner
-    ):
-        # The transaction ended without our commit callback running (it rolled back), or
-        # another transaction began since: its dirty tables and pending keys are void.
-        connection._dbscale_cache_tx = None
-        return None
-    return state
-
-
-def _registered(connection: Any, callback: Any) -> bool:
-    return any(entry[1] is callback for entry in connection.run_on_commit)
+def in_transaction(connection: Any) -> bool:
+    """Return whether *connection* is inside ``atomic()`` or a manual transaction."""
+    return bool(connection.in_atomic_block) or not getattr(connection, "autocommit", True)
 
 
 def dirty_tables(alias: str) -> set[str] | None:
     """Return the tables written in the open transaction on *alias* (``None``: none)."""
     connection = connections[alias]
-    if not connection.in_atomic_block:
+    if not in_transaction(connection):
         return None
-    state = _tx_state(connection)
+    state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
     if state is None:
         return None
     return state.tables.get(alias)
+
+
+def _on_commit(connection: Any) -> None:
+    """Commit listener of the dbscale backend: deliver the transaction's invalidations.
+
+    Runs right after COMMIT and before Django's ``on_commit`` callbacks, so those read
+    invalidated caches; covers ``atomic()`` and ``set_autocommit(False)`` transactions.
+    """
+    state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
+    if state is None:
+        return
+    connection._dbscale_cache_tx = None
+    try:
+        batch = {a: (k, state.tables.get(a, set())) for a, k in state.keys.items()}
+        positions: dict[str, int] | None = None
+        if not getattr(connection, "autocommit", True) and connection.connection is not None:
+            # Still in non-autocommit mode (Django restores autocommit after the
+            # listeners; manual transactions stay in it): the position query opens a
+            # transaction, which must be closed before anyone else uses the connection.
+            try:
+                positions = {alias: _position(alias) for alias in batch}
+            finally:
+                raw = connection.connection
+                try:
+                    if raw is not None and raw.info.transaction_status != 0:  # not IDLE
+                        raw.rollback()
+                except Exception:
+                    logger.warning("Could not end the WAL position query's transaction.")
+        deliver(batch, positions)
+    except Exception:  # listeners must not raise: the COMMIT already happened
+        logger.exception("Could not deliver the invalidations of a committed transaction.")
+
+
+def _on_rollback(connection: Any) -> None:
+    """Rollback listener: the transaction's writes are gone, and so are its invalidations."""
+    connection._dbscale_cache_tx = None
+
+
+def _register_listeners() -> None:
+    from django_dbscale.backends.postgresql import base
+
+    if _on_commit not in base.commit_listeners:
+        base.commit_listeners.append(_on_commit)
+    if _on_rollback not in base.rollback_listeners:
+        base.rollback_listeners.append(_on_rollback)
+
+
+_register_listeners()
 
 
 def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> None:
@@ -130,25 +164,50 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
         return
     alias = connection.alias
     keys = write_keys(opts.prefix, alias, table, dims)
-    if connection.in_atomic_block:
-        state = _tx_state(connection)
+    if in_transaction(connection):
+        # Delivered by _on_commit after COMMIT, dropped by _on_rollback. A savepoint
+        # rollback keeps them: bumping keys of rolled-back writes only costs misses.
+        state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
         if state is None:
-            owner = connection.atomic_blocks[0] if connection.atomic_blocks else None
-            state = _TxState(owner=owner)
-            connection._dbscale_cache_tx = state
+            state = connection._dbscale_cache_tx = _TxState()
         state.keys.setdefault(alias, set()).update(keys)
         state.tables.setdefault(alias, set()).add(table)
-        if state.callback is None or not _registered(connection, state.callback):
-
-            def on_commit(state: _TxState = state) -> None:
-                if getattr(connection, "_dbscale_cache_tx", None) is state:
-                    connection._dbscale_cache_tx = None
-                deliver({a: (k, state.tables.get(a, set())) for a, k in state.keys.items()})
-
-            state.callback = on_commit
-            connection.on_commit(on_commit, robust=True)
+        return
+    buffered = _batch.get()
+    if buffered is not None:
+        pending_keys, pending_tables = buffered.setdefault(alias, (set(), set()))
+        pending_keys.update(keys)
+        pending_tables.add(table)
         return
     deliver({alias: (set(keys), {table})})
+
+
+#: Autocommitted writes of one multi-statement operation, delivered together.
+_batch: ContextVar[dict[str, tuple[set[str], set[str]]] | None] = ContextVar(
+    "dbscale_cache_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """Deliver the autocommitted writes of the block in one round trip, at its end.
+
+    For operations Django runs as several autocommitted statements (an ``update()`` of a
+    multi-table child updates its parents' tables too): one WAL position query and one
+    Redis round trip instead of one per statement. Delivered even if a later statement
+    fails, since the earlier ones have committed.
+    """
+    if _batch.get() is not None:
+        yield
+        return
+    buffered: dict[str, tuple[set[str], set[str]]] = {}
+    token = _batch.set(buffered)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+        if buffered:
+            deliver(buffered)
 
 
 def invalidate_tables(alias: str, tables: Iterable[tuple[str, Iterable[str] | None]]) -> None:
@@ -189,11 +248,18 @@ def _position(alias: str) -> int:
         return UNKNOWN_LSN
 
 
-def deliver(batch: dict[str, tuple[set[str], set[str]]]) -> None:
-    """Queue *batch* (alias -> (version keys, tables)) and send everything queued."""
+def deliver(
+    batch: dict[str, tuple[set[str], set[str]]], positions: dict[str, int] | None = None
+) -> None:
+    """Queue *batch* (alias -> (version keys, tables)) and send everything queued.
+
+    *positions* are the primaries' WAL positions after the writes committed (fetched here
+    when not given).
+    """
     if not batch:
         return
-    positions = {alias: _position(alias) for alias in batch}
+    if positions is None:
+        positions = {alias: _position(alias) for alias in batch}
     with _lock:
         _sequence[0] += 1
         seq = _sequence[0]
@@ -205,7 +271,48 @@ def deliver(batch: dict[str, tuple[set[str], set[str]]]) -> None:
             _pending_lsn[alias] = max(_pending_lsn.get(alias, 0), positions[alias])
             if len(queued) > MAX_PENDING_KEYS:
                 _collapse(alias)
-    flush_pending()
+    if not flush_pending():
+        _schedule_retry()
+
+
+#: The background retry of undelivered invalidations (at most one at a time).
+_retry: list[threading.Timer] = []
+
+
+def _schedule_retry() -> None:
+    """Retry delivery in the background until it succeeds.
+
+    Readers of this process deliver before using the cache anyway; the timer makes sure
+    the invalidations reach Redis (and so other processes) soon after it is back, even if
+    this process never reads through the cache again.
+    """
+    with _lock:
+        if _retry or not _pending_keys:
+            return
+        delay = max(options().breaker_cooldown, 0.05)
+        timer = threading.Timer(delay, _retry_now)
+        timer.daemon = True
+        _retry.append(timer)
+    timer.start()
+
+
+def _forget_retry_after_fork() -> None:
+    _retry.clear()  # the timer's thread does not exist in the child
+
+
+os.register_at_fork(after_in_child=_forget_retry_after_fork)
+
+
+def _retry_now() -> None:
+    with _lock:
+        _retry.clear()
+    try:
+        delivered = flush_pending()
+    except Exception:
+        logger.exception("Background delivery of invalidations failed.")
+        delivered = False
+    if not delivered:
+        _schedule_retry()
 
 
 def _collapse(alias: str) -> None:
@@ -233,7 +340,6 @@ def flush_pending() -> bool:
         lsns = dict(_pending_lsn)
         tables = {alias: set(t) for alias, t in _pending_tables.items()}
     calls: list[tuple[Any, ...]] = []
-    token = tokens.next()
     for alias, keys in snapshot.items():
         ordered = sorted(keys)
         calls.append(
@@ -242,9 +348,10 @@ def flush_pending() -> bool:
                 BUMP.sha,
                 len(ordered),
                 *ordered,
-                token,
+                tokens.next(),  # one per call: bump.lua only appends the key's index
                 format_lsn_hex(lsns.get(alias, 0)),
                 opts.version_timeout,
+                min(opts.timeout + 60, opts.version_timeout),
             )
         )
     extra = stats.drain_commands(opts.prefix) if stats.due() else []
@@ -282,6 +389,9 @@ def flush_pending() -> bool:
 def forget_pending() -> None:
     """Drop undelivered invalidations (tests that reset Redis wholesale)."""
     with _lock:
+        for timer in _retry:
+            timer.cancel()
+        _retry.clear()
         _pending_keys.clear()
         _pending_lsn.clear()
         _pending_tables.clear()

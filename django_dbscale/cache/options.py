@@ -43,7 +43,9 @@ def _error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
 def _positive_int(raw: Mapping[str, Any], key: str) -> int:
     value = raw[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _error(key, f"must be a positive int (seconds), not {value!r}", "Fix the value.")
+        raise _error(
+            key, f"must be a positive int (seconds), not {value!r}", f"Example: {key!r}: 900."
+        )
     return value
 
 
@@ -51,7 +53,10 @@ def _positive_number(raw: Mapping[str, Any], key: str, *, allow_zero: bool = Fal
     value = raw[key]
     bad = isinstance(value, bool) or not isinstance(value, int | float)
     if bad or value < 0 or (value == 0 and not allow_zero):
-        raise _error(key, f"must be a number > 0, not {value!r}", "Fix the value.")
+        bound = ">= 0" if allow_zero else "> 0"
+        raise _error(
+            key, f"must be a number {bound} (seconds), not {value!r}", f"Example: {key!r}: 0.5."
+        )
     return float(value)
 
 
@@ -71,15 +76,20 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
     if not isinstance(alias, str) or not alias:
         raise _error("ALIAS", f"must be a CACHES alias, not {alias!r}", 'Example: "dbscale".')
     prefix = raw["PREFIX"]
-    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \n|{}"):
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \n|{}*?[]\\"):
         raise _error(
             "PREFIX",
-            f"must be a non-empty str without spaces, '|' or braces, not {prefix!r}",
+            "must be a non-empty str without spaces, '|', braces or glob characters "
+            f"(* ? [ ] \\), not {prefix!r}",
             'Example: "dbscale".',
         )
     models_raw = raw["MODELS"]
     if isinstance(models_raw, str) or not isinstance(models_raw, list | tuple | set | frozenset):
-        raise _error("MODELS", f"must be a list of model labels, not {models_raw!r}", "")
+        raise _error(
+            "MODELS",
+            f"must be a list of model labels, not {models_raw!r}",
+            'Example: ["auth.User", "shop.Order"].',
+        )
     models = frozenset(_label(item, "MODELS") for item in models_raw)
     breaker = raw["CIRCUIT_BREAKER"]
     ok = (
@@ -100,10 +110,16 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
         )
     max_bytes = raw["MAX_RESULT_BYTES"]
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise _error("MAX_RESULT_BYTES", f"must be a positive int, not {max_bytes!r}", "")
+        raise _error(
+            "MAX_RESULT_BYTES",
+            f"must be a positive int (bytes), not {max_bytes!r}",
+            "Example: 1_048_576 (1 MiB).",
+        )
     enabled = raw["ENABLED"]
     if not isinstance(enabled, bool):
-        raise _error("ENABLED", f"must be True or False, not {enabled!r}", "")
+        raise _error(
+            "ENABLED", f"must be True or False, not {enabled!r}", "Example: True (or False)."
+        )
     dims_raw = raw["DIMENSIONS"]
     if not isinstance(dims_raw, Mapping):
         raise _error(

@@ -27,6 +27,7 @@ from django_dbscale.cache.analysis import (
     Collector,
     ShapeInfo,
     collector,
+    current_zone,
     dimensions_from_ops,
     dimensions_from_where,
 )
@@ -42,7 +43,7 @@ COMPILER_MODULE = "django_dbscale.backends.postgresql.compiler"
 MAX_PLANS = 4096
 MAX_SHAPES = 1024
 
-_plans: dict[tuple[str, str], Plan] = {}
+_plans: dict[tuple[str, ...], Plan] = {}
 _shapes: dict[tuple[str, str], ShapeInfo] = {}
 _lock = threading.Lock()
 
@@ -78,7 +79,7 @@ def discover(query: Any, alias: str) -> ShapeInfo:
         pass
     finally:
         collector.reset(token)
-    return ShapeInfo(col.read_tables(), col.base_count(alias), col.reason)
+    return ShapeInfo(col.read_tables(), col.base_count(alias), col.reason, col.zoned)
 
 
 def _build(
@@ -132,10 +133,19 @@ def _build(
 
 def plan_for_recipe(queryset: Any, alias: str, recipe: str, kind: str, extra: Any) -> Plan:
     """Return the plan of a lazy queryset's recipe (memoised; compiles once per shape)."""
-    memo_key = (alias, recipe)
+    memo_key: tuple[str, ...] = (alias, recipe)
     plan = _plans.get(memo_key)
     if plan is not None:
-        return plan
+        if plan.zone is None:
+            return plan
+        # Its SQL converts to the active time zone: one plan (and key) per zone.
+        zone = current_zone()
+        if plan.zone == zone:
+            return plan
+        memo_key = (alias, recipe, zone)
+        plan = _plans.get(memo_key)
+        if plan is not None:
+            return plan
     model = queryset.model
     shape_key = (alias, queryset._dbscale_shape(kind, extra))
     shape = _shapes.get(shape_key)
@@ -152,8 +162,11 @@ def plan_for_recipe(queryset: Any, alias: str, recipe: str, kind: str, extra: An
         if found is not None and len(found[1]) <= MAX_DIMENSION_VALUES:
             dims = found
     opts = options()
-    entry_key = f"{opts.prefix}:e:{schema_fingerprint()}:{alias}:{digest(recipe)}"
+    plan_zone = current_zone() if shape.zoned else None
+    keyed = recipe if plan_zone is None else f"{recipe}@tz={plan_zone}"
+    entry_key = f"{opts.prefix}:e:{schema_fingerprint()}:{alias}:{digest(keyed)}"
     plan = _build(model=model, alias=alias, shape=shape, dims=dims, entry_key=entry_key)
+    plan.zone = plan_zone
     with _lock:
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
@@ -176,7 +189,7 @@ def plan_for_query(model: Any, alias: str, kind: str, extra: Any, query: Any) ->
         frozen = repr((model._meta.label, kind, freeze(extra), sql, freeze(tuple(params))))
     except Unkeyable:
         return None
-    shape = ShapeInfo(col.read_tables(), col.base_count(alias), reason or col.reason)
+    shape = ShapeInfo(col.read_tables(), col.base_count(alias), reason or col.reason, col.zoned)
     fields = dimension_fields(model)
     dims = None
     if fields and shape.base_count == 1:
@@ -192,7 +205,9 @@ def plan_for_query(model: Any, alias: str, kind: str, extra: Any, query: Any) ->
     return plan
 
 
-def widen(plan: Plan, read: frozenset[tuple[str, str]], base_count: int) -> None:
+def widen(
+    plan: Plan, read: frozenset[tuple[str, str]], base_count: int, zoned: bool = False
+) -> None:
     """Record that fills of *plan*'s shape read *read*; drop the stale memoised plans."""
     shape = plan.shape
     if shape is None:
@@ -200,6 +215,7 @@ def widen(plan: Plan, read: frozenset[tuple[str, str]], base_count: int) -> None
     with _lock:
         shape.tables = shape.tables | read
         shape.base_count = max(shape.base_count, base_count)
+        shape.zoned = shape.zoned or zoned
         _plans.clear()
 
 
@@ -207,9 +223,16 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
     """Plan a :func:`~django_dbscale.cache.cached_queryset` call: whole-table versions only."""
     opts = options()
     pairs = frozenset(tables)
-    version_keys = tuple(version_key(opts.prefix, a, t, "a") for a, t in sorted(pairs))
-    entry_key = f"{opts.prefix}:f:{schema_fingerprint()}:{digest(repr((label, frozen)))}"
-    return Plan(
+    ordered = sorted(pairs)
+    version_keys = tuple(version_key(opts.prefix, a, t, "a") for a, t in ordered)
+    # The databases are part of the key (two shards never share an entry), and so is the
+    # active time zone (the function may filter on __date or __year).
+    zone = current_zone()
+    entry_key = (
+        f"{opts.prefix}:f:{schema_fingerprint()}:"
+        f"{digest(repr((label, frozen, tuple(ordered), zone)))}"
+    )
+    plan = Plan(
         label=label,
         model=None,
         alias=sorted(pairs)[0][0] if pairs else "default",
@@ -223,3 +246,5 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
         uses_dimensions=False,
         description=tuple(f"{a}.{t}" for a, t in sorted(pairs)),
     )
+    plan.zone = zone
+    return plan

@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from django.db import models
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models import Model, QuerySet, prefetch_related_objects
 from django.db.models.manager import BaseManager
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable
@@ -51,6 +52,9 @@ _STRUCTURAL = frozenset(
 
 
 _NO_PREFETCH = freeze(())
+_QUERYSET_DB = QuerySet.db
+#: Queryset class -> whether its ``db`` is Django's (router-based) property.
+_plain_db: dict[type[Any], bool] = {}
 _PLAIN = frozenset({str, int, type(None)})
 _iterable_names: dict[type[Any], str] = {}
 
@@ -200,23 +204,16 @@ class CachedQuerySet(QuerySet[_M], Generic[_M]):
             # A lazy queryset is its attributes and an immutable recipe: copy the dict
             # (what Django's _clone copies, plus the recipe) and reset what belongs to one
             # evaluation. Several times cheaper than __init__, on every chained call.
-            clone = object.__new__(type(self))
+            lazy = object.__new__(type(self))
             cd = dict(d)
             cd["_result_cache"] = None
             cd["_prefetch_done"] = False
             cd["_defer_next_filter"] = False
             cd["_deferred_filter"] = None
-            clone.__dict__ = cd
-            return clone
-        clone = self.__class__(
-            model=self.model, query=self.query.chain(), using=self._db, hints=self._hints
-        )
-        clone._sticky_filter = self._sticky_filter
-        clone._for_write = self._for_write
-        clone._prefetch_related_lookups = self._prefetch_related_lookups[:]
-        clone._known_related_objects = self._known_related_objects
-        clone._iterable_class = self._iterable_class
-        clone._fields = self._fields
+            lazy.__dict__ = cd
+            return lazy
+        # Eager: Django's _clone, through every other mixin's (a ShardedQuerySet's state).
+        clone: CachedQuerySet[_M] = super()._clone()  # type: ignore[misc]
         if "_dbscale_timeout" in d:
             clone.__dict__["_dbscale_timeout"] = d["_dbscale_timeout"]
         return clone
@@ -464,13 +461,34 @@ class CachedQuerySet(QuerySet[_M], Generic[_M]):
         super()._check_ordering_first_last_queryset_aggregation(method)  # type: ignore[misc]
 
     # -- evaluation ------------------------------------------------------------------------------
+    def _dbscale_primary(self) -> str:
+        """Return the primary alias the keys and versions name (no replica choice).
+
+        ``self.db`` would ask the router for a read alias, which picks a replica (lag
+        checks included) only for ``primary_alias()`` to map it back. The router's write
+        alias names the same primary for the dbscale routers; with other routers a
+        mismatch only makes fills unstorable (they read tables of another alias than the
+        versions'), never stale. Querysets whose class computes ``db`` itself (sharded
+        querysets, which route by their shard pin) still ask it.
+        """
+        db = self._db
+        if db is not None:
+            return primary_alias(db)
+        cls = type(self)
+        plain = _plain_db.get(cls)
+        if plain is None:
+            plain = _plain_db[cls] = getattr(cls, "db", None) is _QUERYSET_DB
+        if not plain:
+            return primary_alias(self.db)
+        return primary_alias(router.db_for_write(self.model, **self._hints) or DEFAULT_DB_ALIAS)
+
     def _dbscale_plan(self, kind: str, extra: Any = None) -> engine.Plan | None:
         """Return the cache plan for evaluating this queryset as *kind*, or ``None``."""
         if self.__dict__.get("_dbscale_timeout") is None or self._for_write:
             return None
         if engine.bypass.get() is not None or not options().enabled:
             return None
-        alias = primary_alias(self.db)
+        alias = self._dbscale_primary()
         if self.__dict__["_dbscale_q"] is None:
             try:
                 recipe = repr((kind, freeze(extra), self._dbscale_recipe()))
@@ -632,7 +650,10 @@ class CacheManagerMixin:
 
     def get_queryset(self) -> Any:
         queryset = super().get_queryset()  # type: ignore[misc]
-        opts = options()
+        try:
+            opts = options()
+        except ImproperlyConfigured:
+            return queryset  # reported by system check dbscale.E200; never cache meanwhile
         if opts.enabled and self.model._meta.label_lower in opts.models:
             queryset.__dict__["_dbscale_timeout"] = opts.timeout
         return queryset

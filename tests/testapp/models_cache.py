@@ -138,3 +138,32 @@ class CCounter(CachedModel):
 
     class Meta:
         app_label = "testapp"
+
+
+class CEvent(CachedModel):
+    """A timestamp: ``__date`` lookups compile ``AT TIME ZONE`` the active zone."""
+
+    at = models.DateTimeField()
+
+    class Meta:
+        app_label = "testapp"
+
+
+class CStore(CachedModel):
+    """A multi-table parent with a dimension of its own table."""
+
+    city = models.CharField(max_length=50)
+
+    cache_dimensions = ("city",)
+
+    class Meta:
+        app_label = "testapp"
+
+
+class CKiosk(CStore):
+    """Its multi-table child: does not inherit the parent's dimensions."""
+
+    open_late = models.BooleanField(default=False)
+
+    class Meta:
+        app_label = "testapp"

@@ -30,7 +30,7 @@ from typing import Any
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connections
 from django.db.models.sql import compiler
-from django.db.models.sql.constants import CURSOR, MULTI, NO_RESULTS, ROW_COUNT, SINGLE
+from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
 
 from django_dbscale.cache.analysis import MAX_DIMENSION_VALUES, collector, dimensions_from_where
 
@@ -41,8 +41,6 @@ __all__ = [
     "SQLInsertCompiler",
     "SQLUpdateCompiler",
 ]
-
-_ = (CURSOR, MULTI, SINGLE)
 
 
 def _cache_enabled() -> bool:
@@ -218,14 +216,19 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
     def execute_sql(self, result_type: Any) -> Any:  # type: ignore[override]
         if not _cache_enabled():
             return super().execute_sql(result_type)
-        row_count = self._dbscale_execute_main(result_type)
-        is_empty = row_count is None
-        row_count = row_count or 0
-        for query in self.query.get_related_updates():
-            aux_row_count = query.get_compiler(self.using).execute_sql(result_type)
-            if is_empty and aux_row_count:
-                row_count = aux_row_count
-                is_empty = False
+        from django_dbscale.cache import invalidation
+
+        # A multi-table child's update() also updates its parents' tables, in statements
+        # of their own: one invalidation round trip for all of them.
+        with invalidation.batched():
+            row_count = self._dbscale_execute_main(result_type)
+            is_empty = row_count is None
+            row_count = row_count or 0
+            for query in self.query.get_related_updates():
+                aux_row_count = query.get_compiler(self.using).execute_sql(result_type)
+                if is_empty and aux_row_count:
+                    row_count = aux_row_count
+                    is_empty = False
         return row_count
 
     def _dbscale_execute_main(self, result_type: Any) -> int | None:

@@ -5,10 +5,11 @@
 -- ARGV[1]  header: the version values the reader saw before it queried the database
 -- ARGV[2]  payload            ARGV[3]  entry time-to-live in seconds
 -- ARGV[4]  lease nonce ('' if the filler held no lease)
--- ARGV[5]  version key time-to-live in seconds
+-- ARGV[5]  version key time-to-live cap in seconds (VERSION_TIMEOUT)
 --
 -- The lease is released whether or not the fill is stored. Version keys the entry depends
--- on get their time-to-live extended, so versions in use outlive the entries built on them.
+-- on get their time-to-live extended to the entry's plus a minute (at most the cap), so
+-- versions in use outlive the entries built on them and unused ones expire early.
 -- Returns 1 if stored, 0 if a version changed (or vanished) meanwhile.
 local values = {}
 if #KEYS > 3 then
@@ -22,8 +23,11 @@ end
 if complete and table.concat(values, '|') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
   redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  local want = math.min(tonumber(ARGV[3]) + 60, tonumber(ARGV[5]))
   for i = 4, #KEYS do
-    redis.call('EXPIRE', KEYS[i], ARGV[5])
+    if redis.call('TTL', KEYS[i]) < want then
+      redis.call('EXPIRE', KEYS[i], want)
+    end
   end
   stored = 1
 end

@@ -4,7 +4,7 @@
 -- KEYS[4..n]  version keys
 -- ARGV[1]  the caller's nonce: lease owner, and prefix of tokens for recreated versions
 -- ARGV[2]  lease time-to-live in milliseconds
--- ARGV[3]  version key time-to-live in seconds
+-- ARGV[3]  time-to-live in seconds of a recreated version key (fills extend it)
 -- ARGV[4]  '1' to ignore the stored entry (it failed to unpickle), else ''
 --
 -- A version value is "<token>:<lsn>"; <lsn> is 16 hex digits, or 'P' when the key had to be

@@ -64,6 +64,8 @@ def _stats(command: BaseCommand, as_json: bool) -> None:
 
 
 def handle(command: BaseCommand, **options: Any) -> None:
+    from redis.exceptions import RedisError
+
     from django_dbscale.cache import invalidate_all, invalidate_model
     from django_dbscale.cache.client import RedisUnavailable, gateway
     from django_dbscale.cache.invalidation import flush_pending
@@ -89,9 +91,9 @@ def handle(command: BaseCommand, **options: Any) -> None:
         command.stdout.write("invalidated")
         return
     prefix = cache_options().prefix
-    client = gateway().client
     deleted = 0
     try:
+        client = gateway().client
         batch: list[bytes] = []
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             batch.append(key)
@@ -100,6 +102,6 @@ def handle(command: BaseCommand, **options: Any) -> None:
                 batch.clear()
         if batch:
             deleted += client.delete(*batch)
-    except (RedisUnavailable, OSError) as exc:
+    except (RedisUnavailable, RedisError, OSError) as exc:
         raise CommandError(f"Redis is unreachable: {exc}") from exc
     command.stdout.write(f"deleted {deleted} keys under {prefix!r}")
