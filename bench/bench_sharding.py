@@ -2,20 +2,29 @@
 
 Run: ``python -m bench.bench_sharding`` (boots the harness's real PostgreSQL services).
 
-1. **Routing overhead.** The same single-row query on the same shard primary, two ways:
-   A. ``ShardOrder.objects.using(shard).get(customer_id=k, pk=p)``: routing skipped;
+1. **Routing overhead.** The same single-row query on the same shard primary:
+   A. ``plain.get(customer_id=k, pk=p)`` where ``plain`` is a Django ``Manager`` of
+      ``ShardOrder`` bound to the shard (``db_manager``): the same call path as B (manager,
+      one queryset, ``get()``) on Django's own ``QuerySet``, so no sharding code runs in
+      the query path (the baseline);
    B. ``ShardOrder.objects.get(customer_id=k, pk=p)``: the shard found from the filter, the
       ring consulted, ``replicas.read_alias`` asked (inside ``use_primary()``, so both read
-      the same primary; replica selection is measured by ``bench_routing``).
+      the same primary; replica selection is measured by ``bench_routing``);
+   also ``ShardOrder.objects.using(shard)`` and ``for_key(k)`` for reference.
    A and B alternate in blocks; the figures are medians of per-block means and of the
-   paired differences and ratios. The routing decision alone (``queryset.db``) is also timed.
+   paired differences and ratios. **The verdict is the paired end-to-end median of B - A
+   against the 10 µs target**; the routing decision timed alone (``queryset.db``) is shown
+   for information only. The process exits with status 1 when a target is not met.
 2. **Ring lookups** at 4, 64 and 1024 shards (8 virtual nodes each): the md5 + binary search
    of :class:`~django_dbscale.sharding.ring.KetamaRing` vs ``hashring.HashRing.get_node``.
 3. **Fan-out** over 4 shards (a fourth shard database is added for the run) vs the same query
    on one shard holding the same number of rows, for a scan-bound ``count()``, an ordered
    top-20 and a 200-rows-per-shard fetch; with persistent worker connections
    (``CONN_MAX_AGE=60``) and with the default ``CONN_MAX_AGE=0`` (a connection per shard per
-   fan-out, against a single query that also reconnects).
+   fan-out, against a single query that also reconnects). Every shape's ratio is reported
+   against the 1.5x target, "met" or "not met on this machine"; the exit status follows the
+   server-latency shape, the one that measures concurrency rather than this machine's CPU
+   count.
 """
 
 from __future__ import annotations
@@ -131,26 +140,46 @@ def main() -> int:
     print(f"Loaded {ORDERS_PER_SHARD} orders on each of {len(SHARDS)} shards in {loaded:.1f}s")
 
     # -- 1. routing overhead -----------------------------------------------------------------
+    from django.db.models import Manager
+
     key = keys["shard1"][0]
     order = ShardOrder.objects.filter(customer_id=key).order_by("pk").first()
     assert order is not None
 
+    plain: Any = Manager()
+    plain.model = ShardOrder
+    plain = plain.db_manager("shard1")
+
     def unrouted() -> None:
-        ShardOrder.objects.using("shard1").get(customer_id=key, pk=order.pk)
+        plain.get(customer_id=key, pk=order.pk)
+
+    sharded_on_shard1 = ShardOrder.objects.db_manager("shard1")
+
+    def explicit() -> None:
+        sharded_on_shard1.get(customer_id=key, pk=order.pk)
+
+    def unrouted_by_pk() -> None:
+        plain.get(pk=order.pk)
 
     def routed() -> None:
         ShardOrder.objects.get(customer_id=key, pk=order.pk)
 
+    def by_key() -> None:
+        ShardOrder.objects.for_key(key).get(pk=order.pk)
+
     for _ in range(300):
-        unrouted()
-        routed()
+        for warm in (unrouted, explicit, routed, by_key, unrouted_by_pk):
+            warm()
     got = ShardOrder.objects.get(customer_id=key, pk=order.pk)
     assert got._state.db == "shard1", got._state.db
-    overhead = paired(unrouted, routed, blocks=200, per_block=50)
+    overhead = paired(unrouted, routed, blocks=400, per_block=50)
     control = paired(unrouted, unrouted, blocks=200, per_block=50)
+    with_using = paired(unrouted, explicit, blocks=100, per_block=50)
+    with_key = paired(unrouted_by_pk, by_key, blocks=100, per_block=50)
 
-    # The decision itself (ShardedQuerySet.db: filter walk, ring, read_alias), timed inside
-    # the real query loop, and on prebuilt querysets in a tight loop.
+    # The decision itself (ShardedQuerySet.db: cached key shards, ring, read_alias), timed
+    # inside the real query loop and on prebuilt querysets in a tight loop. Information
+    # only: the verdict is the end-to-end paired difference above.
     from django_dbscale.sharding.models import ShardedQuerySet
 
     decide = cast(property, vars(ShardedQuerySet)["db"]).fget
@@ -170,6 +199,25 @@ def main() -> int:
     finally:
         ShardedQuerySet.db = property(decide)  # type: ignore[method-assign,assignment]
     decision_in_loop = statistics.median(in_loop) / 1e9
+    # Of which the replica router's choice (replicas.read_alias), likewise in the loop.
+    from django_dbscale import replicas
+
+    read_alias = replicas.read_alias
+    in_read: list[int] = []
+
+    def timed_read_alias(primary: str) -> str:
+        start = time.perf_counter_ns()
+        alias = read_alias(primary)
+        in_read.append(time.perf_counter_ns() - start)
+        return alias
+
+    replicas.read_alias = timed_read_alias
+    try:
+        for _ in range(5000):
+            routed()
+    finally:
+        replicas.read_alias = read_alias
+    read_alias_in_loop = statistics.median(in_read) / 1e9
     querysets = [ShardOrder.objects.filter(customer_id=key, pk=order.pk) for _ in range(20_000)]
     t = time.perf_counter()
     for qs in querysets:
@@ -181,21 +229,34 @@ def main() -> int:
         qs.db  # noqa: B018
     decision_nested = (time.perf_counter() - t) / len(in_q)
 
+    target = 10e-6
+    routing_ok = overhead["diff"] <= target
     print()
     print("1. Shard routing overhead: ShardOrder get(customer_id=k, pk=p) on shard1's primary")
-    print(f"   A unrouted .using('shard1')     median {us(overhead['a'])} per query")
-    print(f"   B routed by the key filter      median {us(overhead['b'])} per query")
+    print(f"   A Django Manager bound to shard1   median {us(overhead['a'])} per query (baseline)")
+    print(f"   B routed by the key filter         median {us(overhead['b'])} per query")
     print(
         f"   B - A paired median {us(overhead['diff'])}   B / A {overhead['ratio']:.4f}"
         f"   (A - A control: {us(control['diff'])}, {control['ratio']:.4f}: the noise floor)"
     )
     print(
-        f"   routing decision (queryset.db) timed in the query loop: {us(decision_in_loop)} "
-        f"= {decision_in_loop / overhead['a'] * 100:.2f}% of the query; tight loop: "
-        f"{us(decision)} flat filter, {us(decision_nested)} nested Q"
+        f"   for_key(k).get(pk=p) - plain.get(pk=p) {us(with_key['diff'])} "
+        f"({with_key['ratio']:.4f}, for_key() clones the queryset once more);"
     )
-    verdict = "PASS" if decision_in_loop <= 10e-6 else "FAIL"
-    print(f"   target: <= 10 µs per query -> {verdict}")
+    print(
+        f"   ShardOrder.objects.db_manager('shard1') (explicit alias, key checked) - A "
+        f"{us(with_using['diff'])} ({with_using['ratio']:.4f})"
+    )
+    print(
+        f"   routing decision (queryset.db) alone, for information: {us(decision_in_loop)} "
+        f"in the query loop (of which replicas.read_alias {us(read_alias_in_loop).strip()}), "
+        f"{us(decision)} tight loop flat filter, {us(decision_nested)} nested Q"
+    )
+    print(
+        f"   target: paired B - A median <= 10 µs per query -> "
+        f"{'PASS' if routing_ok else 'FAIL'} ({us(overhead['diff']).strip()}, "
+        f"{overhead['diff'] / overhead['a'] * 100:.2f}% of the query)"
+    )
 
     # -- 2. ring lookups ---------------------------------------------------------------------
     print()
@@ -239,7 +300,7 @@ def main() -> int:
     print(
         "   shape                          single       fan-out   fan/single  4 in a row  fan/row"
     )
-    ratios = []
+    ratios: dict[str, float] = {}
     for name, (per_shard, merged) in shapes().items():
 
         def single(per_shard: Any = per_shard) -> Any:
@@ -255,15 +316,23 @@ def main() -> int:
             single(), fan(), in_a_row()
         result = paired(single, fan, blocks=30, per_block=10)
         row = paired(in_a_row, fan, blocks=10, per_block=10)
-        ratios.append(result["ratio"])
+        ratios[name] = result["ratio"]
         print(
             f"   {name:<29} {us(result['a'])} {us(result['b'])}   {result['ratio']:5.2f}x"
             f"   {us(row['a'])}  {row['ratio']:5.2f}x"
         )
-    verdict = "PASS" if ratios[0] <= 1.5 else "FAIL"
+    print("   target: fan-out <= 1.5x one shard's query, per shape:")
+    for name, ratio in ratios.items():
+        verdict = "met" if ratio <= 1.5 else "NOT MET on this machine"
+        print(f"     {name:<29} {ratio:5.2f}x  {verdict}")
+    latency_shape = next(iter(ratios))
+    fanout_ok = ratios[latency_shape] <= 1.5
     print(
-        f"   target: <= 1.5x when per-shard time is server-side latency (shards on their own "
-        f"servers) -> {verdict}. CPU-bound shapes share this machine's CPUs with every shard."
+        f"   The {latency_shape!r} shape measures concurrency (per-shard time spent waiting "
+        f"on the server, as with shards on their own servers): "
+        f"{'PASS' if fanout_ok else 'FAIL'}. The CPU-bound shapes share this machine's "
+        f"{os.cpu_count()} CPUs with every shard's PostgreSQL backend and the GIL: where "
+        "they are not met, the cause is the CPU count, not the fan-out."
     )
 
     for alias in SHARDS:
@@ -285,7 +354,10 @@ def main() -> int:
 
     ShardOrder.objects.all_shards().delete()
     ShardCustomer.objects.all_shards().delete()
-    return 0
+    print()
+    failed = [name for name, ok in (("routing", routing_ok), ("fan-out", fanout_ok)) if not ok]
+    print(f"Result: {'FAIL (' + ', '.join(failed) + ')' if failed else 'PASS'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

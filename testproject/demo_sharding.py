@@ -25,6 +25,7 @@ from django_dbscale.sharding import (
     ShardingError,
     decode_id,
     get_ring,
+    prefetch_by_shard,
     shard_for_key,
 )
 from django_dbscale.sharding.models import ShardedModel
@@ -136,9 +137,21 @@ def _show(
     totals = order_model.objects.all_shards().aggregate(Sum("total"), n=Count("id"))
     out(f"  fan-out aggregate: {totals['n']} orders, sum {totals['total__sum']}")
 
+    other = next(c.id for c in customers if shard_for_key(GROUP, c.id) != shard_for_key(GROUP, key))
+    rows = list(order_model.objects.filter(customer_id__in=[key, other]).all_shards())
+    prefetch_by_shard(rows, "customer")
+    out(
+        f"  prefetch_by_shard over {len(rows)} orders of two shards: customers "
+        f"{sorted({(o.customer.id, o.customer._state.db) for o in rows})}"
+    )
     for label, attempt in (
         ("order_model.objects.all()", lambda: list(order_model.objects.all())),
         ("save with customer_id=None", lambda: order_model(total=1).save()),
+        (
+            "for_key(a) | for_key(b) on two shards",
+            lambda: list(order_model.objects.for_key(key) | order_model.objects.for_key(other)),
+        ),
+        ("for_key(4.5)", lambda: order_model.objects.for_key(4.5)),
         (
             "Avg over shards",
             lambda: order_model.objects.all_shards().aggregate(models.Avg("total")),

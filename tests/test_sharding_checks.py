@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from django.apps import apps as live_apps
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import models
@@ -18,10 +19,15 @@ from django.test import override_settings
 from django.test.utils import isolate_apps
 
 from django_dbscale.conf import dbscale_settings
-from django_dbscale.sharding import ShardedIDField, ShardKeyRequired
+from django_dbscale.sharding import ShardDeclarationError, ShardedIDField, ShardKeyRequired
 from django_dbscale.sharding.checks import ALL_IDS, check_sharded_models
 from django_dbscale.sharding.models import ShardedModel
-from django_dbscale.sharding.routing import allow_migrate, allow_relation, primary_for_write
+from django_dbscale.sharding.routing import (
+    allow_migrate,
+    allow_relation,
+    primary_for_write,
+    shard_spec,
+)
 from tests.testapp.models import Note, ShardCustomer, ShardOrder, ShardProduct
 
 
@@ -273,3 +279,57 @@ def test_router_has_no_opinion_on_unsharded_models_and_refuses_keyless_writes() 
     assert allow_relation(Note(), ShardProduct()) is None
     assert allow_relation(ShardOrder(customer_id=1), ShardProduct()) is True
     assert dbscale_settings.group_of_shard["shard1"] == "customers"
+
+
+def test_allow_migrate_recognises_deleted_sharded_models_by_their_history(isolated: Any) -> None:
+    # A historical model as migrations build it: the fields, without ShardedModel's class
+    # attributes, and no live model of that name any more (deleted or renamed since).
+    class OldOrder(models.Model):
+        id = ShardedIDField(primary_key=True)
+        customer_id = models.BigIntegerField()
+
+        class Meta:
+            app_label = "testapp"
+
+        def __str__(self) -> str:
+            return "old"
+
+    class OldNote(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        def __str__(self) -> str:
+            return "note"
+
+    for db in ("shard0", "shard1", "shard2"):
+        assert allow_migrate(db, "testapp", "oldorder", OldOrder) is True
+        assert allow_migrate(db, "testapp", "oldnote", OldNote) is False
+    assert allow_migrate("default", "testapp", "oldorder", OldOrder) is False
+    assert allow_migrate("default", "testapp", "oldnote", OldNote) is None
+    two = {"customers": ["shard0", "shard1"], "regions": ["shard2"]}
+    with override_settings(DBSCALE={"SHARD_GROUPS": two}):
+        # Which group it was in is unknown: no opinion on shards, never on default.
+        assert allow_migrate("shard0", "testapp", "oldorder", OldOrder) is None
+        assert allow_migrate("default", "testapp", "oldorder", OldOrder) is False
+
+
+def test_a_wrong_declaration_raises_a_declaration_error_when_routed(isolated: Any) -> None:
+    class Undeclared(ShardedModel):
+        id = ShardedIDField(primary_key=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    class BadKey(ShardedModel):
+        shard_group = "customers"
+        shard_key = "nope"
+        id = ShardedIDField(primary_key=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    for model, match in ((Undeclared, "shard_group"), (BadKey, "'nope' is not a field")):
+        with pytest.raises(ShardDeclarationError, match=match) as caught:
+            shard_spec(model)
+        assert isinstance(caught.value, ImproperlyConfigured)
+        assert not isinstance(caught.value, ShardKeyRequired)

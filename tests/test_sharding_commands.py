@@ -169,3 +169,39 @@ def _base_dbscale() -> dict[str, Any]:
     from django.conf import settings
 
     return dict(settings.DBSCALE)
+
+
+def test_routing_refuses_shards_populated_under_another_ring(
+    services: Services, restamp: None
+) -> None:
+    keys = [next(k for k in range(1, 200) if shard_for_key("customers", k) == s) for s in SHARDS]
+    ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in keys])
+    rings = {
+        "VNODES=8, now 16": {"customers": {"SHARDS": list(SHARDS), "VNODES": 16}},
+        "weights changed": {"customers": {"SHARDS": {"shard0": 2, "shard1": 1, "shard2": 1}}},
+    }
+    for match, groups in rings.items():
+        with override_settings(DBSCALE={**_base_dbscale(), "SHARD_GROUPS": groups}):
+            for key in keys:
+                with pytest.raises(RingChangeRefused, match=match):
+                    ShardCustomer.objects.filter(id=key).exists()
+            with pytest.raises(RingChangeRefused):
+                ShardCustomer.objects.create(id=1000, name="new")
+            # Fan-out and explicit aliases do not depend on the mapping: they still work,
+            # e.g. to move the rows.
+            assert ShardCustomer.objects.all_shards().count() == len(keys)
+            assert ShardCustomer.objects.using("shard0").filter(name="c").count() == 1
+    assert ShardCustomer.objects.filter(id=keys[0]).exists()
+    assert sql(services, "shard0", "SELECT count(*) FROM testapp_shardcustomer") == [(1,)]
+
+
+def test_a_shard_populated_for_another_group_is_refused(services: Services, restamp: None) -> None:
+    key = next(k for k in range(1, 100) if shard_for_key("customers", k) == "shard1")
+    ShardCustomer.objects.create(id=key, name="c")
+    renamed = {"clients": list(SHARDS)}
+    with override_settings(DBSCALE={**_base_dbscale(), "SHARD_GROUPS": renamed}):
+        with pytest.raises(RingChangeRefused, match="holds rows of group 'customers'"):
+            install_shard_functions("shard1")
+        assert install_shard_functions("shard0") is not None  # empty: re-stamped freely
+    stamp = read_stamp(connections["shard1"])
+    assert stamp is not None and stamp.group == "customers"

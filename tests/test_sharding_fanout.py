@@ -7,20 +7,31 @@ neither side of an assertion trusts the library's merge.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import threading
 import time
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Avg, Count, F, Max, Min, StdDev, Sum
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Collate, Lower
 
+from django_dbscale import consistency, consistency_context, replicas
 from django_dbscale.conf import dbscale_settings
-from django_dbscale.sharding import FanoutNotSupported, shard_for_key
+from django_dbscale.sharding import (
+    FanoutNotSupported,
+    current_shard,
+    fanout,
+    shard_for_key,
+    using_shard,
+)
+from django_dbscale.sharding.fanout import run_on_shards
 from django_dbscale.testing.harness import Services
-from tests.testapp.models import ShardCustomer, ShardOrder
+from tests.testapp.models import ShardCoupon, ShardCustomer, ShardOrder
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -250,7 +261,24 @@ def test_update_and_delete_fan_out_to_every_primary(
         (lambda f: list(f.distinct("status")), "DISTINCT ON"),
         (lambda f: list(f.only("status").order_by("rank")), "only\\(\\)/defer\\(\\)"),
         (lambda f: f.in_bulk([1]), "in_bulk\\(\\) is not supported"),
-        (lambda f: f[:3].filter(status="x"), "before slicing"),
+        (lambda f: f[:3].filter(status="x"), r"sliced fan-out query of testapp\.ShardOrder"),
+        # count() and aggregate() share the refusals of iteration.
+        (lambda f: f.values("status").annotate(n=Count("id")).count(), "GROUP BY"),
+        (lambda f: f.values("status").annotate(n=Count("id")).aggregate(Sum("n")), "GROUP BY"),
+        (lambda f: f.extra(select={"x": "1"}).count(), "extra"),
+        # Text merges by code point: refused under any other collation.
+        (
+            lambda f: list(f.annotate(s=Collate("status", "und-x-icu")).order_by("s")),
+            "collation 'und-x-icu'",
+        ),
+        (
+            lambda f: f.aggregate(m=Max(Collate("status", "en-x-icu"))),
+            "collation 'en-x-icu'",
+        ),
+        (
+            lambda f: list(f.annotate(s=Lower(Collate("status", "und-x-icu"))).order_by("-s")),
+            "collation 'und-x-icu'",
+        ),
     ],
 )
 def test_what_cannot_be_combined_raises_a_clear_error(call: Any, match: str) -> None:
@@ -258,6 +286,133 @@ def test_what_cannot_be_combined_raises_a_clear_error(call: Any, match: str) -> 
     ShardOrder.objects.create(customer_id=1)
     with pytest.raises(FanoutNotSupported, match=match):
         call(ShardOrder.objects.all_shards())
+
+
+def test_distinct_on_and_group_by_set_before_the_fan_out_are_refused_by_count() -> None:
+    ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in range(1, 9)])
+    ShardOrder.objects.bulk_create(
+        [ShardOrder(customer_id=k, status=("open", "paid")[k % 2]) for k in range(1, 9)]
+    )
+    distinct_on = ShardOrder.objects.order_by("status").distinct("status").all_shards()
+    grouped = ShardOrder.objects.values("status").annotate(n=Count("id")).all_shards()
+    for fan in (distinct_on, grouped):
+        with pytest.raises(FanoutNotSupported, match="cannot be combined"):
+            fan.count()
+        with pytest.raises(FanoutNotSupported, match="cannot be combined"):
+            fan.aggregate(Count("id"))
+
+
+def test_text_is_merged_only_under_a_code_point_collation(
+    services: Services, dataset: list[tuple[Any, ...]]
+) -> None:
+    expected = pg_order(services, dataset, 'status COLLATE "C" DESC, id')
+    fan = ShardOrder.objects.all_shards()
+    got = fan.annotate(s=Collate("status", "C")).order_by("-s", "id")
+    assert [o.pk for o in got] == expected
+    assert fan.aggregate(m=Max("status"), n=Min(Collate("status", "POSIX"))) == {
+        "m": max(r[4] for r in dataset),
+        "n": min(r[4] for r in dataset),
+    }
+    # A column without db_collation sorts by the database default: read once per shard.
+    ShardCoupon.objects.bulk_create(
+        [ShardCoupon(customer_id=k, code=f"c{k:02d}") for k in range(1, 25)]
+    )
+    codes = ShardCoupon.objects.order_by("code").all_shards().values_list("code", flat=True)
+    assert {fanout._database_collation(s) for s in SHARDS} == {"C"}  # the test servers
+    assert list(codes) == [f"c{k:02d}" for k in range(1, 25)]
+    fanout._db_collations["shard1"] = "en_US.UTF-8"
+    try:
+        with pytest.raises(FanoutNotSupported, match="database default collation"):
+            list(ShardCoupon.objects.order_by("code").all_shards())
+        with pytest.raises(FanoutNotSupported, match="database default collation"):
+            ShardCoupon.objects.all_shards().aggregate(Min("code"))
+    finally:
+        fanout._db_collations.clear()
+
+
+def test_a_shard_key_filter_limits_the_fan_out_to_its_shards(
+    dataset: list[tuple[Any, ...]],
+) -> None:
+    keys = sorted({r[1] for r in dataset})
+    by_shard = {s: [k for k in keys if shard_for_key("customers", k) == s] for s in SHARDS}
+    two = [by_shard["shard0"][0], by_shard["shard2"][0]]
+    fan = ShardOrder.objects.filter(customer__in=two).all_shards()
+    assert fan.shards == ("shard0", "shard2")
+    assert fan.count() == sum(1 for r in dataset if r[1] in two)
+    assert set(fan.per_shard()) == {"shard0", "shard2"}
+    assert ShardOrder.objects.for_key(two[0]).all_shards().shards == ("shard0",)
+    assert ShardOrder.objects.filter(customer__in=[]).all_shards().count() == 0
+
+
+def test_fan_out_workers_run_in_the_callers_context() -> None:
+    seen: dict[str, Any] = {}
+
+    def probe(alias: str) -> str | None:
+        seen[alias] = threading.current_thread().name
+        return current_shard("customers")
+
+    with using_shard("customers", shard="shard1"):
+        assert run_on_shards(SHARDS, probe) == ["shard1"] * 3
+    assert sum(name.startswith("dbscale-fanout") for name in seen.values()) == 2
+
+
+def test_fan_out_writes_of_workers_are_the_callers_own_writes() -> None:
+    ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in range(1, 30)])
+    ShardOrder.objects.bulk_create([ShardOrder(customer_id=k) for k in range(1, 30)])
+
+    def fresh_context() -> set[str]:
+        # No consistency state exists yet in this context: the fan-out must create it
+        # before the workers copy the context, or their writes are recorded elsewhere.
+        assert consistency._state.get() is None
+        assert ShardOrder.objects.all_shards().update(status="paid") == 29
+        state = consistency._state.get()
+        assert state is not None
+        return set(state.pending) | set(state.positions)
+
+    assert contextvars.Context().run(fresh_context) == set(SHARDS)
+
+
+def test_fan_out_reads_its_own_writes_through_every_worker(services: Services, paused: Any) -> None:
+    ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in range(1, 30)])
+    services.pg1_replica.wait_for_replay()
+    services.pg2_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    with consistency_context():
+        assert ShardCustomer.objects.all_shards().count() == 29  # pins every shard's replica
+        assert {c._state.db for c in ShardCustomer.objects.all_shards()} == {
+            f"{s}_replica" for s in SHARDS
+        }
+        paused(services.pg1_replica)
+        paused(services.pg2_replica)
+        for shard in SHARDS:  # written from this thread: its context knows the positions
+            ShardCustomer.objects.on_shard(shard).update(name="renamed")
+        # Workers read in this context: their shards' replicas lack the writes, so they
+        # read the primaries.
+        assert (
+            sorted(ShardCustomer.objects.all_shards().values_list("name", flat=True))
+            == ["renamed"] * 29
+        )
+
+
+def test_fan_out_workers_close_their_connections(services: Services) -> None:
+    connections_seen: dict[str, Any] = {}
+
+    def open_connection(alias: str) -> int:
+        connection = connections[alias]
+        connection.ensure_connection()
+        connections_seen[alias] = connection
+        return threading.get_ident()
+
+    idents = run_on_shards(SHARDS, open_connection)
+    here = threading.get_ident()
+    assert idents.count(here) == 1
+    for alias, ident in zip(SHARDS, idents, strict=True):
+        connection = connections_seen[alias]
+        if ident == here:
+            assert connection.connection is not None  # the caller's own stays open
+        else:
+            assert connection.settings_dict["CONN_MAX_AGE"] == 0
+            assert connection.connection is None, alias
 
 
 def test_shards_are_queried_concurrently(dataset: list[tuple[Any, ...]]) -> None:

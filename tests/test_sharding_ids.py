@@ -91,6 +91,43 @@ def test_ids_from_all_shards_are_unique_under_concurrent_inserts(services: Servi
     assert max(all_ids) < 2**63
 
 
+@pytest.mark.parametrize(
+    ("model", "threads", "rows"), [(ShardTicket, 4, 3000), (ShardOrder, 4, 5000)]
+)
+def test_ids_of_one_shard_are_unique_under_concurrent_bulk_inserts(
+    services: Services, model: Any, threads: int, rows: int
+) -> None:
+    # Four sessions on one shard, each inserting thousands of rows in one statement: far
+    # more than 2**seq_bits IDs per millisecond between them (128 for js_safe).
+    key = key_on("shard1")
+    ShardCustomer.objects.create(id=key, name="c")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def insert() -> None:
+        try:
+            barrier.wait()
+            model.objects.bulk_create([model(customer_id=key) for _ in range(rows)])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            for conn in connections.all(initialized_only=True):
+                conn.close()
+
+    workers = [threading.Thread(target=insert) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    table = model._meta.db_table
+    ids = [r[0] for r in sql(services, "shard1", f"SELECT id FROM {table}")]
+    assert len(ids) == len(set(ids)) == threads * rows
+    js_safe = model is ShardTicket
+    assert max(ids) < (2**53 if js_safe else 2**63)
+    assert {decode_id(i, js_safe=js_safe).shard_number for i in ids} == {1}
+
+
 def test_ids_are_time_ordered_and_carry_their_creation_time() -> None:
     key = key_on("shard2")
     ShardCustomer.objects.create(id=key, name="c")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 import uuid
 from collections import Counter
 from decimal import Decimal
 
 import pytest
+from django.db import models
 from django.test import override_settings
 from hashring import HashRing
 
@@ -21,6 +23,7 @@ from django_dbscale.sharding import (
     InvalidShardKey,
     KetamaRing,
     ShardRing,
+    UnknownShard,
     UnknownShardGroup,
     current_shard,
     get_ring,
@@ -28,7 +31,7 @@ from django_dbscale.sharding import (
     shard_for_key,
     using_shard,
 )
-from django_dbscale.sharding.ring import set_ring_factory, vnode_name
+from django_dbscale.sharding.ring import MEMO_SIZE, set_ring_factory, vnode_name
 
 THREE = ("shard0", "shard1", "shard2")
 FOUR = (*THREE, "shard3")
@@ -258,7 +261,7 @@ def test_using_shard_does_not_leak_into_other_threads_or_tasks() -> None:
         (("nope", 1), {}, UnknownShardGroup, "'nope' is not in"),
         (("customers",), {}, TypeError, "exactly one of a key"),
         (("customers", 1), {"shard": "shard0"}, TypeError, "exactly one of a key"),
-        (("customers",), {"shard": "default"}, UnknownShardGroup, "not a shard of 'customers'"),
+        (("customers",), {"shard": "default"}, UnknownShard, "not a shard of 'customers'"),
         (("customers", 4.5), {}, InvalidShardKey, "float"),
         ((42, 1), {}, TypeError, "group must be a str"),
     ],
@@ -268,3 +271,69 @@ def test_using_shard_validates_its_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         using_shard(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_one_using_shard_object_can_be_entered_by_concurrent_tasks_and_threads() -> None:
+    pin = using_shard("customers", shard="shard1")  # shared, as a module-level constant
+
+    async def task(delay: float) -> str | None:
+        with pin:
+            await asyncio.sleep(delay)
+            inside = current_shard("customers")
+        assert current_shard("customers") is None
+        return inside
+
+    async def main() -> list[str | None]:
+        # The first task leaves while the second is still inside, and the other way round.
+        return list(await asyncio.gather(task(0.01), task(0.03), task(0.02)))
+
+    assert asyncio.run(main()) == ["shard1"] * 3
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def thread() -> None:
+        try:
+            barrier.wait()
+            with pin:
+                time.sleep(0.005)
+                assert current_shard("customers") == "shard1"
+            assert current_shard("customers") is None
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with pytest.raises(RuntimeError, match="did not enter it"):
+        pin.__exit__(None, None, None)
+
+
+# -- key values that must not be rounded or misread -----------------------------------------------
+
+
+@pytest.mark.parametrize("value", [4.5, 42.0, Decimal("42"), Decimal("4.5"), True, False])
+def test_floats_decimals_and_bools_are_refused_even_by_an_integer_key_field(value: object) -> None:
+    # BigIntegerField.to_python(4.5) is 4 and True is 1: a key is never rounded.
+    with pytest.raises(InvalidShardKey, match="never rounded"):
+        ring_key(value, field=models.BigIntegerField(name="customer_id"))
+
+
+def test_an_all_digit_uuid_hex_string_is_an_int_unless_a_uuid_field_converts_it() -> None:
+    value = uuid.UUID("12345678123456781234567812345678")
+    # Documented: 32 decimal digits are an int; the UUID object and a UUIDField disagree.
+    assert ring_key(value.hex) == "12345678123456781234567812345678"
+    assert ring_key(value) == ring_key(str(value)) == "12345678-1234-5678-1234-567812345678"
+    assert ring_key(value.hex, field=models.UUIDField(name="account")) == ring_key(value)
+
+
+def test_node_for_remembers_keys_in_a_bounded_memo() -> None:
+    ring = KetamaRing(THREE, {}, 8)
+    reference = KetamaRing(THREE, {}, 8)
+    for i in range(MEMO_SIZE * 2 + 10):
+        key = ring_key(i)
+        assert ring.node_for(key) == reference.node_for(key)
+        assert len(ring._memo) <= MEMO_SIZE
+    assert ring.node_for("42") == ring.node_for("42") == reference.node_for("42")

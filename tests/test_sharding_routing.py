@@ -7,6 +7,7 @@ through the library; where a read went is checked with ``_state.db``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -14,9 +15,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 from django.db import IntegrityError, connections
-from django.db.models import Q
+from django.db.models import Q, prefetch_related_objects
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_dbscale import consistency_context, replicas
@@ -24,18 +28,23 @@ from django_dbscale.conf import dbscale_settings
 from django_dbscale.sharding import (
     CrossShardRelation,
     InvalidShardKey,
+    RingChangeRefused,
+    ShardedManager,
     ShardKeyChanged,
     ShardKeyMissing,
     ShardKeyRequired,
     ShardMismatch,
-    UnknownShardGroup,
+    UnknownShard,
+    prefetch_by_shard,
     shard_for_key,
     shard_of_id,
     using_shard,
 )
+from django_dbscale.sharding.ids import verify_ring_once
 from django_dbscale.testing.harness import Services
 from tests.testapp.models import (
     Note,
+    ShardCoupon,
     ShardCustomer,
     ShardOrder,
     ShardOrderLine,
@@ -84,7 +93,14 @@ def primary(alias: str | None) -> str | None:
 
 
 @contextmanager
-def no_queries() -> Iterator[None]:
+def no_queries(prime: bool = True) -> Iterator[None]:
+    """Assert that the block runs no query on any database.
+
+    The once-per-process ring stamp check of each shard is primed first: it is a read made
+    by the first query routed to a shard, not by the refused call.
+    """
+    for shard in SHARDS if prime else ():
+        verify_ring_once(shard)
     with ExitStack() as stack:
         captured = [
             stack.enter_context(CaptureQueriesContext(connections[alias])) for alias in connections
@@ -408,7 +424,7 @@ def test_explicit_alias_that_is_not_the_key_shard_is_refused(services: Services)
         ShardOrder.objects.for_key(keys_on("shard1")[0]).create(customer_id=key)
     with no_queries(), pytest.raises(ShardMismatch, match="Drop one"):
         list(ShardOrder.objects.for_key(keys_on("shard1")[0]).filter(customer_id=key))
-    with pytest.raises(UnknownShardGroup, match="not a shard of group 'customers'"):
+    with pytest.raises(UnknownShard, match="not a shard of group 'customers'"):
         ShardOrder.objects.on_shard("default")
     assert count_everywhere(services, "testapp_shardorder") == 0
 
@@ -472,3 +488,281 @@ def test_shard_reads_honour_read_your_writes_with_replay_paused(
         customer = ShardCustomer.objects.for_key(key).get()
     assert stale == []
     assert customer._state.db == "shard1_replica"
+
+
+# -- combined querysets, prefetching, fixtures ---------------------------------------------------
+
+
+def test_querysets_combined_across_shards_are_refused_not_read_from_one_shard() -> None:
+    (key1,), (key2,) = keys_on("shard1", 1), keys_on("shard2", 1)
+    key1b = keys_on("shard1", 2)[1]
+    c1, orders1 = customer_with_orders(key1, 1)
+    customer_with_orders(key2, 1)
+    _, orders1b = customer_with_orders(key1b, 1)
+    spanning: dict[str, Callable[[], object]] = {
+        "for_key | for_key": lambda: list(
+            ShardOrder.objects.for_key(key1) | ShardOrder.objects.for_key(key2)
+        ),
+        "filter | filter": lambda: list(
+            ShardOrder.objects.filter(customer_id=key1)
+            | ShardOrder.objects.filter(customer_id=key2)
+        ),
+        "filter ^ filter": lambda: list(
+            ShardOrder.objects.filter(customer_id=key1)
+            ^ ShardOrder.objects.filter(customer_id=key2)
+        ),
+        "related manager | filter": lambda: list(
+            c1.orders.all() | ShardOrder.objects.filter(customer_id=key2)
+        ),
+        "union of filters": lambda: list(
+            ShardOrder.objects.filter(customer_id=key1).union(
+                ShardOrder.objects.filter(customer_id=key2)
+            )
+        ),
+        "union of for_key": lambda: list(
+            ShardOrder.objects.for_key(key1).union(ShardOrder.objects.for_key(key2))
+        ),
+        "union with an unrouted part": lambda: list(
+            ShardOrder.objects.for_key(key1).union(ShardOrder.objects.filter(status="open"))
+        ),
+        "count of a difference": lambda: (
+            ShardOrder.objects.for_key(key1).difference(ShardOrder.objects.for_key(key2)).count()
+        ),
+    }
+    for name, call in spanning.items():
+        with no_queries(), pytest.raises(ShardKeyRequired, match="ShardOrder") as caught:
+            call()
+        expected = "combined with" if ("|" in name or "^" in name) else "union"
+        if "difference" in name:
+            expected = "difference"
+        assert expected in str(caught.value), name
+    with no_queries(), pytest.raises(ShardMismatch, match="combined with &"):
+        ShardOrder.objects.for_key(key1) & ShardOrder.objects.filter(customer_id=key2)
+    # Parts that all live on one shard combine, on that shard.
+    both = {orders1[0].pk, orders1b[0].pk}
+    same_shard = {
+        "filter | filter": ShardOrder.objects.filter(customer_id=key1)
+        | ShardOrder.objects.filter(customer_id=key1b),
+        "related manager | filter": c1.orders.all() | ShardOrder.objects.filter(customer_id=key1b),
+        "union": ShardOrder.objects.filter(customer_id=key1).union(
+            ShardOrder.objects.for_key(key1b).filter(customer_id=key1b)
+        ),
+    }
+    for name, qs in same_shard.items():
+        got = list(qs)
+        assert {o.pk for o in got} == both, name
+        assert {primary(o._state.db) for o in got} == {"shard1"}, name
+    narrowed = c1.orders.all() & ShardOrder.objects.filter(status="open")
+    assert [o.pk for o in narrowed] == [orders1[0].pk]
+
+
+def test_prefetch_over_rows_of_several_shards_is_refused_or_done_per_shard() -> None:
+    key1, key2 = keys_on("shard1")[0], keys_on("shard2")[0]
+    rows: dict[int, ShardOrder] = {}
+    for key in (key1, key2):
+        _, (order,) = customer_with_orders(key, 1)
+        ShardOrderLine.objects.create(order=order, customer_id=key, sku=f"s{key}")
+        order.tags.add(ShardTag.objects.create(customer_id=key, label=f"t{key}"))
+        rows[key] = order
+
+    def loaded() -> list[ShardOrder]:
+        return list(ShardOrder.objects.all_shards().order_by("customer_id"))
+
+    for lookup in ("lines", "tags"):
+        with pytest.raises(CrossShardRelation, match="prefetch_by_shard"):
+            prefetch_related_objects(loaded(), lookup)
+    orders = loaded()
+    prefetch_by_shard(orders, "lines", "tags")
+    assert [(o.customer_id, [x.sku for x in o.lines.all()]) for o in orders] == [
+        (k, [f"s{k}"]) for k in sorted(rows)
+    ]
+    assert [[t.label for t in o.tags.all()] for o in orders] == [[f"t{k}"] for k in sorted(rows)]
+    # A fan-out's own prefetch runs on each shard.
+    fanned = list(ShardOrder.objects.prefetch_related("lines").order_by("customer_id").all_shards())
+    assert [[x.sku for x in o.lines.all()] for o in fanned] == [[f"s{k}"] for k in sorted(rows)]
+
+
+def test_loaddata_refuses_rows_of_another_shard(services: Services, tmp_path: Any) -> None:
+    key0, key1 = keys_on("shard0")[0], keys_on("shard1")[0]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(
+        json.dumps(
+            [
+                {"model": "testapp.shardcustomer", "pk": key0, "fields": {"name": "zero"}},
+                {"model": "testapp.shardcustomer", "pk": key1, "fields": {"name": "one"}},
+            ]
+        )
+    )
+    with pytest.raises(ShardMismatch, match=r"maps to shard 'shard1'.*loaddata"):
+        call_command("loaddata", str(mixed), database="shard0", verbosity=0)
+    assert count_everywhere(services, "testapp_shardcustomer") == 0
+    own = tmp_path / "own.json"
+    own.write_text(
+        json.dumps([{"model": "testapp.shardcustomer", "pk": key0, "fields": {"name": "zero"}}])
+    )
+    call_command("loaddata", str(own), database="shard0", verbosity=0)
+    assert sql(services, "shard0", "SELECT id, name FROM testapp_shardcustomer") == [(key0, "zero")]
+
+
+def test_none_reads_no_database_and_needs_no_key() -> None:
+    product = ShardProduct.objects.create(name="p")
+    with no_queries():
+        assert list(ShardOrder.objects.none()) == []
+        assert ShardOrder.objects.none().count() == 0
+        assert not ShardOrder.objects.none().exists()
+        assert list(ShardOrder.objects.filter(status="x").none()) == []
+        assert list(product.shard_orders.none()) == []
+
+
+def test_base_manager_routes_like_the_default_manager() -> None:
+    key = keys_on("shard2")[0]
+    _, (order,) = customer_with_orders(key, 1)
+    assert isinstance(ShardOrder._base_manager, ShardedManager)
+    assert ShardOrder._base_manager.name != "objects"  # unfiltered, not a custom objects
+    got = ShardOrder._base_manager.filter(customer_id=key).get()
+    assert got.pk == order.pk and primary(got._state.db) == "shard2"
+    with no_queries(), pytest.raises(ShardKeyRequired):
+        list(ShardOrder._base_manager.filter(status="open"))
+
+
+def test_using_a_shard_that_does_not_hold_the_filtered_key_is_refused() -> None:
+    key1 = keys_on("shard1")[0]
+    _, (order,) = customer_with_orders(key1, 1)
+    with no_queries(), pytest.raises(ShardMismatch, match=r"'shard0'.*\['shard1'\]"):
+        list(ShardOrder.objects.using("shard0").filter(customer_id=key1))
+    with no_queries(), pytest.raises(ShardMismatch):
+        ShardOrder.objects.using("shard2").filter(customer__in=[key1]).count()
+    # The shard itself, or its replica, is fine; so is a per-shard job over several keys.
+    assert [o.pk for o in ShardOrder.objects.using("shard1").filter(customer_id=key1)] == [order.pk]
+    assert ShardOrder.objects.using("shard1_replica").filter(customer_id=key1).count() in (0, 1)
+    spanning = [key1, keys_on("shard0")[0]]
+    assert ShardOrder.objects.using("shard1").filter(customer__in=spanning).count() == 1
+
+
+# -- writes that must not go astray ----------------------------------------------------------
+
+
+def test_bulk_update_of_rows_of_another_shard_is_refused(services: Services) -> None:
+    key1, key2 = keys_on("shard1")[0], keys_on("shard2")[0]
+    customer_with_orders(key1, 1)
+    _, (order,) = customer_with_orders(key2, 1)
+    loaded = ShardOrder.objects.filter(customer_id=key2).get()
+    loaded.status = "changed"
+    for qs in (ShardOrder.objects.for_key(key1), ShardOrder.objects.using("shard1")):
+        with no_queries(), pytest.raises(ShardMismatch, match="maps to shard 'shard2'"):
+            qs.bulk_update([loaded], ["status"])
+    stored = "SELECT status FROM testapp_shardorder WHERE id = %s"
+    assert sql(services, "shard2", stored, (order.pk,)) == [("open",)]
+    assert ShardOrder.objects.for_key(key2).bulk_update([loaded], ["status"]) == 1
+    assert sql(services, "shard2", stored, (order.pk,)) == [("changed",)]
+
+
+def test_bulk_update_of_a_row_whose_key_changed_is_refused(services: Services) -> None:
+    old, new = keys_on("shard0")[0], keys_on("shard1")[0]
+    customer_with_orders(old, 1)
+    ShardCustomer.objects.create(id=new, name="new")
+    loaded = ShardOrder.objects.filter(customer_id=old).get()
+    loaded.customer_id = new
+    loaded.status = "moved"
+    # Only "status" is written, but the row would be looked for on the new key's shard.
+    with no_queries(), pytest.raises(ShardKeyChanged, match=f"from {old} to {new}"):
+        ShardOrder.objects.bulk_update([loaded], ["status"])
+    assert sql(services, "shard0", "SELECT customer_id, status FROM testapp_shardorder") == [
+        (old, "open")
+    ]
+
+
+def test_key_change_is_refused_after_only_defer_and_bulk_create(services: Services) -> None:
+    key, same_shard = keys_on("shard0", 2)
+    other = keys_on("shard1")[0]
+    for k in (key, same_shard, other):
+        ShardCustomer.objects.create(id=k, name=str(k))
+    (created,) = ShardOrder.objects.bulk_create([ShardOrder(customer_id=key)])
+    cases = {
+        "only()": ShardOrder.objects.filter(customer_id=key).only("status").get(),
+        "defer()": ShardOrder.objects.filter(customer_id=key).defer("customer", "total").get(),
+        "bulk_create()": created,
+    }
+    for name, row in cases.items():
+        assert "customer_id" in row.__dict__, name  # the key is never deferred
+        for target in (same_shard, other):
+            row.customer_id = target
+            with no_queries(), pytest.raises(ShardKeyChanged, match=f"from {key} to {target}"):
+                row.save()
+    assert sql(services, "shard0", "SELECT customer_id FROM testapp_shardorder") == [(key,)]
+    # refresh_from_db() of the key re-reads it: saving the original key again works.
+    row = cases["only()"]
+    row.refresh_from_db(fields=["customer"])
+    row.status = "kept"
+    row.save()
+    assert sql(services, "shard0", "SELECT status FROM testapp_shardorder") == [("kept",)]
+
+
+def test_a_row_read_before_the_ring_changed_is_not_written_elsewhere(services: Services) -> None:
+    keys = [k for shard in SHARDS for k in keys_on(shard, 4)]
+    ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in keys])
+    rows = {c.pk: c for c in ShardCustomer.objects.all_shards()}
+    changed = {
+        **settings.DBSCALE,
+        "SHARD_GROUPS": {"customers": {"SHARDS": list(SHARDS), "VNODES": 16}},
+    }
+    with override_settings(DBSCALE=changed):
+        moved = next(
+            c for c in rows.values() if shard_for_key("customers", c.pk) != primary(c._state.db)
+        )
+        home = primary(moved._state.db)
+        changed_ring = pytest.raises(ShardKeyChanged, match="ring of group 'customers' changed")
+        with no_queries(prime=False), changed_ring:
+            moved.save(using=home)
+        with pytest.raises(RingChangeRefused, match="VNODES=8, now 16"):
+            moved.save()
+    assert sql(
+        services, home, "SELECT count(*) FROM testapp_shardcustomer WHERE id = %s", (moved.pk,)
+    ) == [(1,)]
+
+
+def test_create_through_a_reference_rows_manager_routes_by_the_key(services: Services) -> None:
+    product = ShardProduct.objects.create(name="p")
+    key = keys_on("shard2")[0]
+    ShardCustomer.objects.create(id=key, name="c")
+    order = product.shard_orders.create(customer_id=key)
+    assert holders(services, "testapp_shardorder", order.pk) == ["shard2"]
+    again, created = product.shard_orders.get_or_create(customer_id=key, status="open")
+    assert not created and again.pk == order.pk
+    with pytest.raises(ShardKeyMissing):
+        product.shard_orders.create()
+
+
+def test_full_clean_checks_unique_fields_and_constraints_on_the_row_shard() -> None:
+    key, same_shard = keys_on("shard1", 2)
+    elsewhere = keys_on("shard2")[0]
+    ShardCoupon.objects.create(customer_id=key, code="WELCOME", label="Spring")
+    # The same code and label on another shard are fine: uniqueness is per shard.
+    ShardCoupon(customer_id=elsewhere, code="WELCOME", label="spring").full_clean()
+    with pytest.raises(ValidationError, match="Code already exists"):
+        ShardCoupon(customer_id=same_shard, code="WELCOME").full_clean()
+    with pytest.raises(ValidationError, match="testapp_shardcoupon_label_ci"):
+        ShardCoupon(customer_id=same_shard, code="OTHER", label="SPRING").full_clean()
+    ShardCoupon(customer_id=same_shard, code="OTHER", label="summer").full_clean()
+
+
+def test_error_messages_name_the_model_and_a_fix_that_exists() -> None:
+    through = ShardOrder.tags.through
+    with pytest.raises(ShardKeyRequired) as caught:
+        list(through.objects.all())
+    message = str(caught.value)
+    assert "link table of ShardOrder.tags" in message and "for_key" not in message
+    with pytest.raises(InvalidShardKey, match=r"for_key\(None\).*ShardOrder\.customer"):
+        ShardOrder.objects.for_key(None)
+    for bad in (4.5, True, Decimal("42")):
+        with pytest.raises(InvalidShardKey, match="never rounded"):
+            ShardOrder.objects.for_key(bad)
+    with pytest.raises(InvalidShardKey, match="never rounded"):
+        ShardOrder.objects.filter(customer_id=True)
+    with pytest.raises(UnknownShard, match="only 3 shards"):
+        ShardOrder.objects.for_id((1 << 22) | (9 << 10))
+    key = keys_on("shard0")[0]
+    ShardCustomer.objects.create(id=key, name="c")
+    with pytest.raises(ShardMismatch) as mismatch:
+        ShardOrder(customer_id=key).save(using="shard1")
+    assert "explicit" not in str(mismatch.value) and "name 'shard0'" in str(mismatch.value)

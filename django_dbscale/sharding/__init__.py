@@ -2,8 +2,9 @@
 
 Public names (re-exported by :mod:`django_dbscale`): :class:`ShardedModel`,
 :class:`ShardedIDField`, :func:`using_shard`, :func:`shard_for_key`, the exceptions, and
-:func:`get_ring`. ``ShardedModel``, ``ShardedManager`` and ``ShardedQuerySet`` are loaded
-on first access (a model class can only be defined once Django's apps are loading).
+:func:`get_ring`. ``ShardedModel``, ``ShardedManager``, ``ShardedQuerySet`` and
+``prefetch_by_shard`` are loaded on first access (a model class can only be defined once
+Django's apps are loading).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from django_dbscale.sharding.exceptions import (
     FanoutNotSupported,
     InvalidShardKey,
     RingChangeRefused,
+    ShardDeclarationError,
     ShardingError,
     ShardKeyChanged,
     ShardKeyMissing,
     ShardKeyRequired,
     ShardMismatch,
+    UnknownShard,
     UnknownShardGroup,
 )
 from django_dbscale.sharding.ids import ShardedIDField, decode_id, shard_of_id
@@ -33,6 +36,7 @@ __all__ = [
     "InvalidShardKey",
     "KetamaRing",
     "RingChangeRefused",
+    "ShardDeclarationError",
     "ShardKeyChanged",
     "ShardKeyMissing",
     "ShardKeyRequired",
@@ -43,17 +47,19 @@ __all__ = [
     "ShardedQuerySet",
     "ShardedIDField",
     "ShardingError",
+    "UnknownShard",
     "UnknownShardGroup",
     "current_shard",
     "decode_id",
     "get_ring",
+    "prefetch_by_shard",
     "ring_key",
     "shard_for_key",
     "shard_of_id",
     "using_shard",
 ]
 
-_LAZY = frozenset({"ShardedManager", "ShardedModel", "ShardedQuerySet"})
+_LAZY = frozenset({"ShardedManager", "ShardedModel", "ShardedQuerySet", "prefetch_by_shard"})
 
 
 def __getattr__(name: str) -> Any:

@@ -293,7 +293,7 @@ def check_shard_stamps(
         stamp = read_stamp(connection)
         if stamp is None:
             continue
-        populated = is_populated(connection, group)
+        populated = is_populated(connection, group, stamp)
         problems = stamp_problems(alias, stamp, populated)
         if problems:
             messages.append(

@@ -1,11 +1,14 @@
 """``using_shard``: pin the queries of a block (or a function) to one shard of a group.
 
 The pin lives in a :class:`~contextvars.ContextVar` holding an immutable mapping
-``group -> shard primary alias``; entering sets a new mapping and keeps the token, leaving
-resets it. So blocks nest (the innermost pin of a group wins, outer pins of other groups
-stay), and a pin never leaks into another request, thread, task or coroutine: threads
-started inside do not inherit it unless run with :func:`contextvars.copy_context`, and
-asyncio tasks get a copy at creation.
+``group -> shard primary alias``; entering sets a new mapping, leaving resets it with the
+token of that entry. So blocks nest (the innermost pin of a group wins, outer pins of other
+groups stay), and a pin never leaks into another request, thread, task or coroutine:
+threads started inside do not inherit it unless run with :func:`contextvars.copy_context`,
+and asyncio tasks get a copy at creation. The tokens themselves are kept per context too
+(in a second ``ContextVar``), so one ``using_shard`` object may be entered by concurrent
+threads and tasks (a module-level ``PIN = using_shard(...)``), as in
+:mod:`django_dbscale.consistency`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 from django_dbscale.sharding import keys
-from django_dbscale.sharding.exceptions import UnknownShardGroup
+from django_dbscale.sharding.exceptions import UnknownShard
 from django_dbscale.sharding.ring import get_ring
 
 __all__ = ["current_shard", "shard_for_key", "using_shard"]
@@ -27,6 +30,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _pins: ContextVar[Mapping[str, str]] = ContextVar("dbscale_shard_pins", default=_EMPTY)
+# (id of the using_shard object, token of its entry), innermost last, per context. One
+# module-level variable: a ContextVar per object would be kept alive by every context.
+_entries: ContextVar[tuple[tuple[int, Token[Mapping[str, str]]], ...]] = ContextVar(
+    "dbscale_shard_pin_entries", default=()
+)
 
 
 def shard_for_key(group: str, key: Any) -> str:
@@ -68,7 +76,7 @@ class using_shard:
             )
         if shard is not None:
             if shard not in ring.nodes:
-                raise UnknownShardGroup(
+                raise UnknownShard(
                     f"using_shard({group!r}, shard={shard!r}): {shard!r} is not a shard of "
                     f"{group!r} (its shards: {list(ring.nodes)})."
                 )
@@ -78,16 +86,26 @@ class using_shard:
         self.group = group
         self.key = key
         self.shard = shard
-        self._tokens: list[Token[Mapping[str, str]]] = []
 
     def __enter__(self) -> str:
         pins = dict(_pins.get())
         pins[self.group] = self.alias
-        self._tokens.append(_pins.set(MappingProxyType(pins)))
+        token = _pins.set(MappingProxyType(pins))
+        _entries.set((*_entries.get(), (id(self), token)))
         return self.alias
 
     def __exit__(self, *exc: object) -> None:
-        _pins.reset(self._tokens.pop())
+        entries = _entries.get()
+        me = id(self)
+        for index in range(len(entries) - 1, -1, -1):
+            if entries[index][0] == me:
+                break
+        else:
+            raise RuntimeError(
+                f"using_shard({self.group!r}, ...) exited in a context that did not enter it."
+            )
+        _entries.set(entries[:index] + entries[index + 1 :])
+        _pins.reset(entries[index][1])
 
     def __call__(self, func: F) -> F:
         group, key, shard = self.group, self.key, self.shard

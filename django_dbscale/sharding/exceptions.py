@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ImproperlyConfigured
+
 __all__ = [
     "CrossShardRelation",
     "FanoutNotSupported",
@@ -11,7 +13,9 @@ __all__ = [
     "ShardKeyMissing",
     "ShardKeyRequired",
     "ShardMismatch",
+    "ShardDeclarationError",
     "ShardingError",
+    "UnknownShard",
     "UnknownShardGroup",
 ]
 
@@ -43,12 +47,32 @@ class UnknownShardGroup(ShardingError, LookupError):
     """A shard group name is not in ``DBSCALE["SHARD_GROUPS"]``."""
 
 
+class UnknownShard(ShardingError, LookupError):
+    """An alias or shard number is not a shard of the group it was used with.
+
+    ``on_shard("default")``, ``using_shard(group, shard="replica")``, or an ID whose shard
+    number is beyond the group's ``SHARDS``.
+    """
+
+
+class ShardDeclarationError(ShardingError, ImproperlyConfigured):
+    """A ``ShardedModel`` subclass declares its ``shard_group``/``shard_key`` wrongly.
+
+    The system checks (``dbscale.E101``, ``dbscale.E106``) report the same problem at
+    start-up; routing raises this instead of guessing.
+    """
+
+
 class ShardMismatch(ShardingError):
     """A query or write names a shard that is not the one its key maps to."""
 
 
 class CrossShardRelation(ShardingError, ValueError):
-    """Two objects on different shards (or groups) were related to each other."""
+    """Two objects on different shards (or groups) were related to each other.
+
+    Also raised when one query would follow relations of rows living on several shards
+    (``prefetch_related_objects()`` over rows of different shards).
+    """
 
 
 class FanoutNotSupported(ShardingError):

@@ -23,8 +23,14 @@ annotation's name), ``extra()``, aggregating a sliced or ``distinct()`` values q
 
 Merging compares values in Python: numbers, dates and UUIDs sort as in PostgreSQL, NULLs are
 placed as PostgreSQL does (last ascending, first descending, or as ``nulls_first``/
-``nulls_last`` say), but text sorts by code point, as under the ``"C"`` collation; order text
-columns declared with ``db_collation="C"`` for an exact match.
+``nulls_last`` say), and text by code point, which is PostgreSQL's order only under a
+code-point collation (``"C"``, ``"POSIX"``, ``"C.utf8"``, ``ucs_basic``). So ordering by a
+text value, and ``Min``/``Max`` of one, are refused unless its collation is one of those:
+the column's ``db_collation``, a ``Collate()`` around it, or else the database's default
+collation (read once per shard and process).
+
+A shard-key filter (``filter(customer_id__in=[...])``) or ``for_key()`` limits the fan-out
+to the shards it names.
 
 Threads: the calling thread queries one shard itself; the others are queried by workers of
 one process-wide pool, each in a copy of the caller's :mod:`contextvars` context, which close
@@ -46,10 +52,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from django.core.exceptions import FieldDoesNotExist
-from django.db import connections, models
-from django.db.models import Count, F, Max, Min, Sum
-from django.db.models.expressions import OrderBy
+from django.core.exceptions import FieldDoesNotExist, FieldError
+from django.db import DatabaseError, connections, models
+from django.db.models import CharField, Count, F, Max, Min, Sum, TextField
+from django.db.models.expressions import Col, OrderBy
+from django.db.models.functions import Collate
 from django.db.models.query import (
     FlatValuesListIterable,
     ModelIterable,
@@ -59,7 +66,8 @@ from django.db.models.query import (
 )
 from django.db.models.utils import create_namedtuple_class
 
-from django_dbscale import replicas
+from django_dbscale import consistency, replicas
+from django_dbscale.conf import on_settings_changed
 from django_dbscale.sharding.exceptions import FanoutNotSupported
 from django_dbscale.sharding.ring import get_ring
 from django_dbscale.sharding.routing import shard_spec
@@ -121,6 +129,11 @@ def run_on_shards(aliases: Sequence[str], fn: Callable[[str], R]) -> list[R]:
     if there and not here:
         here.append(there.pop())
     futures: dict[int, Future[R]] = {}
+    if there:
+        # Workers run in copies of this context. Create the consistency state first, so
+        # that every copy shares it: writes the workers commit are then this context's
+        # own writes (read-your-writes), and its positions route the workers' reads.
+        consistency.current_state()
     for index in there:
         ctx = contextvars.copy_context()
         futures[index] = _executor().submit(ctx.run, _work, fn, aliases[index])
@@ -149,6 +162,7 @@ class _Term:
     attname: str  # attribute of model instances holding it
     descending: bool
     nulls_first: bool
+    collation: str | None = None  # text: its collation ("" = the database's); else None
 
 
 class _SortKey:
@@ -236,11 +250,13 @@ class FanoutQuerySet(Generic[_M]):
             def chained(*args: Any, **kwargs: Any) -> FanoutQuerySet[_M]:
                 if self.is_sliced and name not in {"all", "prefetch_related"}:
                     raise FanoutNotSupported(
-                        f"Cannot call {name}() on a sliced fan-out query; call it before slicing."
+                        f"Cannot call {name}() on a sliced fan-out query of "
+                        f"{self.model._meta.label}; call it before slicing."
                     )
                 if name == "distinct" and args:
                     raise FanoutNotSupported(
-                        "distinct(*fields) (DISTINCT ON) cannot be combined across shards."
+                        f"distinct(*fields) (DISTINCT ON) on a fan-out query of "
+                        f"{self.model._meta.label} cannot be combined across shards."
                     )
                 qs = getattr(self._qs, name)(*args, **kwargs)
                 return FanoutQuerySet(qs, self._low, self._high)
@@ -263,8 +279,23 @@ class FanoutQuerySet(Generic[_M]):
 
     @property
     def shards(self) -> tuple[str, ...]:
-        """The shard primaries this query runs on, in configured order."""
-        return get_ring(self.group).nodes
+        """The shard primaries this query runs on, in configured order.
+
+        Every shard of the group, or those a shard-key filter (``customer_id__in=[...]``)
+        or ``for_key()``/``on_shard()`` names: the others cannot hold matching rows.
+        """
+        from django_dbscale.sharding.models import PIN, _key_shards
+
+        nodes = get_ring(self.group).nodes
+        query = self._qs.query
+        spec = shard_spec(self.model)
+        pin = query.__dict__.get(PIN)
+        keys = None
+        if spec is not None and spec.key_column is not None and not query.combinator:
+            keys = _key_shards(query, spec)
+        if keys is None and pin is None:
+            return nodes
+        return tuple(n for n in nodes if (keys is None or n in keys) and (pin is None or n == pin))
 
     @property
     def is_sliced(self) -> bool:
@@ -301,22 +332,57 @@ class FanoutQuerySet(Generic[_M]):
     def _read_queryset(self, alias: str) -> Any:
         return self._qs.using(replicas.read_alias(alias))
 
-    def _plan(self) -> tuple[Any, list[_Term], list[Any], Callable[[Any], Any] | None]:
-        """Return (per-shard queryset, order terms, accessors, row converter)."""
-        qs: Any = self._qs
-        query = qs.query
+    def _check_combinable(self) -> None:
+        """Refuse, before any query, what no combination of per-shard results can answer."""
+        query = self._qs.query
+        label = self.model._meta.label
         if query.extra or query.extra_order_by:
-            raise FanoutNotSupported("extra() cannot be combined across shards.")
+            raise FanoutNotSupported(
+                f"extra() on a fan-out query of {label} cannot be combined across shards."
+            )
         if query.group_by is not None or any(
             getattr(a, "contains_aggregate", False) for a in query.annotations.values()
         ):
             raise FanoutNotSupported(
-                "Aggregating annotate() (GROUP BY) cannot be combined across shards yet. "
-                "Use aggregate() per group value, or query per shard with on_shard()."
+                f"Aggregating annotate() (GROUP BY) on a fan-out query of {label} cannot be "
+                "combined across shards yet (a group may span shards, and counts of groups "
+                "would be summed). Use aggregate() per group value, or query per shard with "
+                "on_shard()."
             )
         if query.distinct_fields:
-            raise FanoutNotSupported("distinct(*fields) cannot be combined across shards.")
+            raise FanoutNotSupported(
+                f"distinct(*fields) (DISTINCT ON) on a fan-out query of {label} cannot be "
+                "combined across shards."
+            )
+
+    def _check_text_order(self, what: str, collation: str | None) -> None:
+        """Refuse merging text unless PostgreSQL orders it by code point, as Python does."""
+        if collation is None:
+            return
+        if collation:
+            if _is_code_point(collation):
+                return
+            where = f"collation {collation!r}"
+        else:
+            defaults = {alias: _database_collation(alias) for alias in self.shards}
+            if all(_is_code_point(c) for c in defaults.values()):
+                return
+            where = f"the database default collation ({defaults})"
+        raise FanoutNotSupported(
+            f"The fan-out query of {self.model._meta.label} {what}, a text value under "
+            f"{where}: PostgreSQL sorts it by that collation's rules, the merge of the "
+            "shards' rows by code point, so the merged order (and Min/Max) would differ from "
+            "one database's. Declare the column with db_collation='C', or annotate "
+            "Collate(<field>, 'C') and order by the annotation."
+        )
+
+    def _plan(self) -> tuple[Any, list[_Term], list[Any], Callable[[Any], Any] | None]:
+        """Return (per-shard queryset, order terms, accessors, row converter)."""
+        qs: Any = self._qs
+        self._check_combinable()
         terms = _order_terms(qs)
+        for term in terms:
+            self._check_text_order(f"orders by {term.names[0]!r}", term.collation)
         iterable = qs._iterable_class
         if iterable is ModelIterable:
             return qs, terms, [_attr_getter(t) for t in terms], None
@@ -412,6 +478,7 @@ class FanoutQuerySet(Generic[_M]):
         """Return the number of rows the merged (and sliced) query has."""
         if self._result_cache is not None:
             return len(self._result_cache)
+        self._check_combinable()
         if self._qs.query.distinct and self._qs._iterable_class is not ModelIterable:
             return len(self._fetch_all())
         total = sum(
@@ -431,15 +498,17 @@ class FanoutQuerySet(Generic[_M]):
 
     def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Combine ``Sum``/``Count``/``Min``/``Max`` over every shard's rows."""
+        label = self.model._meta.label
         if self.is_sliced:
             raise FanoutNotSupported(
-                "aggregate() over a sliced fan-out query cannot be combined: each shard "
-                "would aggregate its own slice."
+                f"aggregate() over a sliced fan-out query of {label} cannot be combined: "
+                "each shard would aggregate its own slice."
             )
+        self._check_combinable()
         if self._qs.query.distinct and self._qs._iterable_class is not ModelIterable:
             raise FanoutNotSupported(
-                "aggregate() over distinct() values cannot be combined: equal values on "
-                "different shards would be counted twice."
+                f"aggregate() over distinct() values of {label} cannot be combined: equal "
+                "values on different shards would be counted twice."
             )
         for arg in args:
             try:
@@ -459,6 +528,10 @@ class FanoutQuerySet(Generic[_M]):
                 raise FanoutNotSupported(
                     f"aggregate({name}={agg!r}): distinct aggregates cannot be combined: a "
                     "value on two shards would be counted twice."
+                )
+            if isinstance(agg, Min | Max):
+                self._check_text_order(
+                    f"aggregates {name}={agg!r}", _aggregate_collation(self._qs.query, agg)
                 )
             agg = copy.copy(agg)
             # The default replaces an empty shard's NULL, which would corrupt Min/Max.
@@ -494,7 +567,9 @@ class FanoutQuerySet(Generic[_M]):
     def last(self) -> _M | Any | None:
         """Return the last merged row (by ``pk`` when unordered) or None."""
         if self.is_sliced:
-            raise FanoutNotSupported("Cannot call last() on a sliced fan-out query.")
+            raise FanoutNotSupported(
+                f"Cannot call last() on a sliced fan-out query of {self.model._meta.label}."
+            )
         fan = self.reverse() if self.ordered else self.order_by("-pk")
         rows = list(fan[:1])
         return rows[0] if rows else None
@@ -516,13 +591,17 @@ class FanoutQuerySet(Generic[_M]):
     def update(self, **kwargs: Any) -> int:
         """Update matching rows on every shard primary; return the total count."""
         if self.is_sliced:
-            raise FanoutNotSupported("Cannot update a sliced fan-out query.")
+            raise FanoutNotSupported(
+                f"Cannot update a sliced fan-out query of {self.model._meta.label}."
+            )
         return sum(run_on_shards(self.shards, lambda alias: self._qs.using(alias).update(**kwargs)))
 
     def delete(self) -> tuple[int, dict[str, int]]:
         """Delete matching rows on every shard primary; return Django's combined counts."""
         if self.is_sliced:
-            raise FanoutNotSupported("Cannot delete a sliced fan-out query.")
+            raise FanoutNotSupported(
+                f"Cannot delete a sliced fan-out query of {self.model._meta.label}."
+            )
         results = run_on_shards(self.shards, lambda alias: self._qs.using(alias).delete())
         total = 0
         per_model: dict[str, int] = {}
@@ -543,7 +622,7 @@ def _combine_marks(
     return low, high
 
 
-def _resolve_order_name(qs: Any, name: str) -> tuple[tuple[str, ...], str]:
+def _resolve_order_name(qs: Any, name: str) -> tuple[tuple[str, ...], str, str | None]:
     query = qs.query
     meta = qs.model._meta
     if name in query.annotations:
@@ -551,9 +630,10 @@ def _resolve_order_name(qs: Any, name: str) -> tuple[tuple[str, ...], str]:
             raise FanoutNotSupported(
                 f"order_by({name!r}) names an alias() that is not selected; use annotate()."
             )
-        return (name,), name
+        return (name,), name, _expression_collation(query.annotations[name])
     if name == "pk":
-        return ("pk", meta.pk.name, meta.pk.attname), meta.pk.attname
+        pk = meta.pk
+        return ("pk", pk.name, pk.attname), pk.attname, _field_collation(pk)
     if "__" in name:
         raise FanoutNotSupported(
             f"order_by({name!r}) orders by a lookup across a relation, whose values are not "
@@ -576,7 +656,7 @@ def _resolve_order_name(qs: Any, name: str) -> tuple[tuple[str, ...], str]:
                 f"which is not in the rows to merge; order by {field.attname!r} instead."
             )
     attname = str(cast(Any, field).attname)
-    return (name, attname), attname
+    return (name, attname), attname, _field_collation(field)
 
 
 def _order_terms(qs: Any) -> list[_Term]:
@@ -611,8 +691,8 @@ def _order_terms(qs: Any) -> list[_Term]:
             descending = not descending
             nulls_first, nulls_last = nulls_last, nulls_first
         first = True if nulls_first else (False if nulls_last else descending)
-        names, attname = _resolve_order_name(qs, name)
-        terms.append(_Term(names, attname, descending, first))
+        names, attname, collation = _resolve_order_name(qs, name)
+        terms.append(_Term(names, attname, descending, first, collation))
     return terms
 
 
@@ -651,3 +731,119 @@ def _key_getter(term: _Term) -> Callable[[Any], Any]:
 def _index_getter(term: _Term, columns: list[str]) -> Callable[[Any], Any]:
     index = next(columns.index(n) for n in term.names if n in columns)
     return lambda row: row[index]
+
+
+# -- text collations -------------------------------------------------------------------------
+
+#: Collations under which PostgreSQL orders text by code point, as Python compares str.
+CODE_POINT_COLLATIONS = frozenset({"c", "posix", "ucs_basic", "c.utf8", "c.utf-8", "pg_c_utf8"})
+
+_db_collations: dict[str, str] = {}
+
+
+@on_settings_changed
+def _forget_collations() -> None:
+    _db_collations.clear()
+
+
+def _is_code_point(collation: str) -> bool:
+    return collation.strip('"').lower() in CODE_POINT_COLLATIONS
+
+
+def _database_collation(alias: str) -> str:
+    """Return how *alias*'s database orders text by default (cached per process)."""
+    known = _db_collations.get(alias)
+    if known is not None:
+        return known
+    try:
+        with connections[alias].cursor() as cursor:
+            # to_jsonb: datlocprovider/datlocale exist only on newer PostgreSQL releases.
+            cursor.execute(
+                "SELECT datcollate, to_jsonb(d) ->> 'datlocprovider', to_jsonb(d) ->> 'datlocale'"
+                " FROM pg_database d WHERE datname = current_database()"
+            )
+            row = cursor.fetchone()
+    except DatabaseError:
+        return "unknown"
+    if row is None:
+        return "unknown"
+    collate, provider, locale = row
+    if provider == "i":
+        value = f"icu:{locale or collate}"
+    elif provider == "b":
+        value = str(locale or collate)  # builtin provider: C and C.UTF-8 are code point
+    else:
+        value = str(collate)
+    _db_collations[alias] = value
+    return value
+
+
+def _text_field(field: Any) -> Any:
+    """Return *field* (following foreign keys to their target) if it stores text."""
+    seen = 0
+    while getattr(field, "is_relation", False) and getattr(field, "target_field", None):
+        field = field.target_field
+        seen += 1
+        if seen > 10:
+            return None
+    return field if isinstance(field, CharField | TextField) else None
+
+
+def _field_collation(field: Any) -> str | None:
+    """Return a field's collation ("" = the database default), or None if not text."""
+    text = _text_field(field)
+    if text is None:
+        return None
+    return str(getattr(text, "db_collation", None) or "")
+
+
+def _expression_collation(expression: Any) -> str | None:
+    """Return the collation PostgreSQL sorts a resolved expression by, or None if not text.
+
+    ``Collate`` names it; a column has its field's; another text expression derives it
+    from its inputs: an explicit collation inside wins, else the columns' if they agree,
+    else the database default ("").
+    """
+    source = getattr(expression, "source", None)
+    if source is not None and hasattr(expression, "refs"):
+        return _expression_collation(source)  # a Ref to an annotation
+    if isinstance(expression, Collate):
+        return str(cast(Any, expression).collation)
+    if isinstance(expression, Col):
+        return _field_collation(expression.target)
+    try:
+        output = expression.output_field
+    except (FieldError, AttributeError):
+        return None
+    if _text_field(output) is None:
+        return None
+    explicit: set[str] = set()
+    implicit: set[str] = set()
+    stack = list(expression.get_source_expressions())
+    while stack:
+        part = stack.pop()
+        if part is None:
+            continue
+        if isinstance(part, Collate):
+            explicit.add(str(cast(Any, part).collation))
+        elif isinstance(part, Col):
+            collation = _field_collation(part.target)
+            if collation is not None:
+                implicit.add(collation)
+        else:
+            stack.extend(part.get_source_expressions())
+    if explicit:
+        return explicit.pop() if len(explicit) == 1 else "mixed " + ", ".join(sorted(explicit))
+    if len(implicit) == 1:
+        return implicit.pop()
+    return ""
+
+
+def _aggregate_collation(query: Any, aggregate: Any) -> str | None:
+    """Return the collation of a Min/Max's argument (see :func:`_expression_collation`)."""
+    try:
+        resolved = aggregate.resolve_expression(query.chain(), allow_joins=True, summarize=True)
+        sources = resolved.get_source_expressions()
+    except (FieldError, FieldDoesNotExist):
+        return None  # Django raises its own error when the aggregate runs
+    return _expression_collation(sources[0]) if sources else None

@@ -11,8 +11,8 @@ layout                 time (ms)   shard number  per-shard sequence
 
 *time* is milliseconds since :data:`EPOCH` (2024-01-01 UTC), good for 69 years; the *shard
 number* is the shard's position in its group's ``SHARDS`` list (so append new shards, never
-reorder: the stamp check refuses a reordering of populated shards); the *sequence* is a
-per-database PostgreSQL sequence modulo ``2**seq_bits``.
+reorder: the stamp check refuses a reordering of populated shards); the *sequence* numbers
+the IDs made on that shard within that millisecond.
 
 IDs are generated **in the database** by ``dbscale_next_id(shard_bits, seq_bits)``, a
 PL/pgSQL function that is the column's ``DEFAULT``: every insert path (``save()``,
@@ -22,29 +22,36 @@ installed on every shard by a ``pre_migrate`` receiver, not by a migration, beca
 exist before the first ``CREATE TABLE`` of *any* app (migrated or ``run_syncdb``) whose
 sharded model uses it, and its body differs per shard.
 
-Uniqueness: two IDs collide only if one shard hands out more than ``2**seq_bits`` IDs
-within one millisecond. The function sleeps one millisecond each time the sequence wraps,
-so a single session (e.g. one multi-row ``INSERT``) can never exceed that; concurrent
-sessions on one shard could in theory (1,024 IDs/ms = 1M/s per shard for 64-bit, 128/ms
-for ``js_safe``). Across shards IDs never collide: the shard number differs.
+Uniqueness: the (millisecond, sequence) pair is one counter per layout and shard, a
+PostgreSQL sequence ``dbscale_id_clock_<seq_bits>`` holding ``ms << seq_bits | seq``. Each
+ID takes the next counter value, or jumps the counter to the current millisecond when it
+is behind the clock, under a per-shard advisory lock held for those two statements only
+(session-level, released at once, also on errors; never until the end of the
+transaction). So every ID of a shard is unique whatever the concurrency, with no sleeping:
+more than ``2**seq_bits`` IDs in one millisecond (1,024 for 64-bit, 128 for ``js_safe``)
+borrow the next millisecond's numbers, and the time part runs ahead of the clock until the
+burst is over. A clock stepped backwards cannot repeat an ID either. Across shards IDs
+never collide: the shard number differs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from django.db import connections, models
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import DatabaseError, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Func, Value
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.signals import pre_migrate
 from django.dispatch import receiver
 
-from django_dbscale.conf import dbscale_settings
-from django_dbscale.sharding.exceptions import RingChangeRefused, UnknownShardGroup
+from django_dbscale.conf import dbscale_settings, on_settings_changed
+from django_dbscale.sharding.exceptions import RingChangeRefused, UnknownShard
 from django_dbscale.sharding.ring import get_ring
 
 __all__ = [
@@ -56,8 +63,10 @@ __all__ = [
     "ShardedIDField",
     "decode_id",
     "install_shard_functions",
+    "ring_problems",
     "shard_number",
     "shard_of_id",
+    "verify_ring_once",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,7 +127,7 @@ def shard_number(alias: str) -> int:
     """Return the shard number of *alias*: its position in its group's ``SHARDS``."""
     group = dbscale_settings.group_of_shard.get(alias)
     if group is None:
-        raise UnknownShardGroup(
+        raise UnknownShard(
             f"{alias!r} is not a shard alias of any group in DBSCALE['SHARD_GROUPS']."
         )
     return dbscale_settings.shard_groups[group].shards.index(alias)
@@ -129,9 +138,11 @@ def shard_of_id(group: str, value: int, *, js_safe: bool = False) -> str:
     shards = get_ring(group).nodes
     number = decode_id(value, js_safe=js_safe).shard_number
     if number >= len(shards):
-        raise UnknownShardGroup(
+        raise UnknownShard(
             f"ID {value} was made by shard number {number}, but group {group!r} has only "
-            f"{len(shards)} shards {list(shards)}."
+            f"{len(shards)} shards {list(shards)}: it is not an ID of this group"
+            + ("" if js_safe else " (or it is a js_safe ID: pass js_safe=True)")
+            + "."
         )
     return shards[number]
 
@@ -197,29 +208,57 @@ class ShardedIDField(models.BigIntegerField):  # type: ignore[type-arg]
 
 STAMP_TABLE = "dbscale_shard_stamp"
 
+#: First key of the advisory lock (with seq_bits as the second) serialising ID counters.
+ID_LOCK_CLASS = 0x64627363  # "dbsc"
+
 _FUNCTIONS_SQL = """
-CREATE SEQUENCE IF NOT EXISTS dbscale_id_seq;
+CREATE SEQUENCE IF NOT EXISTS dbscale_id_clock_10;
+CREATE SEQUENCE IF NOT EXISTS dbscale_id_clock_7;
 CREATE OR REPLACE FUNCTION dbscale_shard_number() RETURNS integer
     LANGUAGE sql IMMUTABLE AS $$ SELECT {number} $$;
 CREATE OR REPLACE FUNCTION dbscale_next_id(shard_bits integer, seq_bits integer)
     RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    seq bigint := nextval('dbscale_id_seq');
     shard integer := dbscale_shard_number();
-    ms bigint;
+    clock regclass;
+    now_c bigint;
+    c bigint;
 BEGIN
     IF shard >= (1 << shard_bits) THEN
         RAISE EXCEPTION 'dbscale: shard number % does not fit in % bits of the ID', shard,
             shard_bits;
     END IF;
-    -- Each wrap of the sequence part waits 1 ms so one session cannot reuse a
-    -- (millisecond, sequence) pair.
-    IF seq % (1 << seq_bits) = 0 THEN
-        PERFORM pg_sleep(0.001);
+    IF seq_bits = 10 THEN
+        clock := 'dbscale_id_clock_10';
+    ELSIF seq_bits = 7 THEN
+        clock := 'dbscale_id_clock_7';
+    ELSE
+        RAISE EXCEPTION 'dbscale: no ID counter for % sequence bits (use 10 or 7)', seq_bits;
     END IF;
-    ms := floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - {epoch};
-    RETURN (ms << (shard_bits + seq_bits)) | (shard::bigint << seq_bits)
-        | (seq % (1 << seq_bits));
+    -- The counter is ms << seq_bits | seq. Taking the next value, or jumping it forward to
+    -- the clock, happens under a session-level advisory lock released right after (not at
+    -- the end of the transaction), so concurrent sessions never share a (ms, seq) pair.
+    BEGIN
+        PERFORM pg_advisory_lock({lock}, seq_bits);
+        c := nextval(clock);
+        now_c := (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - {epoch})
+            << seq_bits;
+        IF c < now_c THEN
+            PERFORM setval(clock, now_c);
+            c := now_c;
+        END IF;
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        -- A session-level lock survives the error: release it if it was taken.
+        IF EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+                   AND pid = pg_backend_pid() AND classid = {lock}::bigint::oid
+                   AND objid = seq_bits::oid AND objsubid = 2) THEN
+            PERFORM pg_advisory_unlock({lock}, seq_bits);
+        END IF;
+        RAISE;
+    END;
+    PERFORM pg_advisory_unlock({lock}, seq_bits);
+    RETURN ((c >> seq_bits) << (shard_bits + seq_bits)) | (shard::bigint << seq_bits)
+        | (c & ((1::bigint << seq_bits) - 1));
 END $$;
 CREATE TABLE IF NOT EXISTS {stamp} (
     id smallint PRIMARY KEY CHECK (id = 1),
@@ -260,11 +299,18 @@ def read_stamp(connection: BaseDatabaseWrapper) -> ShardStamp | None:
     return ShardStamp(str(row[0]), str(row[1]), int(row[2]), int(row[3]), str(row[4]))
 
 
-def is_populated(connection: BaseDatabaseWrapper, group: str) -> bool:
-    """Return whether any table of *group*'s sharded models has a row on this database."""
+def is_populated(
+    connection: BaseDatabaseWrapper, group: str, stamp: ShardStamp | None = None
+) -> bool:
+    """Return whether any table of *group*'s sharded models has a row on this database.
+
+    With *stamp*, the tables of the group the shard was stamped for count too: a shard
+    moved to another group holds rows of its old group's models.
+    """
     from django_dbscale.sharding.routing import sharded_models
 
-    tables = sorted({spec.model._meta.db_table for spec in sharded_models(group)})
+    groups = {group} if stamp is None else {group, stamp.group}
+    tables = sorted({spec.model._meta.db_table for g in groups for spec in sharded_models(g)})
     with connection.cursor() as cursor:
         for table in tables:
             cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table])
@@ -322,7 +368,7 @@ def install_shard_functions(
     number = spec.shards.index(alias)
     connection = connections[alias]
     existing = read_stamp(connection)
-    populated = existing is not None and is_populated(connection, group)
+    populated = existing is not None and is_populated(connection, group, existing)
     problems = stamp_problems(alias, existing, populated)
     if problems and not force:
         raise RingChangeRefused(
@@ -331,7 +377,9 @@ def install_shard_functions(
             + ". Restore the old setting, or reshard and then run "
             "`manage.py dbscale shards --stamp --force`."
         )
-    sql = _FUNCTIONS_SQL.format(number=number, epoch=EPOCH_MS, stamp=STAMP_TABLE)
+    sql = _FUNCTIONS_SQL.format(
+        number=number, epoch=EPOCH_MS, stamp=STAMP_TABLE, lock=ID_LOCK_CLASS
+    )
     new = ShardStamp(group, alias, number, spec.vnodes, ring.fingerprint)
     with connection.cursor() as cursor:
         cursor.execute(sql)
@@ -359,6 +407,89 @@ def install_shard_functions(
             [group, alias, number, spec.vnodes, new.fingerprint],
         )
     return new
+
+
+def ring_problems(alias: str, stamp: ShardStamp | None, populated: bool) -> list[str]:
+    """Return why routing to *alias* under the configured ring would misplace rows.
+
+    :func:`stamp_problems`, plus a changed ring fingerprint (shards added, weights or the
+    ring implementation changed) on a populated shard: keys may now map elsewhere.
+    """
+    problems = stamp_problems(alias, stamp, populated)
+    if stamp is not None and populated and not problems:
+        group = dbscale_settings.group_of_shard[alias]
+        fingerprint = get_ring(group).fingerprint
+        if stamp.fingerprint != fingerprint:
+            problems.append(
+                f"its rows were placed by ring {stamp.fingerprint}, but the configured ring "
+                f"is {fingerprint} (shards added, or weights changed): some keys now map to "
+                "another shard"
+            )
+    return problems
+
+
+#: Seconds before retrying the stamp check of a shard that could not be read.
+VERIFY_RETRY = 5.0
+
+_verified: set[str] = set()
+_verify_retry_at: dict[str, float] = {}
+
+
+@on_settings_changed
+def _forget_verified() -> None:
+    _verified.clear()
+    _verify_retry_at.clear()
+
+
+def verify_ring_once(primary: str, via: str | None = None) -> None:
+    """Refuse to route to shard *primary* if it was populated under another ring.
+
+    Runs once per process and shard (again after a settings change): reads the shard's
+    stamp (through *via*, a replica of it, if given) and raises
+    :class:`RingChangeRefused` when :func:`ring_problems` finds any, so a changed
+    ``VNODES``, weight or shard list fails loudly instead of reading and writing the wrong
+    shard. An unreadable shard is retried after :data:`VERIFY_RETRY` seconds (the query
+    that follows reports the real error). Explicit ``.using()``, fan-out and the
+    management commands do not route by key and are not checked.
+    """
+    if primary in _verified:
+        return
+    group = dbscale_settings.group_of_shard.get(primary)
+    if group is None:
+        _verified.add(primary)
+        return
+    now = time.monotonic()
+    if now < _verify_retry_at.get(primary, 0.0):
+        return
+    alias = via or primary
+    connection = connections[alias]
+    try:
+        if connection.in_atomic_block:
+            # A savepoint: a failed read must not break the caller's transaction.
+            with transaction.atomic(using=alias):
+                stamp = read_stamp(connection)
+                populated = stamp is not None and is_populated(connection, group, stamp)
+        else:
+            stamp = read_stamp(connection)
+            populated = stamp is not None and is_populated(connection, group, stamp)
+    except (DatabaseError, SynchronousOnlyOperation, RuntimeError) as exc:
+        # An unreachable shard, an async context, or database access blocked (tests that
+        # build unsaved rows: Django asks the routers where a new row would go). The query
+        # that follows, if any, reports the real error; the check is retried later.
+        _verify_retry_at[primary] = now + VERIFY_RETRY
+        logger.warning("Could not read the ring stamp of shard %s (%s); will retry.", alias, exc)
+        return
+    problems = ring_problems(primary, stamp, populated)
+    if problems:
+        raise RingChangeRefused(
+            f"Refusing to route {group!r} rows to shard {primary!r}: it is populated and "
+            + "; ".join(problems)
+            + ". Restore the previous SHARD_GROUPS setting, or move the rows (reshard) and "
+            "then run `manage.py dbscale shards --stamp` (with --force for VNODES, group or "
+            "shard number changes). Explicit .using(alias) and .all_shards() still work for "
+            "the move."
+        )
+    _verified.add(primary)
 
 
 @receiver(pre_migrate, dispatch_uid="django_dbscale.sharding.install_shard_functions")

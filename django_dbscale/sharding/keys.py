@@ -17,7 +17,15 @@ any other ``str``                  the string itself, unchanged (hashed as UTF-8
 
 Everything else (``None``, ``bool``, ``float``, ``Decimal``, ``bytes``, dates, model
 instances without a usable pk) raises :class:`~.exceptions.InvalidShardKey` rather than
-guessing a form: a float ``42.0`` and an int ``42`` must not silently diverge.
+guessing a form: a float ``42.0`` and an int ``42`` must not silently diverge. ``bool``,
+``float`` and ``Decimal`` are refused even when a key field would convert them (an
+integer field's ``to_python(4.5)`` is ``4``, and ``True`` is ``1``): a key is never rounded.
+
+A string of decimal digits is an int, always: a UUID written as 32 hex digits that
+happen to all be decimal digits (about one UUID in three million) is read as an int
+when no field says otherwise. Pass ``uuid.UUID`` objects or the hyphenated form for
+UUID keys; querysets of a model with a ``UUIDField`` key convert with the field first
+(``to_python``), so they are not affected.
 
 Ring strings never change between releases: changing them moves every key.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.db.models import Field, Model
@@ -60,15 +69,27 @@ def ring_key(value: Any, *, field: Field[Any, Any] | None = None) -> str:
                 "cannot be a shard key. Save it first or pass its key value."
             )
         value = pk
-    if field is not None and value is not None and not isinstance(value, bool):
+    if isinstance(value, bool | float | Decimal):
+        # Refused before to_python(), which would round 4.5 to 4 and turn True into 1.
+        raise InvalidShardKey(
+            f"{value!r} ({type(value).__name__}) cannot be a shard key"
+            + (f" of {_describe(field)}" if field is not None else "")
+            + ": shard keys are ints, strings or UUIDs and are never rounded. Convert it "
+            "explicitly (int(...), str(...))."
+        )
+    if field is not None and value is not None:
         try:
             value = field.to_python(value)
         except Exception as exc:
             raise InvalidShardKey(
-                f"{value!r} is not a valid value for the shard key field "
-                f"{field.model.__name__}.{field.name}: {exc}"
+                f"{value!r} is not a valid value for the shard key field {_describe(field)}: {exc}"
             ) from exc
     return _canonical(value)
+
+
+def _describe(field: Field[Any, Any]) -> str:
+    model = getattr(field, "model", None)
+    return f"{model.__name__}.{field.name}" if model is not None else str(field.name)
 
 
 def _canonical(value: Any) -> str:

@@ -6,6 +6,11 @@ whose ring owns the row's shard-key value. These functions answer Django's route
 for such models and return ``None`` ("no opinion") for every other model, except where an
 unsharded model is reached *from* a sharded row (see :func:`primary_for_read`).
 
+The first time a process routes to a shard (after each settings change), the shard's ring
+stamp is compared with the configured ring (:func:`~.ids.verify_ring_once`): a populated
+shard placed under another ring raises :class:`~.exceptions.RingChangeRefused` instead of
+misrouting.
+
 All functions here are stateless and cheap: the ring lookup is one md5 and a binary search;
 per-model metadata is cached by class.
 """
@@ -13,24 +18,25 @@ per-model metadata is cached by class.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps as live_apps
 from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Field, Model
 
-from django_dbscale.conf import dbscale_settings
+from django_dbscale.conf import dbscale_settings, on_settings_changed
 from django_dbscale.sharding import keys
 from django_dbscale.sharding.context import current_shard
 from django_dbscale.sharding.exceptions import (
     CrossShardRelation,
+    ShardDeclarationError,
     ShardKeyChanged,
     ShardKeyMissing,
     ShardKeyRequired,
     ShardMismatch,
 )
-from django_dbscale.sharding.ring import get_ring
+from django_dbscale.sharding.ids import ShardedIDField, verify_ring_once
+from django_dbscale.sharding.ring import ShardRing, get_ring
 
 __all__ = [
     "ShardSpec",
@@ -46,35 +52,102 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
 class ShardSpec:
     """How one model is sharded.
 
     ``key_field`` is the concrete shard-key field (``None`` for an auto-created
     many-to-many table, whose rows follow the model that declares the relation: ``owner``).
+    Everything routing reads on every query is precomputed here: the key's attribute name
+    and column, the ``filter()`` keyword names that constrain the key (``key_lookups``,
+    name -> whether it is an ``__in``), and the group's ring (dropped when the settings
+    change).
     """
 
-    model: type[Model]
-    group: str
-    key_field: Field[Any, Any] | None
-    owner: type[Model]
-    int_key: bool = False  # the key is stored as an integer: ints need no to_python()
+    __slots__ = (
+        "_ring",
+        "_target_attname",
+        "group",
+        "int_key",
+        "key_attname",
+        "key_column",
+        "key_field",
+        "key_lookups",
+        "model",
+        "owner",
+    )
+
+    def __init__(
+        self,
+        model: type[Model],
+        group: str,
+        key_field: Field[Any, Any] | None,
+        owner: type[Model],
+        int_key: bool = False,
+    ) -> None:
+        self.model = model
+        self.group = group
+        self.key_field = key_field
+        self.owner = owner
+        self.int_key = int_key  # the key is stored as an integer: ints need no to_python()
+        #: The attribute holding the raw key value (``customer_id`` for a foreign key).
+        self.key_attname: str | None = None if key_field is None else key_field.attname
+        self.key_column: str | None = None if key_field is None else key_field.column
+        self.key_lookups: dict[str, bool] = _key_lookups(key_field)
+        target = getattr(key_field, "target_field", None) if key_field is not None else None
+        self._target_attname: str | None = None
+        if key_field is not None and key_field.is_relation and target is not None:
+            self._target_attname = str(target.attname)
+        self._ring: ShardRing | None = None
+
+    def __repr__(self) -> str:
+        return f"<ShardSpec {self.model._meta.label} group={self.group!r} key={self.key_attname}>"
 
     @property
-    def key_attname(self) -> str | None:
-        """The attribute holding the raw key value (``customer_id`` for a foreign key)."""
-        return None if self.key_field is None else self.key_field.attname
+    def ring(self) -> ShardRing:
+        """The ring of the model's group (kept until the settings change)."""
+        ring = self._ring
+        if ring is None:
+            ring = self._ring = get_ring(self.group)
+        return ring
 
     def ring_key(self, value: Any) -> str:
         """Return the canonical ring string of a key *value* of this model."""
         if self.int_key and type(value) is int:
             return str(value)
+        if self._target_attname is not None and isinstance(value, Model):
+            # A related row stands for the value the foreign key stores (its to_field).
+            value = getattr(value, self._target_attname)
         return keys.ring_key(value, field=self.key_field)
+
+    def shard_of(self, value: Any) -> str:
+        """Return the shard primary alias owning key *value*."""
+        return self.ring.node_for(self.ring_key(value))
 
     def describe_key(self) -> str:
         """Return ``Model.field`` for messages."""
         field = self.key_field.name if self.key_field is not None else "?"
         return f"{self.model.__name__}.{field}"
+
+
+def _key_lookups(field: Field[Any, Any] | None) -> dict[str, bool]:
+    """Return the ``filter()`` keywords that compare the key column (name -> is ``__in``)."""
+    if field is None:
+        return {}
+    bases = {field.name, field.attname}
+    if field.primary_key:
+        bases.add("pk")
+    target = getattr(field, "target_field", None) if field.is_relation else None
+    if target is not None:
+        # customer__id=42 compares the local customer_id column: Django trims the join.
+        bases.add(f"{field.name}__{target.name}")
+        if target.primary_key:
+            bases.add(f"{field.name}__pk")
+    lookups: dict[str, bool] = {}
+    for base in bases:
+        lookups[base] = False
+        lookups[f"{base}__exact"] = False
+        lookups[f"{base}__in"] = True
+    return lookups
 
 
 _specs: dict[type[Model], ShardSpec | None] = {}
@@ -108,8 +181,8 @@ def _build_spec(model: type[Model]) -> ShardSpec | None:
     group = getattr(model, "shard_group", None)
     key_name = getattr(model, "shard_key", None)
     if not isinstance(group, str) or not isinstance(key_name, str):
-        # The system checks (dbscale.E107) explain this; routing refuses to guess.
-        raise ShardKeyRequired(
+        # The system checks (dbscale.E106) explain this; routing refuses to guess.
+        raise ShardDeclarationError(
             f"{meta.label} subclasses ShardedModel but does not set both shard_group and "
             "shard_key as strings. Declare e.g. shard_group = 'customers' and "
             "shard_key = 'customer_id' on the class."
@@ -117,12 +190,12 @@ def _build_spec(model: type[Model]) -> ShardSpec | None:
     try:
         field = meta.get_field(key_name)
     except Exception as exc:
-        raise ShardKeyRequired(
+        raise ShardDeclarationError(
             f"{meta.label}.shard_key = {key_name!r} is not a field of the model. Name a "
             "concrete field (or a foreign key) holding the shard key."
         ) from exc
     if not getattr(field, "concrete", False) or getattr(field, "many_to_many", False):
-        raise ShardKeyRequired(
+        raise ShardDeclarationError(
             f"{meta.label}.shard_key = {key_name!r} must be a concrete field or foreign key."
         )
     target = getattr(field, "target_field", None) if field.is_relation else field
@@ -138,6 +211,13 @@ def shard_spec(model: type[Model]) -> ShardSpec | None:
     except KeyError:
         spec = _specs[model] = _build_spec(model)
         return spec
+
+
+@on_settings_changed
+def _forget_spec_rings() -> None:
+    for spec in list(_specs.values()):
+        if spec is not None:
+            spec._ring = None
 
 
 def is_sharded(model: type[Model]) -> bool:
@@ -166,7 +246,7 @@ def shard_for_instance(instance: Model, spec: ShardSpec | None = None) -> str:
             f"{spec.group!r}. Set {spec.key_field.name if spec.key_field else '?'} before "
             "saving, deleting or following relations."
         )
-    return get_ring(spec.group).node_for(spec.ring_key(value))
+    return spec.shard_of(value)
 
 
 def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | None:
@@ -185,7 +265,7 @@ def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | 
             "no relation between them can be followed. Keep related sharded models in one "
             "group (same shard_group and key)."
         )
-    ring = get_ring(group)
+    ring = ispec.ring
     if not instance._state.adding:
         db = _primary(instance._state.db)
         if db in ring.nodes:
@@ -199,15 +279,44 @@ def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | 
     return ring.node_for(ispec.ring_key(value))
 
 
+def _link_field_name(spec: ShardSpec) -> str:
+    for field in spec.owner._meta.many_to_many:
+        if getattr(field.remote_field, "through", None) is spec.model:
+            return f"{spec.owner.__name__}.{field.name}"
+    return spec.owner.__name__
+
+
 def key_required(model: type[Model], spec: ShardSpec, action: str) -> ShardKeyRequired:
-    key = spec.key_field.name if spec.key_field is not None else "its shard key"
+    """Return the :class:`ShardKeyRequired` for an unroutable *action* on *model*."""
+    pin = f"using_shard({spec.group!r}, <key>) or using_shard({spec.group!r}, shard=<alias>)"
+    if spec.key_field is None:
+        # An auto-created many-to-many table: no key column, no ShardedManager.
+        link = _link_field_name(spec)
+        return ShardKeyRequired(
+            f"Cannot {action} {model._meta.label}, the link table of {link}, without knowing "
+            f"its shard in group {spec.group!r}: its rows live with the {spec.owner.__name__} "
+            f"rows they link. Go through the relation from a row (e.g. "
+            f"obj.{link.rsplit('.', 1)[-1]}.all()), or wrap the code in {pin}."
+        )
+    key = spec.key_field.name
     attname = spec.key_attname or key
+    ways = [
+        f"filter on {attname}=<value> (equality or __in on one shard)",
+        f"wrap the code in {pin}",
+    ]
+    manager = model._default_manager
+    if hasattr(manager, "for_key"):
+        ways.insert(0, f"use {model.__name__}.{manager.name}.for_key(<{key}>)")
+        ways.append(".all_shards() to query every shard explicitly")
+    else:
+        ways.append(
+            f"give {model.__name__} a ShardedManager (its default manager {manager.name!r} "
+            "has no for_key()/all_shards(): dbscale.W102)"
+        )
+    text = "; ".join(ways[:-1]) + f"; or {ways[-1]}."
     return ShardKeyRequired(
         f"Cannot {action} {model._meta.label} without knowing its shard in group "
-        f"{spec.group!r}. Use {model.__name__}.objects.for_key(<{key}>), filter on "
-        f"{attname}=<value> (equality or __in on one shard), wrap the code in "
-        f"using_shard({spec.group!r}, <{key}>), or query every shard explicitly with "
-        ".all_shards()."
+        f"{spec.group!r}. {text[0].upper()}{text[1:]}"
     )
 
 
@@ -218,9 +327,14 @@ def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
     the same group; else the :func:`~.context.using_shard` pin of the model's group; else
     :class:`ShardKeyRequired` (never ``default``), except when the hint is an unsharded
     row (``product.shard_orders``): then ``None``, and the sharded queryset raises
-    :class:`ShardKeyRequired` when evaluated without a shard-key filter. An *unsharded*
-    model reached from a sharded row (``order.product``) is read from ``default``: the
-    row's ``_state.db`` (a shard) does not hold reference tables.
+    :class:`ShardKeyRequired` when evaluated without a shard-key filter.
+
+    An *unsharded* model reached from a sharded row (``order.product``) is read from
+    ``default``, and this is an answer, not "no opinion": the next router
+    (``ReplicaRouter``) would follow the hinted row's ``_state.db``, a shard, which holds
+    no reference tables. Reference tables live on ``default`` only (``allow_migrate``
+    keeps them off the shards), so a project whose reference tables live elsewhere must
+    route them with a router listed *before* ``ShardRouter``.
     """
     spec = shard_spec(model)
     instance = hints.get("instance")
@@ -231,9 +345,11 @@ def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
     if instance is not None:
         primary = _shard_of_related(instance, spec.group, model)
         if primary is not None:
+            verify_ring_once(primary)
             return primary
     pinned = current_shard(spec.group)
     if pinned is not None:
+        verify_ring_once(pinned)
         return pinned
     if instance is not None and shard_spec(type(instance)) is None:
         # product.shard_orders asks the router before its filter exists, only to look up
@@ -251,6 +367,8 @@ def primary_for_write(model: type[Model], hints: dict[str, Any]) -> str | None:
     else the :func:`~.context.using_shard` pin; else :class:`ShardKeyRequired`. When the
     hinted instance is an unsharded row (``Order(product=p)`` asks where the new order
     goes), the answer is left to the next router: the order's own key decides at save.
+    An unsharded model written from a sharded row goes to ``default`` (see
+    :func:`primary_for_read`).
     """
     spec = shard_spec(model)
     instance = hints.get("instance")
@@ -260,16 +378,23 @@ def primary_for_write(model: type[Model], hints: dict[str, Any]) -> str | None:
         return None
     if instance is not None:
         if type(instance) is model and spec.key_field is not None:
-            return shard_for_instance(instance, spec)
+            own = shard_for_instance(instance, spec)
+            verify_ring_once(own)
+            return own
         if shard_spec(type(instance)) is None:
             return None
-        primary = _shard_of_related(instance, spec.group, model)
-        if primary is not None:
-            return primary
+        related = _shard_of_related(instance, spec.group, model)
+        if related is not None:
+            verify_ring_once(related)
+            return related
     pinned = current_shard(spec.group)
     if pinned is not None:
+        verify_ring_once(pinned)
         return pinned
     raise key_required(model, spec, "write")
+
+
+_UNKNOWN: Any = object()
 
 
 def check_write_target(instance: Model, using: str, *, deleting: bool = False) -> str:
@@ -284,23 +409,30 @@ def check_write_target(instance: Model, using: str, *, deleting: bool = False) -
         return using
     verb = "delete" if deleting else "save"
     target = shard_for_instance(instance, spec)
+    current_value = getattr(instance, spec.key_attname)
     if not instance._state.adding:
-        loaded = getattr(instance, "_dbscale_loaded_key", None)
-        current = spec.ring_key(getattr(instance, spec.key_attname))
-        if loaded is not None and spec.ring_key(loaded) != current:
+        loaded = instance.__dict__.get("_dbscale_loaded_key", _UNKNOWN)
+        known = loaded is not _UNKNOWN and loaded is not None
+        if known and spec.ring_key(loaded) != spec.ring_key(current_value):
             raise ShardKeyChanged(
                 f"Cannot {verb} {instance!r}: its shard key {spec.describe_key()} changed "
-                f"from {loaded!r} to {getattr(instance, spec.key_attname)!r}. A row's shard "
-                "key is fixed once written; create a new row with the new key and delete "
-                "the old one."
+                f"from {loaded!r} to {current_value!r}. A row's shard key is fixed once "
+                "written; create a new row with the new key and delete the old one."
             )
         home = _primary(instance._state.db)
-        if home in get_ring(spec.group).nodes and home != target:
+        ring = spec.ring
+        if home in ring.nodes and home != target:
+            cause = (
+                f"the ring of group {spec.group!r} changed (now fingerprint "
+                f"{ring.fingerprint}). Move the group's rows (reshard) before writing them"
+                if known
+                else f"its shard key {spec.describe_key()} was changed after it was read, "
+                f"or the ring of group {spec.group!r} changed. Write rows from the shard "
+                "they were read from; a row's shard key is fixed once written"
+            )
             raise ShardKeyChanged(
                 f"Cannot {verb} {instance!r}: it was read from shard {home!r} but its key "
-                f"now maps to {target!r} (the ring of group {spec.group!r} changed, "
-                f"fingerprint {get_ring(spec.group).fingerprint}). Move the group's rows "
-                "(reshard) before writing them."
+                f"{spec.describe_key()}={current_value!r} maps to {target!r}: {cause}."
             )
     for related in instance._state.fields_cache.values():
         if isinstance(related, Model) and shard_spec(type(related)) is not None:
@@ -308,18 +440,37 @@ def check_write_target(instance: Model, using: str, *, deleting: bool = False) -
             if other is not None and other != target:
                 raise CrossShardRelation(
                     f"Cannot {verb} {instance!r} on shard {target!r} (its key "
-                    f"{spec.describe_key()}={getattr(instance, spec.key_attname)!r}): it "
-                    f"points to {related!r}, which lives on shard {other!r}. Related rows "
-                    "must share the shard key value."
+                    f"{spec.describe_key()}={current_value!r}): it points to {related!r}, "
+                    f"which lives on shard {other!r}. Related rows must share the shard key "
+                    "value."
                 )
     if _primary(using) != target:
         raise ShardMismatch(
             f"Cannot {verb} {instance!r} on {using!r}: its key "
-            f"{spec.describe_key()}={getattr(instance, spec.key_attname)!r} maps to shard "
-            f"{target!r} of group {spec.group!r}. Drop the explicit using= (the router "
-            "picks the shard) or pass the right shard."
+            f"{spec.describe_key()}={current_value!r} maps to shard {target!r} of group "
+            f"{spec.group!r}. Writes go to the key's shard: let the router choose it (no "
+            "using=, .using() or .db_manager() naming another database), or name "
+            f"{target!r}."
         )
     return target
+
+
+def _sharded_by_history(model: Any) -> str | None:
+    """Return the group of a historical sharded model the live registry no longer has.
+
+    Historical models keep their fields but not ``ShardedModel``'s class attributes. A
+    :class:`~.ids.ShardedIDField` only exists on sharded models (``dbscale.E108``), so a
+    model having one was sharded; its group is known when only one group is configured.
+    Returns the group, ``""`` for "sharded, group unknown", or ``None`` (not sharded, as
+    far as can be told).
+    """
+    meta = getattr(model, "_meta", None)
+    if meta is None:
+        return None
+    if not any(isinstance(f, ShardedIDField) for f in meta.concrete_fields):
+        return None
+    groups = list(dbscale_settings.shard_groups)
+    return groups[0] if len(groups) == 1 else ""
 
 
 def _live_model(app_label: str, model_name: str | None, model: Any) -> type[Model] | None:
@@ -352,12 +503,26 @@ def allow_migrate(
     Unsharded model on a shard alias: ``False``. An operation without a model (RunSQL,
     RunPython) on a shard alias: ``False`` for apps without sharded models, else no
     opinion (pass ``hints={"model_name": ...}`` to such operations). Otherwise ``None``.
+
+    The live model with the same label decides (historical models lose the
+    ``ShardedModel`` base). A model that no longer exists live (deleted or renamed since)
+    counts as sharded when its historical version has a ``ShardedIDField``: then it is
+    ``False`` off the shards, and on the shards ``True`` if only one group is configured
+    (else no opinion). A deleted sharded model without a ``ShardedIDField`` cannot be
+    recognised: keep its class (or pass ``hints={"model": ...}``) until its
+    ``DeleteModel`` ran everywhere.
     """
     shard_group = dbscale_settings.group_of_shard.get(db)
     live = _live_model(app_label, model_name, model)
     spec = shard_spec(live) if live is not None else None
     if spec is not None:
         return shard_group == spec.group
+    if live is None and model is not None:
+        historical = _sharded_by_history(model)
+        if historical is not None:
+            if shard_group is None:
+                return False
+            return None if historical == "" else shard_group == historical
     if shard_group is None:
         return None
     if live is None and model_name is None and _app_has_sharded_models(app_label):

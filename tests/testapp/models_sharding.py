@@ -1,18 +1,21 @@
 """Sharded test models: group ``customers`` (shard0 on pg1; shard1, shard2 on pg2).
 
-``ShardCustomer``, ``ShardOrder``, ``ShardOrderLine`` and ``ShardTicket`` are colocated by
-customer id; ``ShardProduct`` is an unsharded reference table on ``default``.
+``ShardCustomer``, ``ShardOrder``, ``ShardOrderLine``, ``ShardTicket`` and ``ShardCoupon`` are
+colocated by customer id; ``ShardProduct`` is an unsharded reference table on ``default``.
 """
 
 from __future__ import annotations
 
 from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from django_dbscale.sharding.ids import ShardedIDField
 from django_dbscale.sharding.models import ShardedModel
 
 __all__ = [
+    "ShardCoupon",
     "ShardCustomer",
     "ShardOrder",
     "ShardOrderLine",
@@ -113,3 +116,26 @@ class ShardTicket(ShardedModel):
 
     class Meta:
         app_label = "testapp"
+
+
+class ShardCoupon(ShardedModel):
+    """Unique fields and constraints that do not include the shard key (unique per shard).
+
+    ``code`` has no ``db_collation``: it sorts by the database's default collation.
+    """
+
+    shard_group = "customers"
+    shard_key = "customer_id"
+
+    id = ShardedIDField(primary_key=True)
+    customer_id = models.BigIntegerField()
+    code = models.CharField(max_length=20, unique=True)
+    label = models.CharField(max_length=20, blank=True, default="")
+
+    class Meta:
+        app_label = "testapp"
+        constraints = [
+            models.UniqueConstraint(
+                Lower("label"), name="testapp_shardcoupon_label_ci", condition=~Q(label="")
+            ),
+        ]

@@ -59,7 +59,7 @@ def _stamp_state(alias: str, group: str) -> str:
         stamp = read_stamp(connection)
         if stamp is None:
             return "not stamped (run migrate)"
-        populated = is_populated(connection, group)
+        populated = is_populated(connection, group, stamp)
         problems = stamp_problems(alias, stamp, populated)
     finally:
         connection.close()
