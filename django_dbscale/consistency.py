@@ -296,8 +296,13 @@ def decode_token(token: str, *, max_age: float | None = None) -> DecodedToken:
     return DecodedToken(positions, write_times)
 
 
+#: (owner, token) pairs of every entered context manager, per context: one ContextVar for
+#: all of them (a ContextVar per object would be kept alive by every context that saw it).
+_entered: ContextVar[tuple[tuple[object, Any], ...]] = ContextVar("dbscale_entered", default=())
+
+
 class _TokenStack:
-    """Tokens of nested ``__enter__`` calls, kept per context.
+    """Tokens of nested ``__enter__`` calls of one context manager object, per context.
 
     A context manager object may be shared (a module-level ``P = use_primary()`` used by
     concurrent requests); keeping its tokens in a ``ContextVar`` makes each context unwind
@@ -305,15 +310,18 @@ class _TokenStack:
     """
 
     def __init__(self, name: str) -> None:
-        self._var: ContextVar[tuple[Any, ...]] = ContextVar(name, default=())
+        self.name = name
 
     def push(self, item: Any) -> None:
-        self._var.set((*self._var.get(), item))
+        _entered.set((*_entered.get(), (self, item)))
 
     def pop(self) -> Any:
-        stack = self._var.get()
-        self._var.set(stack[:-1])
-        return stack[-1]
+        stack = _entered.get()
+        for index in range(len(stack) - 1, -1, -1):
+            if stack[index][0] is self:
+                _entered.set(stack[:index] + stack[index + 1 :])
+                return stack[index][1]
+        raise RuntimeError(f"{self.name}: __exit__ without a matching __enter__ in this context")
 
 
 class _ContextDecorator:
