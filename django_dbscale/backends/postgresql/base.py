@@ -114,19 +114,11 @@ class _DBScaleCursorMixin:
             or not _connection_broken(replica)
         ):
             return False
-        from django.db import connections
-
-        from django_dbscale import replicas
-
-        replicas.failed_over(replica.alias, primary_alias, "query failed")
-        logger.warning(
-            "Replica %r failed mid-query; re-running on %r.", replica.alias, primary_alias
-        )
+        primary = replica.fail_over_to(primary_alias, "query failed")
         try:
             replica.close()
         except DatabaseError:
             replica.connection = None
-        primary = connections[primary_alias]
         primary.ensure_connection()
         self.cursor = primary.create_cursor()
         self.db = primary
@@ -229,10 +221,15 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
             primary_alias = self.dbscale_primary()
             if primary_alias is None or self.in_atomic_block:
                 raise
-            from django.db import connections
+            primary = self.fail_over_to(primary_alias, "connect failed")
+            return primary._cursor(name)
 
-            from django_dbscale import replicas
+    def fail_over_to(self, primary_alias: str, reason: str) -> Any:
+        """Quarantine this replica, count and log the failover; return the primary's wrapper."""
+        from django.db import connections
 
-            replicas.failed_over(self.alias, primary_alias, "connect failed")
-            logger.warning("Replica %r unreachable; reading from %r.", self.alias, primary_alias)
-            return connections[primary_alias]._cursor(name)  # type: ignore[attr-defined]
+        from django_dbscale import replicas
+
+        replicas.failed_over(self.alias, primary_alias, reason)
+        logger.warning("Replica %r: %s; reading from %r.", self.alias, reason, primary_alias)
+        return connections[primary_alias]
