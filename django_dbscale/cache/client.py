@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from django_dbscale.cache import continuity
 from django_dbscale.cache.breaker import CircuitBreaker
 from django_dbscale.cache.options import options
 from django_dbscale.conf import on_settings_changed
@@ -113,6 +114,8 @@ class Gateway:
             socket_timeout=opts.socket_timeout,
             socket_connect_timeout=opts.socket_timeout,
             retry=Retry(NoBackoff(), 0),
+            # Every new connection verifies the server before its first command.
+            redis_connect_func=continuity.on_connect,
         )
         own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
         return redis.Redis(connection_pool=own_pool)
@@ -125,6 +128,39 @@ class Gateway:
             connection.disconnect()
         if client is not None:
             client.connection_pool.disconnect()
+
+    def connections_lost(self) -> None:
+        """After a Redis error: drop every connection and forget the verification.
+
+        The next command of any path opens a new connection, which verifies the server
+        and drains the outboxes first (:mod:`~django_dbscale.cache.continuity`): what
+        happened while this process could not reach Redis is settled before it reads.
+        Connections in use by other threads go back to the dropped pool and are not reused.
+        """
+        continuity.distrust()
+        free, self._free = self._free, deque()
+        for connection in free:
+            connection.disconnect()
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect(inuse_connections=False)
+
+    def verify(self) -> None:
+        """Open a connection now (verifying the server) and keep it for the hit path."""
+        connection = self._connect()
+        try:
+            connection.connect()
+        except (RedisError, OSError) as exc:
+            connection.disconnect()
+            self._failed(exc, "verify")
+            raise RedisUnavailable(str(exc)) from exc
+        self._free.append(connection)
+        self.breaker.success()
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        self.breaker.failure()
+        self.connections_lost()
+        logger.warning("Redis call %s failed: %s", what, exc)
 
     def forget_after_fork(self) -> None:
         """Drop (without closing) the parent's sockets: the child must open its own."""
@@ -159,18 +195,17 @@ class Gateway:
                 if not reused:
                     raise
                 # An idle connection the server (or a network cut) closed meanwhile: the
-                # pool would have noticed at checkout; retry once on a fresh one.
+                # others are suspect too, and whatever happened while it was down must be
+                # settled (continuity) before a fresh connection serves anything.
                 connection.disconnect()
+                self.connections_lost()
                 connection = self._connect()
                 result = self._send(connection, packed, script)
         except BaseException as exc:
             connection.disconnect()
             if not isinstance(exc, RedisError | OSError):
                 raise
-            while free:  # the idle ones are suspect too
-                free.pop().disconnect()
-            self.breaker.failure()
-            logger.warning("Redis call %s failed: %s", script.name, exc)
+            self._failed(exc, script.name)
             raise RedisUnavailable(str(exc)) from exc
         free.append(connection)
         self.breaker.success()
@@ -200,8 +235,7 @@ class Gateway:
                 self.client.execute_command("SCRIPT", "LOAD", script.source)
                 result = self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            logger.warning("Redis call %s failed: %s", script.name, exc)
+            self._failed(exc, script.name)
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return result
@@ -229,8 +263,7 @@ class Gateway:
             if errors:
                 raise errors[0]
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
-            logger.warning("Redis pipeline failed: %s", exc)
+            self._failed(exc, "pipeline")
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return list(results)
@@ -240,7 +273,7 @@ class Gateway:
         try:
             result = self.client.execute_command(*args)
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
+            self._failed(exc, args[0] if args else "command")
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return result

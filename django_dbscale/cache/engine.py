@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from django.db import connections
 
 from django_dbscale import consistency, replicas
-from django_dbscale.cache import invalidation, stats
+from django_dbscale.cache import continuity, invalidation, stats
 from django_dbscale.cache.analysis import INFINITE_LSN, Collector, collector
 from django_dbscale.cache.client import (
     FILL,
@@ -163,6 +163,14 @@ def _isolation_allows_store(alias: str) -> bool:
     return row is not None and str(row[0]).lower() in _STORE_ISOLATIONS
 
 
+UNTRUSTED = "a database's outbox could not be drained"
+
+
+def _untrusted(plan: Plan) -> bool:
+    """Return whether *plan* reads a database with invalidations this process can't see."""
+    return bool(continuity.untrusted) and not continuity.untrusted.isdisjoint(plan.aliases)
+
+
 def _notify(plan: Plan, hit: bool, stored: bool, reason: str) -> None:
     if cache_read.receivers:
         cache_read.send(
@@ -192,6 +200,8 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
         return run()
     if invalidation.has_pending() and not invalidation.flush_pending():
         return _bypass(plan, run, "undelivered invalidations")
+    if _untrusted(plan):
+        return _bypass(plan, run, UNTRUSTED)
     in_transaction: list[str] = []
     open_aliases = consistency.open_transactions.get()
     if open_aliases:
@@ -228,6 +238,8 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
             except RedisUnavailable:
                 return _bypass(plan, run, "redis error")
         else:
+            if _untrusted(plan):  # this call's new connection found an outbox it can't read
+                return _bypass(plan, run, UNTRUSTED)
             stats.incr(plan.label, "hit")
             if cache_read.receivers:
                 _notify(plan, True, False, "hit")
@@ -249,6 +261,8 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
                     value = pickle.loads(reply[1])
                 except Exception:
                     break
+                if _untrusted(plan):
+                    return _bypass(plan, run, UNTRUSTED)
                 stats.incr(plan.label, "hit")
                 _notify(plan, True, False, "hit")
                 return value
@@ -341,6 +355,8 @@ def _verdict(plan: Plan, col: Collector) -> str | None:
     """Return why the fill must not be stored, or ``None`` to store it."""
     if col.reason is not None:
         return col.reason
+    if _untrusted(plan):
+        return UNTRUSTED
     read = col.read_tables()
     extra = read - plan.tables
     if extra:

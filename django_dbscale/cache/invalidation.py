@@ -17,7 +17,10 @@ when unknown). What happens next depends on the connection:
 Invalidations that cannot reach Redis (down, cut off, breaker open) are kept in a
 process-wide pending set and delivered before this process uses the cache again, or by a
 background timer retrying every breaker cooldown, whichever comes first; until they are,
-every cached read in this process goes to the database.
+every cached read in this process goes to the database. They are also written to the
+database's outbox (:mod:`~django_dbscale.cache.outbox`), inside the transaction when Redis
+is already known to be down: that copy survives this process and reaches the others, which
+drain it before they use Redis again (:mod:`~django_dbscale.cache.continuity`).
 
 The transaction state lives on the connection object because it belongs to the
 connection's transaction (Django keeps connections per thread and per async task).
@@ -37,7 +40,7 @@ from typing import Any
 from django.db import DatabaseError, connections
 
 from django_dbscale import consistency
-from django_dbscale.cache import stats
+from django_dbscale.cache import outbox, stats
 from django_dbscale.cache.client import BUMP, RedisUnavailable, gateway
 from django_dbscale.cache.dimensions import dimension_fields_for_table
 from django_dbscale.cache.keys import tokens, version_key
@@ -91,6 +94,8 @@ def write_keys(prefix: str, alias: str, table: str, dims: Iterable[str] | None) 
 class _TxState:
     keys: dict[str, set[str]] = field(default_factory=dict)
     tables: dict[str, set[str]] = field(default_factory=dict)
+    #: Whether the keys went into the outbox inside the transaction (before COMMIT).
+    outboxed: bool = False
 
 
 def in_transaction(connection: Any) -> bool:
@@ -107,6 +112,28 @@ def dirty_tables(alias: str) -> set[str] | None:
     if state is None:
         return None
     return state.tables.get(alias)
+
+
+def _before_commit(connection: Any) -> None:
+    """Pre-commit listener: if Redis is known to be down, write the outbox in the transaction.
+
+    Then the write and its owed invalidation commit together: a crash right after COMMIT
+    cannot lose it. When Redis is believed up, nothing is written here (no cost); a
+    delivery that fails after COMMIT writes the outbox then (see :func:`deliver`).
+    """
+    state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
+    if state is None or not state.keys:
+        return
+    if not has_pending() and gateway().breaker.state == "closed":
+        return
+    try:
+        keys = set().union(*state.keys.values())
+        state.outboxed = outbox.record_in_transaction(connection, keys)
+    except Exception:  # never fail the user's COMMIT; delivery after it writes the outbox
+        logger.exception("Could not write the cache outbox before COMMIT.")
+        return
+    if state.outboxed:
+        stats.incr(f"db:{connection.alias}", "outboxed")
 
 
 def _on_commit(connection: Any) -> None:
@@ -135,7 +162,7 @@ def _on_commit(connection: Any) -> None:
                         raw.rollback()
                 except Exception:
                     logger.warning("Could not end the WAL position query's transaction.")
-        deliver(batch, positions)
+        deliver(batch, positions, outboxed=state.outboxed)
     except Exception:  # listeners must not raise: the COMMIT already happened
         logger.exception("Could not deliver the invalidations of a committed transaction.")
 
@@ -148,6 +175,8 @@ def _on_rollback(connection: Any) -> None:
 def _register_listeners() -> None:
     from django_dbscale.backends.postgresql import base
 
+    if _before_commit not in base.precommit_listeners:
+        base.precommit_listeners.append(_before_commit)
     if _on_commit not in base.commit_listeners:
         base.commit_listeners.append(_on_commit)
     if _on_rollback not in base.rollback_listeners:
@@ -249,12 +278,16 @@ def _position(alias: str) -> int:
 
 
 def deliver(
-    batch: dict[str, tuple[set[str], set[str]]], positions: dict[str, int] | None = None
+    batch: dict[str, tuple[set[str], set[str]]],
+    positions: dict[str, int] | None = None,
+    *,
+    outboxed: bool = False,
 ) -> None:
     """Queue *batch* (alias -> (version keys, tables)) and send everything queued.
 
     *positions* are the primaries' WAL positions after the writes committed (fetched here
-    when not given).
+    when not given). If Redis cannot take them, the batch is also written to each
+    database's outbox, unless it already is (*outboxed*: written before COMMIT).
     """
     if not batch:
         return
@@ -272,6 +305,10 @@ def deliver(
             if len(queued) > MAX_PENDING_KEYS:
                 _collapse(alias)
     if not flush_pending():
+        if not outboxed:
+            for alias, (keys, _) in batch.items():
+                if outbox.record(alias, keys):
+                    stats.incr(f"db:{alias}", "outboxed")
         _schedule_retry()
 
 

@@ -17,6 +17,8 @@ Key layout (``P`` is ``CACHE["PREFIX"]``)::
     P:v:<alias>:<table>:a                version of a whole table
     P:v:<alias>:<table>:w                version of a table for writes with unknown dimensions
     P:v:<alias>:<table>:d:<field>=<val>  version of one dimension value of a table
+    P:v:<alias>:~generation              generation of everything cached from <alias>
+    P:run                                run id of the Redis server last verified
     P:f:<schema>:<digest>                a @cached_queryset result
     P:stats                              counters (hash)
 
@@ -48,6 +50,7 @@ __all__ = [
     "canonical_dimension",
     "digest",
     "freeze",
+    "generation_key",
     "schema_fingerprint",
     "version_key",
 ]
@@ -187,6 +190,15 @@ def version_key(prefix: str, alias: str, table: str, kind: str, dimension: str =
     if kind == "d":
         return f"{prefix}:v:{alias}:{table}:d:{dimension}"
     return f"{prefix}:v:{alias}:{table}:{kind}"
+
+
+def generation_key(prefix: str, alias: str) -> str:
+    """Return the Redis key of *alias*'s generation, a version every entry of it depends on.
+
+    Bumped only when Redis may have lost invalidations wholesale (a restart from a snapshot,
+    a failover to a lagging replica): see :mod:`django_dbscale.cache.continuity`.
+    """
+    return f"{prefix}:v:{alias}:~generation"
 
 
 def canonical_dimension(field: Field[Any, Any], value: Any) -> str | None:

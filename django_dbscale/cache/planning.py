@@ -33,7 +33,14 @@ from django_dbscale.cache.analysis import (
 )
 from django_dbscale.cache.dimensions import dimension_fields
 from django_dbscale.cache.engine import Plan
-from django_dbscale.cache.keys import Unkeyable, digest, freeze, schema_fingerprint, version_key
+from django_dbscale.cache.keys import (
+    Unkeyable,
+    digest,
+    freeze,
+    generation_key,
+    schema_fingerprint,
+    version_key,
+)
 from django_dbscale.cache.options import options
 from django_dbscale.conf import on_settings_changed
 
@@ -113,6 +120,7 @@ def _build(
             version_keys.append(version_key(opts.prefix, table_alias, table, "a"))
             aliases.append(table_alias)
             description.append(f"{table_alias}.{table}")
+    _add_generations(opts.prefix, version_keys, aliases)
     return Plan(
         label=model._meta.label,
         model=model,
@@ -129,6 +137,13 @@ def _build(
         shape=shape,
         reason=shape.reason,
     )
+
+
+def _add_generations(prefix: str, version_keys: list[str], aliases: list[str]) -> None:
+    """Make the plan depend on the generation of every database it reads, too."""
+    for alias in sorted(set(aliases)):
+        version_keys.append(generation_key(prefix, alias))
+        aliases.append(alias)
 
 
 def plan_for_recipe(queryset: Any, alias: str, recipe: str, kind: str, extra: Any) -> Plan:
@@ -224,7 +239,9 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
     opts = options()
     pairs = frozenset(tables)
     ordered = sorted(pairs)
-    version_keys = tuple(version_key(opts.prefix, a, t, "a") for a, t in ordered)
+    version_keys = [version_key(opts.prefix, a, t, "a") for a, t in ordered]
+    aliases = [a for a, _ in ordered]
+    _add_generations(opts.prefix, version_keys, aliases)
     # The databases are part of the key (two shards never share an entry), and so is the
     # active time zone (the function may filter on __date or __year).
     zone = current_zone()
@@ -239,8 +256,8 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
         entry_key=entry_key,
         header_key=entry_key + ":h",
         lease_key=entry_key + ":l",
-        version_keys=version_keys,
-        version_aliases=tuple(a for a, _ in sorted(pairs)),
+        version_keys=tuple(version_keys),
+        version_aliases=tuple(aliases),
         tables=pairs,
         base_table=None,
         uses_dimensions=False,

@@ -500,7 +500,8 @@ def allow_migrate(
     """Put sharded tables on every shard of their group and unsharded ones off the shards.
 
     Sharded model: ``True`` on its group's shard aliases, ``False`` anywhere else.
-    Unsharded model on a shard alias: ``False``. An operation without a model (RunSQL,
+    Unsharded model on a shard alias: ``False``, except this library's own models, which
+    every primary holds (``None``). An operation without a model (RunSQL,
     RunPython) on a shard alias: ``False`` for apps without sharded models, else no
     opinion (pass ``hints={"model_name": ...}`` to such operations). Otherwise ``None``.
 
@@ -512,6 +513,8 @@ def allow_migrate(
     recognised: keep its class (or pass ``hints={"model": ...}``) until its
     ``DeleteModel`` ran everywhere.
     """
+    if app_label == "django_dbscale":
+        return None  # the library's own outbox lives on every primary, shards included
     shard_group = dbscale_settings.group_of_shard.get(db)
     live = _live_model(app_label, model_name, model)
     spec = shard_spec(live) if live is not None else None

@@ -143,6 +143,15 @@ class TcpProxy:
             self._mode = "forward"
             self._cond.notify_all()
 
+    def retarget(self, target_host: str, target_port: int) -> None:
+        """Fail over: drop every live connection and send new ones to another server."""
+        with self._cond:
+            self.target_host = target_host
+            self.target_port = target_port
+            conns = list(self._conns)
+        for conn in conns:
+            conn.abort()
+
     @contextlib.contextmanager
     def cut_off(self) -> Iterator[TcpProxy]:
         """Cut the proxy for the duration of the ``with`` block, then heal it."""

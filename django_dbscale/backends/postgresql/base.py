@@ -42,6 +42,8 @@ _FAILOVER_ERRORS = (OperationalError, InterfaceError)
 #: (atomic() or manual set_autocommit(False) transactions), before Django's on_commit
 #: callbacks run. Listeners must be quick and must not raise.
 commit_listeners: list[Callable[[DatabaseWrapper], None]] = []
+#: Called just before COMMIT, inside the transaction (the cache's outbox writes there).
+precommit_listeners: list[Callable[[DatabaseWrapper], None]] = []
 #: Called with the connection right after every full ROLLBACK of a dbscale connection.
 rollback_listeners: list[Callable[[DatabaseWrapper], None]] = []
 
@@ -192,6 +194,9 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
             consistency.record_write(self.alias)
 
     def commit(self) -> None:
+        if precommit_listeners and self.connection is not None:
+            for listener in precommit_listeners:
+                listener(self)
         super().commit()
         if self.dbscale_dirty:
             self.dbscale_dirty = False

@@ -15,18 +15,24 @@
 --
 -- A missing version key (evicted, expired, flushed) is recreated with a token never used
 -- before (nonce, server time in microseconds, key index), so an entry filled before the
--- loss can never match again.
+-- loss can never match again. A lost generation key (see continuity.py) is recreated with
+-- position zero: the table versions next to it still carry their own positions.
 --
 -- Returns {1, payload} on a hit, {0, header, lease_granted} on a miss.
 local values = redis.call('MGET', KEYS[1], KEYS[2], unpack(KEYS, 4, #KEYS))
 local nversions = #KEYS - 3
 local now = nil
+local zero = string.rep('0', 16)
 for i = 1, nversions do
   if not values[i + 2] then
     if not now then
       now = redis.call('TIME')
     end
-    values[i + 2] = ARGV[1] .. now[1] .. now[2] .. '.' .. i .. ':P'
+    local lsn = 'P'
+    if string.sub(KEYS[i + 3], -11) == '~generation' then
+      lsn = zero
+    end
+    values[i + 2] = ARGV[1] .. now[1] .. now[2] .. '.' .. i .. ':' .. lsn
     redis.call('SET', KEYS[i + 3], values[i + 2], 'EX', ARGV[3])
   end
 end

@@ -1,0 +1,172 @@
+"""The outbox: invalidations of committed writes that could not reach Redis, kept durably.
+
+Invalidation is delivered to Redis after COMMIT. When Redis cannot be reached then, the
+version keys the write must bump are written to the ``dbscale_cache_outbox`` table of the
+database the write committed on (:class:`~django_dbscale.models.CacheOutbox`), so that they
+survive the writer's process and reach every other process:
+
+* **Inside a transaction while the circuit breaker is open** (Redis known to be down), the
+  row is inserted *before* COMMIT, in the same transaction (under a savepoint, so a missing
+  table cannot fail the user's commit): the write and its owed invalidation commit together,
+  and a crash right after COMMIT loses nothing.
+* **Otherwise** (the breaker was closed and delivery failed after COMMIT; autocommitted
+  writes), the row is inserted right after the failed delivery, on the write's own
+  connection when it is in autocommit mode, else on a short-lived connection of its own.
+  A process killed between COMMIT and that insert (a window of one failed Redis call) loses
+  the invalidation; that is the one gap left, documented in ``docs/cache.md``.
+
+Rows carry no WAL position: whoever drains them bumps the keys with the primary's position
+*at drain time*, which is past every commit the rows belong to. Draining happens in
+:mod:`~django_dbscale.cache.continuity`, before a process uses a new Redis connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from django.db import connections
+
+from django_dbscale.conf import dbscale_settings
+
+__all__ = [
+    "TABLE",
+    "connect",
+    "delete",
+    "outbox_aliases",
+    "pending",
+    "primary_position",
+    "record",
+    "record_in_transaction",
+]
+
+logger = logging.getLogger("django_dbscale.cache")
+
+TABLE = "dbscale_cache_outbox"
+BACKEND = "django_dbscale.backends.postgresql"
+#: How long an outbox statement may take on its own connection.
+STATEMENT_TIMEOUT_MS = 2000
+#: Rows read per drain; the rest wait for the next one.
+DRAIN_BATCH = 1000
+_INSERT = f"INSERT INTO {TABLE} (keys) VALUES (%s)"
+_SELECT = f"SELECT id, keys FROM {TABLE} ORDER BY id LIMIT {DRAIN_BATCH}"
+_DELETE = f"DELETE FROM {TABLE} WHERE id = ANY(%s)"
+
+
+def outbox_aliases() -> list[str]:
+    """Return the primaries that hold an outbox: those using the dbscale backend."""
+    replicas = dbscale_settings.primary_of
+    return sorted(
+        alias
+        for alias, config in connections.settings.items()
+        if alias not in replicas and config.get("ENGINE") == BACKEND
+    )
+
+
+def _encode(keys: Iterable[str]) -> str:
+    return "\n".join(sorted(keys))
+
+
+def record_in_transaction(connection: Any, keys: Iterable[str]) -> bool:
+    """Insert a row inside *connection*'s open transaction, just before its COMMIT.
+
+    A savepoint keeps a failure (the table is missing: ``migrate`` was not run) from
+    aborting the user's transaction. Returns whether the row was written.
+    """
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SAVEPOINT dbscale_outbox")
+            try:
+                cursor.execute(_INSERT, [_encode(keys)])
+            except Exception:
+                cursor.execute("ROLLBACK TO SAVEPOINT dbscale_outbox")
+                raise
+            cursor.execute("RELEASE SAVEPOINT dbscale_outbox")
+    except Exception as exc:
+        _log_failure(connection.alias, exc)
+        return False
+    return True
+
+
+def record(alias: str, keys: Iterable[str]) -> bool:
+    """Insert a row for writes that have committed on *alias*; return whether it was written.
+
+    Uses *alias*'s connection when it is in autocommit mode (an autocommitted write just
+    ran on it), else a short-lived connection: after COMMIT, Django may still hold the
+    connection outside autocommit mode, where the insert would open a transaction nobody
+    commits.
+    """
+    encoded = _encode(keys)
+    wrapper = connections[alias]
+    try:
+        if wrapper.connection is not None and wrapper.get_autocommit():
+            with wrapper.cursor() as cursor:
+                cursor.execute(_INSERT, [encoded])
+        else:
+            with connect(alias) as own:
+                own.execute(_INSERT, [encoded])
+    except Exception as exc:
+        _log_failure(alias, exc)
+        return False
+    return True
+
+
+def _log_failure(alias: str, exc: Exception) -> None:
+    hint = ""
+    if isinstance(exc, psycopg.errors.UndefinedTable) or "does not exist" in str(exc):
+        hint = f" Run `manage.py migrate django_dbscale --database {alias}`."
+    logger.error(
+        "Could not record undelivered cache invalidations in %r's %s: %s.%s They stay "
+        "queued in this process only.",
+        alias,
+        TABLE,
+        exc,
+        hint,
+    )
+
+
+def connect(alias: str) -> psycopg.Connection[Any]:
+    """Return a new autocommit connection to *alias*, independent of Django's.
+
+    Used where Django's connection may be inside the caller's transaction (or outside
+    autocommit mode right after a COMMIT), so the outbox never joins a transaction that
+    could roll it back.
+    """
+    params = connections[alias].get_connection_params()
+    for key in ("cursor_factory", "context", "prepare_threshold", "client_encoding"):
+        params.pop(key, None)
+    params.setdefault("connect_timeout", 3)
+    own = psycopg.connect(**params, autocommit=True)
+    try:
+        # Never wait long on a lock: a process holds its Redis verification until this ends.
+        own.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    except BaseException:
+        own.close()
+        raise
+    return own
+
+
+def pending(own: psycopg.Connection[Any]) -> list[tuple[int, list[str]]]:
+    """Return up to :data:`DRAIN_BATCH` rows as ``(id, keys)``; none if the table is missing."""
+    try:
+        rows = own.execute(_SELECT).fetchall()
+    except psycopg.errors.UndefinedTable:
+        return []
+    return [(int(row_id), [k for k in str(text).split("\n") if k]) for row_id, text in rows]
+
+
+def primary_position(own: psycopg.Connection[Any]) -> int:
+    """Return the primary's WAL insert position (past every commit read before it)."""
+    from django_dbscale.consistency import parse_lsn
+
+    row = own.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return parse_lsn(row[0])
+
+
+def delete(own: psycopg.Connection[Any], ids: list[int]) -> None:
+    """Delete drained rows."""
+    if ids:
+        own.execute(_DELETE, [ids])

@@ -1,0 +1,327 @@
+"""Invalidations survive the writer's process, and Redis rollbacks never revive old entries.
+
+* **Outbox** (``cache/outbox.py``): a write whose invalidation cannot reach Redis leaves a
+  row in its database; another process drains it before it uses Redis again, even if the
+  writer crashed (here: a forked process that exits hard, its retry timer with it).
+* **Continuity** (``cache/continuity.py``): a Redis restored from a snapshot, or a failover
+  to a replica that missed the latest bumps, is a different server (``run_id``): every
+  database's generation is bumped with its primary's WAL position.
+
+Faults are real: the harness's proxy cuts connections, Redis is stopped and started from
+an RDB file, and a second redis-server is started as a lagging replica and failed over to.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections, transaction
+from django.test import override_settings
+
+from django_dbscale import replicas
+from django_dbscale.backends.postgresql import base
+from django_dbscale.cache import continuity, invalidation, outbox
+from django_dbscale.cache.client import gateway
+from django_dbscale.cache.options import options
+from django_dbscale.testing.harness import RedisServer, Services, _free_ports, find_redis_server
+from tests.test_cache_support import (
+    QueryCounter,
+    cache_env,
+    cache_keys,
+    fresh_context,
+    observe,
+    redis,
+)
+from tests.testapp.models_cache import CCounter
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.usefixtures(cache_env.__name__),
+]
+
+COOLDOWN = 0.3
+
+
+@pytest.fixture
+def fast_breaker() -> Iterator[None]:
+    """Open after 2 failures, probe again after COOLDOWN seconds, 0.1 s socket timeouts."""
+    cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        yield
+
+
+def read(pk: int) -> tuple[int, list[str]]:
+    """Read *pk* through the cache in a context that wrote nothing (replicas allowed)."""
+    with fresh_context(), observe() as seen:
+        return int(CCounter.objects.cache().get(pk=pk).value), seen.reasons
+
+
+def prime(pk: int, value: int) -> None:
+    read(pk)
+    assert read(pk) == (value, ["hit"])
+
+
+def outbox_rows(alias: str = "default") -> list[tuple[int, str]]:
+    """Return the outbox rows of *alias*, by direct SQL."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f"SELECT id, keys FROM {outbox.TABLE} ORDER BY id")
+        return [(int(i), str(k)) for i, k in cursor.fetchall()]
+
+
+def in_child_process(work: Callable[[], Any]) -> Any:
+    """Run *work* in a forked process that then dies without cleaning up (a crash).
+
+    The child opens its own database and Redis connections (the parent's sockets are left
+    alone: references to them are kept and the child leaves with ``os._exit``, so nothing
+    is closed from its side). Returns what *work* returned, or re-raises what it raised.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        inherited = [c.connection for c in connections.all()]
+        for wrapper in connections.all():
+            wrapper.connection = None
+        try:
+            outcome: tuple[str, Any] = ("ok", work())
+        except BaseException as exc:
+            outcome = ("error", repr(exc))
+        with os.fdopen(write_end, "wb") as out:
+            pickle.dump(outcome, out)
+        del inherited
+        os._exit(0)  # no atexit, no finally, no retry timer: as if the process crashed
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as incoming:
+        data = incoming.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"child process failed: {value}")
+    return value
+
+
+# -- the outbox ----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_a_crashed_writers_invalidation_reaches_other_processes(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    proxy = services.proxies["redis"]
+
+    def crashing_writer() -> list[bool]:
+        CCounter.objects.filter(pk=row.pk).update(value=2)  # delivery fails: Redis cut off
+        return [invalidation.has_pending()]
+
+    with proxy.cut_off():
+        assert in_child_process(crashing_writer) == [True]
+        # The writer is gone, and with it its in-memory queue and retry timer; the row it
+        # left in the outbox is all that remains of the invalidation.
+        ((_, keys),) = outbox_rows()
+        assert f"{CCounter._meta.db_table}:a" in keys
+    # This process never saw the outage: its connections were cut while idle. Its next
+    # read reconnects, drains the outbox first, and misses.
+    assert not invalidation.has_pending()
+    assert read(row.pk) == (2, ["miss"])
+    assert outbox_rows() == []
+    assert read(row.pk) == (2, ["hit"])
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_with_the_breaker_open_the_outbox_commits_with_the_write(services: Services) -> None:
+    """A writer killed right after COMMIT, before delivering anything, loses nothing."""
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+
+    def writer_killed_after_commit() -> None:
+        for _ in range(2):  # two failed reads open the breaker
+            read(row.pk)
+        assert gateway().breaker.state == "open"
+        # Die right after COMMIT, before any commit listener delivers anything.
+        base.commit_listeners.insert(0, lambda connection: os._exit(0))
+        with transaction.atomic():
+            CCounter.objects.filter(pk=row.pk).update(value=5)
+
+    with services.proxies["redis"].cut_off():
+        with pytest.raises(EOFError):  # the child died mid-commit: no reply
+            in_child_process(writer_killed_after_commit)
+        assert CCounter.objects.using("default").get(pk=row.pk).value == 5  # committed
+        assert len(outbox_rows()) == 1  # ... together with its outbox row
+    assert read(row.pk) == (5, ["miss"])
+    assert outbox_rows() == []
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_a_rolled_back_transaction_leaves_no_outbox_row(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    with services.proxies["redis"].cut_off():
+        for _ in range(2):
+            read(row.pk)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            CCounter.objects.filter(pk=row.pk).update(value=9)
+            raise RuntimeError("abandon")
+        assert outbox_rows() == []
+    assert read(row.pk)[0] == 1
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_outbox_rows_of_sharded_writes_live_on_their_shard(services: Services) -> None:
+    from django_dbscale import using_shard
+    from django_dbscale.cache import cached_queryset
+    from tests.testapp.models_sharding import ShardCustomer
+
+    @cached_queryset(depends_on=[ShardCustomer])
+    def names() -> list[str]:
+        return sorted(ShardCustomer.objects.values_list("name", flat=True))
+
+    customer = ShardCustomer.objects.create(id=1001, name="a")
+    shard = customer._state.db
+    assert shard in {"shard0", "shard1", "shard2"}
+    for _ in range(2):
+        with fresh_context(), using_shard("customers", shard=shard):
+            assert names() == ["a"]
+    with services.proxies["redis"].cut_off():
+        ShardCustomer.objects.filter(id=1001).update(name="b")
+        assert len(outbox_rows(shard)) == 1 and outbox_rows("default") == []
+    with fresh_context(), using_shard("customers", shard=shard), observe() as seen:
+        assert names() == ["b"]
+    assert seen.reasons == ["miss"]
+    assert outbox_rows(shard) == []
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_an_outbox_that_cannot_be_read_makes_its_database_bypass_the_cache() -> None:
+    import psycopg
+
+    row = CCounter.objects.create(name="c", value=1)
+    gateway().connections_lost()  # verify now: the fixture wiped the recorded run id
+    prime(row.pk, 1)
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {outbox.TABLE} RENAME TO dbscale_outbox_moved")
+    try:
+        # A missing table is "nothing owed" (migrate was never run): reads go on.
+        gateway().connections_lost()
+        assert read(row.pk) == (1, ["hit"])
+    finally:
+        with connections["default"].cursor() as cursor:
+            cursor.execute(f"ALTER TABLE dbscale_outbox_moved RENAME TO {outbox.TABLE}")
+    # Another session holds the table locked: the drain times out, the database is
+    # untrusted, and its cached reads go to the database until a retry drains it.
+    locker = outbox.connect("default")
+    locker.autocommit = False
+    locker.execute(f"LOCK TABLE {outbox.TABLE} IN ACCESS EXCLUSIVE MODE")
+    try:
+        gateway().connections_lost()
+        value, reasons = read(row.pk)
+        assert value == 1 and reasons == ["bypass:a database's outbox could not be drained"]
+        assert continuity.untrusted == {"default"}
+    finally:
+        locker.rollback()
+        locker.close()
+    deadline = time.monotonic() + 10
+    while continuity.untrusted and time.monotonic() < deadline:
+        time.sleep(0.05)  # the background re-verification (every BREAKER_COOLDOWN)
+    assert not continuity.untrusted
+    assert read(row.pk) == (1, ["hit"])
+    assert isinstance(locker, psycopg.Connection)
+
+
+# -- continuity: the server behind the connection ----------------------------------------
+
+
+def _versions() -> dict[str, bytes]:
+    return {k: redis().get(k) for k in cache_keys("v:*")}
+
+
+def test_a_redis_restored_from_a_snapshot_serves_nothing_filled_before_it(
+    services: Services, paused: Any
+) -> None:
+    import redis as redis_py
+
+    if services.redis.external:
+        pytest.fail("needs a harness-booted Redis (it is stopped and restarted)")
+    row = CCounter.objects.create(name="c", value=1)
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    prime(row.pk, 1)
+    snapshot = _versions()
+    redis().save()  # the RDB file holds the entry and the versions it matches
+    dump = Path(services.redis.workdir or ".") / "dump.rdb"
+    try:
+        paused(services.pg1_replica)  # the replica will not have the write below
+        CCounter.objects.filter(pk=row.pk).update(value=2)
+        assert _versions() != snapshot
+        services.redis.stop()
+        services.redis.start()  # loads dump.rdb: versions and entry roll back together
+        direct = redis_py.Redis(host=services.redis.host, port=services.redis.port)
+        assert {k: direct.get(k) for k in snapshot} == snapshot  # really rolled back
+        replicas.monitor.refresh()
+        with QueryCounter(["default", "default_replica"]) as q:
+            value, reasons = read(row.pk)
+        assert (value, reasons) == (2, ["miss"])
+        # The generation carries the primary's position: the lagging replica is not used.
+        assert q.counts == {"default": 1, "default_replica": 0}
+        assert read(row.pk) == (2, ["hit"])
+    finally:
+        dump.unlink(missing_ok=True)
+
+
+def test_a_failover_to_a_lagging_redis_replica_serves_nothing_it_missed(
+    services: Services, tmp_path: Path
+) -> None:
+    import redis as redis_py
+
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    (port,) = _free_ports(1)
+    standby = RedisServer(services.redis.host, port, binary=find_redis_server(), workdir=tmp_path)
+    standby.start()
+    try:
+        replica = redis_py.Redis(host=standby.host, port=standby.port)
+        replica.replicaof(services.redis.host, services.redis.port)
+        deadline = time.monotonic() + 10
+        while replica.dbsize() < len(cache_keys()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert replica.dbsize() >= len(cache_keys())
+        replica.replicaof("NO", "ONE")  # replication stops: it misses the bump below
+        CCounter.objects.filter(pk=row.pk).update(value=3)
+        services.proxies["redis"].retarget(standby.host, standby.port)  # the failover
+        try:
+            assert read(row.pk) == (3, ["miss"])
+            assert read(row.pk) == (3, ["hit"])
+        finally:
+            services.proxies["redis"].retarget(services.redis.host, services.redis.port)
+    finally:
+        standby.stop()
+
+
+def test_a_new_connection_to_the_same_server_costs_one_info() -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    assert continuity.verified_run_id() is not None
+    before = redis().info("commandstats")
+    gateway().close()  # new connections, same server, no error: nothing to settle
+    assert read(row.pk) == (1, ["hit"])
+    after = redis().info("commandstats")
+    assert after["cmdstat_info"]["calls"] - before["cmdstat_info"]["calls"] >= 1
+    # The hit, and no generation or outbox bumps.
+    assert after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"] == 1
+
+
+def test_run_id_is_recorded_with_a_time_to_live() -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    continuity.distrust()
+    gateway().connections_lost()
+    read(row.pk)
+    key = f"{options().prefix}:run"
+    assert redis().get(key).decode() == continuity.verified_run_id()
+    assert 0 < redis().ttl(key) <= options().version_timeout
