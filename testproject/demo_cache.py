@@ -118,6 +118,10 @@ def run(out: Callable[[str], None]) -> None:
         with proxy.cut_off():
             Article.objects.filter(pk=article.pk).update(views=F("views") + 1)
             out("  the write succeeded; its invalidation waits in this process")
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM dbscale_cache_outbox")
+                (rows,) = cursor.fetchone()
+            out(f"  ... and in default's outbox table, for every process: {rows} row(s)")
             read("read during the outage:")
         cooldown = settings.DBSCALE.get("CACHE", {}).get("CIRCUIT_BREAKER", (5, 5.0))[1]
         out(f"  healed; waiting {cooldown}s for the circuit breaker to let a probe through")

@@ -206,7 +206,10 @@ def _verify(connection: Any, run_id: str) -> None:
                 keys = sorted({key for _, row_keys in rows for key in row_keys})
                 _bump(connection, keys, lsn_hex)
                 if own is not None:
-                    outbox.delete(own, [row_id for row_id, _ in rows])
+                    try:
+                        outbox.delete(own, [row_id for row_id, _ in rows])
+                    except Exception as exc:  # e.g. a read-only standby: bumped again later
+                        logger.warning("Could not delete %r's drained outbox rows: %s", alias, exc)
                 stats.incr(f"db:{alias}", "outbox_drained", len(rows))
                 logger.warning(
                     "Delivered %d undelivered invalidation(s) from %r's cache outbox.",
@@ -218,9 +221,11 @@ def _verify(connection: Any, run_id: str) -> None:
             if own is not None:
                 own.close()
     if new_server:
-        logger.warning(
-            "Redis server %s is not the one the cache last verified (%s): restarted or "
-            "failed over. Every cached entry was invalidated.",
+        # No run id at all is a new or flushed Redis (nothing to revive): not alarming.
+        logger.log(
+            logging.INFO if stored is None else logging.WARNING,
+            "Redis server %s is not the one the cache last verified (%s): restarted, "
+            "failed over or flushed. Every cached entry was invalidated.",
             run_id,
             stored.decode() if stored is not None else "none recorded",
         )
