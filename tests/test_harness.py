@@ -39,14 +39,17 @@ PAIRS = [("pg1", "pg1_replica", "dbscale"), ("pg2", "pg2_replica", "dbscale_shar
 
 
 @pytest.fixture(scope="module")
-def services(
-    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Services]:
-    """Boot the topology once for this module, report boot time, stop it afterwards."""
+def services(request: pytest.FixtureRequest) -> Iterator[Services]:
+    """Boot the topology once for this module, report boot time, stop it afterwards.
+
+    Under the harness's own parent directory, not pytest's ``tmp_path``: another pytest
+    process starting meanwhile resets ``/tmp/pytest-of-<user>`` to mode 0700, which would
+    lock the ``postgres`` OS user out of its data directories mid-run.
+    """
     if os.environ.get("DBSCALE_TEST_EXTERNAL"):
         pytest.skip("harness self-tests boot their own services")
     started = time.monotonic()
-    svc = start_services(tmp_path_factory.mktemp("harness"))
+    svc = start_services()
     boot = time.monotonic() - started
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
