@@ -25,7 +25,7 @@ from django.db.models import F
 from django.test.utils import override_settings
 
 from django_dbscale import consistency_context, replicas
-from django_dbscale.cache import cache_read, cache_stats
+from django_dbscale.cache import cache_read, cache_stats, continuity
 from django_dbscale.testing.harness import get_services
 
 
@@ -124,9 +124,17 @@ def run(out: Callable[[str], None]) -> None:
             out(f"  ... and in default's outbox table, for every process: {rows} row(s)")
             read("read during the outage:")
         cooldown = settings.DBSCALE.get("CACHE", {}).get("CIRCUIT_BREAKER", (5, 5.0))[1]
-        out(f"  healed; waiting {cooldown}s for the circuit breaker to let a probe through")
-        time.sleep(float(cooldown) + 0.1)
-        read("read after healing (pending invalidation delivered first):")
+        out(f"  healed; the process re-verifies Redis (retrying every {cooldown}s)")
+        started = time.monotonic()
+        continuity.wait_until_verified(timeout=float(cooldown) * 3)
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM dbscale_cache_outbox")
+            (rows,) = cursor.fetchone()
+        out(
+            f"  verified after {time.monotonic() - started:.1f}s: outbox drained "
+            f"({rows} row(s) left)"
+        )
+        read("read after healing (the owed invalidation was delivered first):")
         read("and again (a hit):")
 
         out("\n-- counters (all processes)")

@@ -75,6 +75,30 @@ def outbox_rows(alias: str = "default") -> list[tuple[int, str]]:
         return [(int(i), str(k)) for i, k in cursor.fetchall()]
 
 
+def wait_for_open_breaker() -> None:
+    """Wait until failed calls (this thread's and the verifying thread's) open the breaker."""
+    deadline = time.monotonic() + 5
+    while gateway().breaker.state != "open" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gateway().breaker.state == "open"
+
+
+def reconnect_and_verify() -> None:
+    """Read once after a fault (it finds its connection dead), then wait for verification.
+
+    The read that meets the dead connection cannot trust Redis any more: it goes to the
+    database, and the verifying thread settles everything in the background.
+    """
+    _, reasons = read_any()
+    assert reasons == ["bypass:unverified"]
+    assert continuity.wait_until_verified()
+
+
+def read_any() -> tuple[int, list[str]]:
+    with fresh_context(), observe() as seen:
+        return int(CCounter.objects.cache().count()), seen.reasons
+
+
 def in_child_process(work: Callable[[], Any]) -> Any:
     """Run *work* in a forked process that then dies without cleaning up (a crash).
 
@@ -127,8 +151,9 @@ def test_a_crashed_writers_invalidation_reaches_other_processes(services: Servic
         ((_, keys),) = outbox_rows()
         assert f"{CCounter._meta.db_table}:a" in keys
     # This process never saw the outage: its connections were cut while idle. Its next
-    # read reconnects, drains the outbox first, and misses.
+    # read finds that out and stops trusting Redis until the outbox is drained.
     assert not invalidation.has_pending()
+    reconnect_and_verify()
     assert read(row.pk) == (2, ["miss"])
     assert outbox_rows() == []
     assert read(row.pk) == (2, ["hit"])
@@ -141,9 +166,8 @@ def test_with_the_breaker_open_the_outbox_commits_with_the_write(services: Servi
     prime(row.pk, 1)
 
     def writer_killed_after_commit() -> None:
-        for _ in range(2):  # two failed reads open the breaker
-            read(row.pk)
-        assert gateway().breaker.state == "open"
+        read(row.pk)
+        wait_for_open_breaker()
         # Die right after COMMIT, before any commit listener delivers anything.
         base.commit_listeners.insert(0, lambda connection: os._exit(0))
         with transaction.atomic():
@@ -154,6 +178,7 @@ def test_with_the_breaker_open_the_outbox_commits_with_the_write(services: Servi
             in_child_process(writer_killed_after_commit)
         assert CCounter.objects.using("default").get(pk=row.pk).value == 5  # committed
         assert len(outbox_rows()) == 1  # ... together with its outbox row
+    reconnect_and_verify()
     assert read(row.pk) == (5, ["miss"])
     assert outbox_rows() == []
 
@@ -163,8 +188,8 @@ def test_a_rolled_back_transaction_leaves_no_outbox_row(services: Services) -> N
     row = CCounter.objects.create(name="c", value=1)
     prime(row.pk, 1)
     with services.proxies["redis"].cut_off():
-        for _ in range(2):
-            read(row.pk)
+        read(row.pk)
+        wait_for_open_breaker()  # so the outbox row is written inside the transaction
         with pytest.raises(RuntimeError), transaction.atomic():
             CCounter.objects.filter(pk=row.pk).update(value=9)
             raise RuntimeError("abandon")
@@ -191,6 +216,7 @@ def test_outbox_rows_of_sharded_writes_live_on_their_shard(services: Services) -
     with services.proxies["redis"].cut_off():
         ShardCustomer.objects.filter(id=1001).update(name="b")
         assert len(outbox_rows(shard)) == 1 and outbox_rows("default") == []
+    assert continuity.wait_until_verified()  # the writer drains what it owes
     with fresh_context(), using_shard("customers", shard=shard), observe() as seen:
         assert names() == ["b"]
     assert seen.reasons == ["miss"]
@@ -198,40 +224,51 @@ def test_outbox_rows_of_sharded_writes_live_on_their_shard(services: Services) -
 
 
 @pytest.mark.usefixtures("fast_breaker")
-def test_an_outbox_that_cannot_be_read_makes_its_database_bypass_the_cache() -> None:
-    import psycopg
+def test_an_outbox_that_cannot_be_read_keeps_its_database_untrusted() -> None:
+    from django_dbscale import using_shard
+    from django_dbscale.cache import cached_queryset
+    from tests.testapp.models_sharding import ShardCustomer
+
+    @cached_queryset(depends_on=[ShardCustomer])
+    def names() -> list[str]:
+        return sorted(ShardCustomer.objects.values_list("name", flat=True))
+
+    def shard_read() -> tuple[list[str], list[str]]:
+        with fresh_context(), using_shard("customers", shard="shard1"), observe() as seen:
+            return names(), seen.reasons
 
     row = CCounter.objects.create(name="c", value=1)
     gateway().connections_lost()  # verify now: the fixture wiped the recorded run id
+    assert continuity.wait_until_verified()
     prime(row.pk, 1)
+    shard_read()
+    assert shard_read() == ([], ["hit"])
     with connections["default"].cursor() as cursor:
         cursor.execute(f"ALTER TABLE {outbox.TABLE} RENAME TO dbscale_outbox_moved")
     try:
         # A missing table is "nothing owed" (migrate was never run): reads go on.
         gateway().connections_lost()
+        assert continuity.wait_until_verified()
         assert read(row.pk) == (1, ["hit"])
     finally:
         with connections["default"].cursor() as cursor:
             cursor.execute(f"ALTER TABLE dbscale_outbox_moved RENAME TO {outbox.TABLE}")
-    # Another session holds the table locked: the drain times out, the database is
-    # untrusted, and its cached reads go to the database until a retry drains it.
+    # Another session holds the table locked: the drain times out (2 s), "default" stays
+    # untrusted and its cached reads go to the database; the other databases are trusted.
     locker = outbox.connect("default")
     locker.autocommit = False
     locker.execute(f"LOCK TABLE {outbox.TABLE} IN ACCESS EXCLUSIVE MODE")
     try:
         gateway().connections_lost()
-        value, reasons = read(row.pk)
-        assert value == 1 and reasons == ["bypass:a database's outbox could not be drained"]
+        assert not continuity.wait_until_verified(timeout=3)
         assert continuity.untrusted == {"default"}
+        assert read(row.pk) == (1, ["bypass:unverified"])
+        assert shard_read() == ([], ["hit"])  # the other databases are trusted meanwhile
     finally:
         locker.rollback()
         locker.close()
-    deadline = time.monotonic() + 10
-    while continuity.untrusted and time.monotonic() < deadline:
-        time.sleep(0.05)  # the background re-verification (every BREAKER_COOLDOWN)
-    assert not continuity.untrusted
+    assert continuity.wait_until_verified()  # retried every BREAKER_COOLDOWN
     assert read(row.pk) == (1, ["hit"])
-    assert isinstance(locker, psycopg.Connection)
 
 
 # -- continuity: the server behind the connection ----------------------------------------
@@ -263,6 +300,7 @@ def test_a_redis_restored_from_a_snapshot_serves_nothing_filled_before_it(
         services.redis.start()  # loads dump.rdb: versions and entry roll back together
         direct = redis_py.Redis(host=services.redis.host, port=services.redis.port)
         assert {k: direct.get(k) for k in snapshot} == snapshot  # really rolled back
+        reconnect_and_verify()
         replicas.monitor.refresh()
         with QueryCounter(["default", "default_replica"]) as q:
             value, reasons = read(row.pk)
@@ -295,10 +333,13 @@ def test_a_failover_to_a_lagging_redis_replica_serves_nothing_it_missed(
         CCounter.objects.filter(pk=row.pk).update(value=3)
         services.proxies["redis"].retarget(standby.host, standby.port)  # the failover
         try:
+            reconnect_and_verify()
             assert read(row.pk) == (3, ["miss"])
             assert read(row.pk) == (3, ["hit"])
         finally:
             services.proxies["redis"].retarget(services.redis.host, services.redis.port)
+            gateway().connections_lost()  # fail back, and verify the original again
+            assert continuity.wait_until_verified()
     finally:
         standby.stop()
 
@@ -319,9 +360,54 @@ def test_a_new_connection_to_the_same_server_costs_one_info() -> None:
 def test_run_id_is_recorded_with_a_time_to_live() -> None:
     row = CCounter.objects.create(name="c", value=1)
     prime(row.pk, 1)
-    continuity.distrust()
     gateway().connections_lost()
-    read(row.pk)
+    assert continuity.wait_until_verified()
     key = f"{options().prefix}:run"
     assert redis().get(key).decode() == continuity.verified_run_id()
     assert 0 < redis().ttl(key) <= options().version_timeout
+
+
+def test_a_long_outbox_is_drained_whole_with_dimension_keys_collapsed() -> None:
+    """Thousands of rows, each with hundreds of dimension keys: drained in one verification.
+
+    Dimension versions collapse into their table's wide version (one key per table), and
+    batches continue until the table is empty, so the row written last is drained too.
+    """
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    CCounter.objects.using("default").filter(pk=row.pk).nocache().update(value=2)
+    prime(row.pk, 2)
+    prefix = options().prefix
+    table = CCounter._meta.db_table
+    dims = "\n".join(f"{prefix}:v:default:testapp_other:d:x={i}" for i in range(300))
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {outbox.TABLE} (keys) SELECT %s FROM generate_series(1, 2500)", [dims]
+        )
+        # Last, a real write's owed invalidation (its value changed behind Redis's back).
+        cursor.execute(f"UPDATE {table} SET value = 3 WHERE id = %s", [row.pk])
+        cursor.execute(
+            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
+        )
+    assert read(row.pk) == (2, ["hit"])  # stale until someone drains the outbox
+    started = time.monotonic()
+    gateway().connections_lost()
+    assert continuity.wait_until_verified(timeout=30)
+    elapsed = time.monotonic() - started
+    assert outbox_rows() == []
+    assert read(row.pk) == (3, ["miss"])
+    assert redis().exists(f"{prefix}:v:default:testapp_other:w") == 1  # the collapse
+    assert redis().exists(f"{prefix}:v:default:testapp_other:d:x=7") == 0
+    assert elapsed < 10, elapsed
+
+
+def test_the_recorded_run_id_is_refreshed_by_new_connections() -> None:
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    key = f"{options().prefix}:run"
+    gateway().connections_lost()
+    assert continuity.wait_until_verified()
+    redis().expire(key, 100)
+    gateway().close()  # new connections to the verified server
+    assert read(row.pk)[0] == 1
+    assert redis().ttl(key) > 100

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.test import override_settings
 
 from django_dbscale import replicas
-from django_dbscale.cache import invalidation
+from django_dbscale.cache import continuity, invalidation
 from django_dbscale.cache.breaker import CircuitBreaker
 from django_dbscale.cache.client import gateway
 from django_dbscale.testing.harness import Services
@@ -78,7 +78,7 @@ def test_invalidations_lost_to_a_cut_are_delivered_before_the_cache_is_used_agai
         assert value == 2 and reasons[0].startswith("bypass:")
     # Healed: the entry filled before the outage is still in Redis, under old versions.
     assert entry_keys()
-    time.sleep(COOLDOWN + 0.05)
+    assert continuity.wait_until_verified()
     value, reasons = read(row.pk)
     assert value == 2
     assert reasons == ["miss"]  # the pending invalidation went out first
@@ -96,7 +96,7 @@ def test_writes_inside_transactions_during_a_cut_are_not_forgotten(services: Ser
         with transaction.atomic():
             CCounter.objects.filter(pk=row.pk).update(value=3)
         assert read(row.pk)[0] == 3
-    time.sleep(COOLDOWN + 0.05)
+    assert continuity.wait_until_verified()
     assert read(row.pk) == (3, ["miss"])
 
 
@@ -105,8 +105,13 @@ def test_a_black_holed_redis_costs_no_timeout_once_the_breaker_opens(services: S
     row = CCounter.objects.create(name="c", value=1)
     prime(row.pk, 1)
     with services.proxies["redis"].blackholed():
-        for _ in range(2):  # each pays one socket timeout; then the breaker opens
-            assert read(row.pk)[0] == 1
+        # The first read pays one socket timeout; after it nothing is trusted, so reads
+        # skip Redis, and the verifying thread's failed attempt opens the breaker.
+        assert read(row.pk) == (1, ["bypass:redis error"])
+        assert read(row.pk) == (1, ["bypass:unverified"])
+        deadline = time.monotonic() + 5
+        while gateway().breaker.state != "open" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert gateway().breaker.state == "open"
         started = time.monotonic()
         for i in range(20):
@@ -116,7 +121,7 @@ def test_a_black_holed_redis_costs_no_timeout_once_the_breaker_opens(services: S
             assert value_of(row.pk) == 10 + i
         elapsed = time.monotonic() - started
         assert elapsed < 0.1 * 4, elapsed  # 40 operations in well under a few timeouts
-    time.sleep(COOLDOWN + 0.05)
+    assert continuity.wait_until_verified()
     assert read(row.pk) == (29, ["miss"])
 
 
@@ -131,6 +136,7 @@ def test_redis_restart_reloads_scripts_and_fills_from_the_primary(services: Serv
     finally:
         services.redis.start()
     gateway().breaker.reset()
+    assert continuity.wait_until_verified()
     # Empty Redis, no scripts: versions are recreated as "position unknown", so the fill
     # reads the primary even though the replica has replayed everything.
     with fresh_context(), observe() as seen, QueryCounter(["default", "default_replica"]) as q:

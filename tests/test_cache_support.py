@@ -11,7 +11,7 @@ import pytest
 from django.db import connections
 
 from django_dbscale import consistency
-from django_dbscale.cache import invalidation, planning, stats
+from django_dbscale.cache import continuity, invalidation, planning, stats
 from django_dbscale.cache.client import gateway
 from django_dbscale.cache.options import options
 from django_dbscale.cache.signals import cache_invalidated, cache_read
@@ -41,12 +41,13 @@ def wipe_redis() -> None:
 
 @pytest.fixture
 def cache_env() -> Iterator[None]:
-    """Start each test with an empty cache, a closed breaker and nothing pending."""
+    """Start each test with an empty cache, a closed breaker, nothing pending, Redis trusted."""
     gateway().breaker.reset()
     invalidation.forget_pending()
     planning.clear()
     stats.reset()
     wipe_redis()
+    assert continuity.wait_until_verified(), f"still unverified: {continuity.untrusted}"
     yield
     gateway().breaker.reset()
     invalidation.forget_pending()

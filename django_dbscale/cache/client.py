@@ -132,10 +132,10 @@ class Gateway:
     def connections_lost(self) -> None:
         """After a Redis error: drop every connection and forget the verification.
 
-        The next command of any path opens a new connection, which verifies the server
-        and drains the outboxes first (:mod:`~django_dbscale.cache.continuity`): what
-        happened while this process could not reach Redis is settled before it reads.
-        Connections in use by other threads go back to the dropped pool and are not reused.
+        Nothing is served from Redis until the server is verified again and the outboxes
+        are drained (:mod:`~django_dbscale.cache.continuity`): what happened while this
+        process could not reach Redis is settled before it reads. Connections in use by
+        other threads go back to the dropped pool and are not reused.
         """
         continuity.distrust()
         free, self._free = self._free, deque()
@@ -145,19 +145,20 @@ class Gateway:
         if client is not None:
             client.connection_pool.disconnect(inuse_connections=False)
 
-    def verify(self) -> None:
-        """Open a connection now (verifying the server) and keep it for the hit path."""
+    def open_connection(self) -> Any:
+        """Open and return a new connection of the caller's own (the verifying thread's)."""
         connection = self._connect()
         try:
             connection.connect()
         except (RedisError, OSError) as exc:
             connection.disconnect()
-            self._failed(exc, "verify")
+            self.failed(exc, "connect")
             raise RedisUnavailable(str(exc)) from exc
-        self._free.append(connection)
         self.breaker.success()
+        return connection
 
-    def _failed(self, exc: BaseException, what: str) -> None:
+    def failed(self, exc: BaseException, what: str) -> None:
+        """Record a failed Redis call: count it for the breaker, drop every connection."""
         self.breaker.failure()
         self.connections_lost()
         logger.warning("Redis call %s failed: %s", what, exc)
@@ -205,7 +206,7 @@ class Gateway:
             connection.disconnect()
             if not isinstance(exc, RedisError | OSError):
                 raise
-            self._failed(exc, script.name)
+            self.failed(exc, script.name)
             raise RedisUnavailable(str(exc)) from exc
         free.append(connection)
         self.breaker.success()
@@ -235,7 +236,7 @@ class Gateway:
                 self.client.execute_command("SCRIPT", "LOAD", script.source)
                 result = self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
-            self._failed(exc, script.name)
+            self.failed(exc, script.name)
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return result
@@ -263,7 +264,7 @@ class Gateway:
             if errors:
                 raise errors[0]
         except (RedisError, OSError) as exc:
-            self._failed(exc, "pipeline")
+            self.failed(exc, "pipeline")
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return list(results)
@@ -273,7 +274,7 @@ class Gateway:
         try:
             result = self.client.execute_command(*args)
         except (RedisError, OSError) as exc:
-            self._failed(exc, args[0] if args else "command")
+            self.failed(exc, args[0] if args else "command")
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return result

@@ -1,4 +1,4 @@
-"""Continuity: what a process checks on a new Redis connection before its first command.
+"""Continuity: a process serves nothing from Redis until it has settled what it missed.
 
 An entry is served only if the versions it was filled under are still current. That rule is
 as good as Redis's memory of the versions, and there are two ways for that memory to be
@@ -8,33 +8,40 @@ wrong that the read path cannot see:
    replica that had not received the latest bumps: versions and entries roll back
    together, so an entry filled before a lost bump matches its version again.
 2. **Never told.** A write committed while its process could not reach Redis; its
-   invalidation waits in that database's outbox (:mod:`~django_dbscale.cache.outbox`),
-   while other processes may be talking to Redis again.
+   invalidation waits in that database's outbox (:mod:`~django_dbscale.cache.outbox`).
 
-Both are caught where they must show: on a *new connection*. Every connection the cache
-opens runs :func:`on_connect` first, and after any Redis error a process drops all its
-connections (:meth:`~django_dbscale.cache.client.Gateway.connections_lost`), so the next
-command, whatever its path, goes through this check. A process that already verified the
-same server since its last error only compares run ids (one ``INFO``); otherwise it
-verifies:
+So a process *trusts* Redis only after it has **verified** it, and stops trusting it at
+every sign that it may have missed something:
 
-* it compares the server's ``run_id`` with the one recorded at ``<PREFIX>:run``. A
-  different (or missing) one means a restart or a failover: every database's *generation*
-  (:func:`~django_dbscale.cache.keys.generation_key`, a version every entry depends on) is
-  bumped, so nothing filled before can match, with each primary's current WAL position, so
-  no fill reads a replica that lacks a write whose bump was lost;
-* it drains every primary's outbox: bumps the keys of every row, with the primary's
-  current position, and deletes the rows.
+* at start-up (and in each forked worker), everything is untrusted;
+* after any Redis error, the process drops all its connections
+  (:meth:`~django_dbscale.cache.client.Gateway.connections_lost`) and everything is
+  untrusted again;
+* every new connection runs :func:`on_connect`, which compares the server's ``run_id``
+  with the one verified: a different server makes everything untrusted;
+* a write whose invalidation went to an outbox makes that database untrusted (:func:`owe`).
 
-A primary whose outbox cannot be read (database unreachable) is *untrusted* in this
-process: cached reads touching it go to the database, and a background timer retries every
-``BREAKER_COOLDOWN`` until the drain succeeds. The check runs on a short-lived PostgreSQL
-connection of its own, never inside the caller's transaction.
+While a database is untrusted, cached reads of it go to the database and fills are not
+stored (``bypass:unverified``). One background thread per process (:func:`kick`) does the
+verifying, so no request ever waits for it:
+
+* it compares the server's ``run_id`` with the one recorded at ``<PREFIX>:run``; a
+  different or missing one means a restart, a failover or a flush, and every database's
+  *generation* (:func:`~django_dbscale.cache.keys.generation_key`, a version every entry
+  depends on) is bumped with the primary's current WAL position, so nothing filled before
+  matches and no fill reads a replica lacking a write whose bump was lost;
+* it drains every primary's outbox, batch after batch, bumping the rows' keys (dimension
+  keys collapsed into their table's wide key, in chunks) with the primary's position read
+  after the rows, and deleting them.
+
+A database whose outbox cannot be read stays untrusted and is retried every
+``BREAKER_COOLDOWN``; the others are trusted as soon as they are settled. The thread
+talks to PostgreSQL on short-lived connections of its own, one at a time.
 
 The one case left: a process that made no Redis call during an outage and whose idle
 connections survived it (a network black hole that sent no reset) sees no error, so keeps
-serving until some process that did see the outage drains the outbox (the writer's own
-background retry does, within ``BREAKER_COOLDOWN``). ``docs/cache.md`` states this.
+trusting Redis until the writer's process (which did see the outage) drains the outbox,
+within ``BREAKER_COOLDOWN`` of Redis coming back. ``docs/cache.md`` states this.
 """
 
 from __future__ import annotations
@@ -42,10 +49,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from django_dbscale.cache import outbox, stats
@@ -53,72 +61,143 @@ from django_dbscale.cache.keys import generation_key, tokens
 from django_dbscale.cache.options import options
 from django_dbscale.conf import dbscale_settings, on_settings_changed
 
-__all__ = ["distrust", "on_connect", "untrusted", "verified_run_id"]
+__all__ = [
+    "ALL",
+    "distrust",
+    "kick",
+    "on_connect",
+    "owe",
+    "untrusted",
+    "verified_run_id",
+    "wait_until_verified",
+]
 
 logger = logging.getLogger("django_dbscale.cache")
 
-#: Primaries whose outbox could not be drained: reads touching them bypass the cache.
-untrusted: set[str] = set()
+#: In :data:`untrusted`: the server itself is not verified yet, so no database is trusted.
+ALL = "*"
 
-_lock = threading.Lock()
-#: The run id of the server this process verified since its last Redis error.
-_verified: list[str] = []
-_reverify: list[threading.Timer] = []
+#: What reads must not take from Redis yet: :data:`ALL`, or primary aliases whose outbox
+#: is not drained. Read on the hot path without the lock (a set's truthiness is atomic).
+untrusted: set[str] = {ALL}
+
+#: Keys of one outbox bump call (each costs the server a GET, a TTL and a SET).
+BUMP_CHUNK = 500
+#: Outbox batches drained per database per round; the rest wait for the next round.
+MAX_BATCHES = 50
 
 _UNKNOWN_LSN = "f" * 16
+_ZERO_LSN = "0" * 16
+
+_lock = threading.Lock()
+#: Incremented by every event that may invalidate a verification in progress.
+_epoch = [0]
+#: The run id verified (empty until the first verification succeeds).
+_verified: list[str] = []
+#: Run ids seen by connections opened while nothing was verified.
+_seen_unverified: set[str] = set()
+#: The verifying thread, while one runs.
+_worker: list[threading.Thread] = []
+#: Set when connections reached another server during a round: drop them all.
+_drop_connections: list[bool] = []
+#: What the ALIAS and PREFIX settings were at the last verification.
+_identity: list[tuple[str, str]] = []
 
 
 def verified_run_id() -> str | None:
-    """Return the run id this process verified since its last Redis error, if any."""
+    """Return the run id of the Redis server this process verified, if it trusts one."""
     return _verified[0] if _verified else None
 
 
 def distrust() -> None:
-    """Forget the verification: the next new connection verifies again (after errors)."""
-    _verified.clear()
+    """Trust nothing until a new verification (after a Redis error or a server change)."""
+    with _lock:
+        _epoch[0] += 1
+        _verified.clear()
+        untrusted.add(ALL)
+    kick()
+
+
+def owe(alias: str) -> None:
+    """Distrust *alias* until its outbox is drained (a write just put a row in it)."""
+    with _lock:
+        _epoch[0] += 1
+        untrusted.add(alias)
+    kick()
+
+
+def kick() -> None:
+    """Start the verifying thread if anything is untrusted and none runs."""
+    if not untrusted:
+        return
+    with _lock:
+        if _worker or not untrusted:
+            return
+        worker = threading.Thread(target=_run, name="dbscale-cache-verify", daemon=True)
+        _worker.append(worker)
+    worker.start()
+
+
+def wait_until_verified(timeout: float = 10.0) -> bool:
+    """Block until nothing is untrusted (tests, start-up scripts); return whether it is so."""
+    deadline = time.monotonic() + timeout
+    while untrusted:
+        kick()
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 @on_settings_changed
 def _reset() -> None:
-    with _lock:
-        _verified.clear()
-        untrusted.clear()
-        for timer in _reverify:
-            timer.cancel()
-        _reverify.clear()
+    try:
+        raw = dbscale_settings.cache  # unvalidated: a bad value is reported where it is used
+    except ImproperlyConfigured:
+        return  # reported by the system checks and by the first use
+    identity = (str(raw.get("ALIAS")), str(raw.get("PREFIX")))
+    if _identity and _identity[0] != identity:
+        distrust()  # another Redis, or another key space: verify it
+    _identity[:] = [identity]
 
 
 def _after_fork_in_child() -> None:
-    # The timer's thread does not exist in the child, and a worker forked long after its
-    # parent verified must verify for itself: it was not watching what happened since.
-    _reverify.clear()
+    # A worker forked long after its parent verified was not watching since; the parent's
+    # lock may be held by a thread that does not exist here.
+    global _lock
+    _lock = threading.Lock()
+    _worker.clear()
     _verified.clear()
+    _seen_unverified.clear()
+    untrusted.clear()
+    untrusted.add(ALL)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def on_connect(connection: Any) -> None:
-    """Set up a new Redis connection, then verify the server before anything else uses it.
+# -- on every new connection -------------------------------------------------------------
 
-    Given to redis-py as ``redis_connect_func``, so it runs inside ``connect()``; errors
-    other than Redis's own become :class:`redis.exceptions.ConnectionError`, so the cache
-    is bypassed rather than the caller's query failing.
+
+def on_connect(connection: Any) -> None:
+    """Set up a new Redis connection and check which server it reached (``INFO``).
+
+    Given to redis-py as ``redis_connect_func``. A server other than the verified one makes
+    everything untrusted; on the verified one, the recorded run id's time-to-live is
+    refreshed. Never waits for the verification itself.
     """
     connection.on_connect()
-    try:
-        run_id = _run_id(connection)
-        if _verified and _verified[0] == run_id:
-            return
+    run_id = _run_id(connection)
+    verified = _verified[0] if _verified else None
+    if verified is None:
         with _lock:
-            if _verified and _verified[0] == run_id:
-                return
-            _verify(connection, run_id)
-    except RedisError:
-        raise
-    except Exception as exc:
-        logger.exception("Verifying a new Redis connection failed.")
-        raise RedisConnectionError(f"dbscale could not verify the Redis server: {exc}") from exc
+            _seen_unverified.add(run_id)
+        kick()
+    elif verified != run_id:
+        logger.warning("Redis server changed (%s -> %s): verifying it.", verified, run_id)
+        distrust()
+    else:
+        _call(connection, "SET", f"{options().prefix}:run", run_id, "EX", _run_ttl())
 
 
 def _call(connection: Any, *args: Any) -> Any:
@@ -132,7 +211,178 @@ def _run_id(connection: Any) -> str:
     for line in text.splitlines():
         if line.startswith("run_id:"):
             return line.partition(":")[2].strip()
-    raise RedisConnectionError("INFO server returned no run_id")
+    raise RedisError("INFO server returned no run_id")
+
+
+def _run_ttl() -> int:
+    return options().version_timeout
+
+
+# -- the verifying thread ----------------------------------------------------------------
+
+
+def _run() -> None:
+    while True:
+        try:
+            settled = _verify_once()
+        except Exception as exc:
+            logger.warning("Verifying the cache's Redis failed (%s); retrying.", exc)
+            settled = False
+        with _lock:
+            if not untrusted:
+                _worker.clear()
+                return
+        if not settled:
+            time.sleep(max(options().breaker_cooldown, 0.05))
+
+
+def _verify_once() -> bool:
+    """Run one verification round; return whether it left nothing it could not settle."""
+    from django_dbscale.cache.client import gateway
+
+    with _lock:
+        epoch = _epoch[0]
+        whole = ALL in untrusted
+        aliases = _aliases() if whole else sorted(untrusted)
+    gw = gateway()
+    if not gw.available():
+        return False
+    connection = gw.open_connection()
+    try:
+        return _verify_on(connection, epoch, whole, aliases)
+    except (RedisError, OSError) as exc:
+        gw.failed(exc, "verify")
+        raise
+    finally:
+        connection.disconnect()
+        if _drop_connections:
+            _drop_connections.clear()
+            gw.connections_lost()
+
+
+def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> bool:
+    """Verify the server behind *connection* and settle *aliases* (see the module docstring).
+
+    Each database is trusted as soon as it is settled, so one slow or unreachable primary
+    does not hold back the others. Anything that happens meanwhile (an error, another
+    server, a new outbox row) ends the round early: the caller starts another at once.
+    """
+    opts = options()
+    run_id = _run_id(connection)
+    new_server = False
+    stored = None
+    if whole:
+        stored = _call(connection, "GET", f"{opts.prefix}:run")
+        new_server = stored is None or stored.decode() != run_id
+        with _lock:
+            if not _still(epoch, run_id):
+                return True
+            # The server is known now; each database stays untrusted until it is settled.
+            _verified[:] = [run_id]
+            untrusted.discard(ALL)
+            untrusted.update(aliases)
+    failed: set[str] = set()
+    for alias in aliases:
+        try:
+            _settle(connection, alias, new_server)
+        except RedisError:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "Could not drain %r's cache outbox (%s); its cached reads go to the "
+                "database until it is drained.",
+                alias,
+                exc,
+            )
+            failed.add(alias)
+            if new_server:
+                _bump(connection, [generation_key(opts.prefix, alias)], _UNKNOWN_LSN)
+            continue
+        with _lock:
+            if not _still(epoch, run_id):
+                return True
+            untrusted.discard(alias)
+    if new_server:
+        logger.log(
+            logging.INFO if stored is None else logging.WARNING,
+            "Redis server %s is not the one last verified (%s): restarted, failed "
+            "over or flushed. Every cached entry was invalidated.",
+            run_id,
+            stored.decode() if stored is not None else "none recorded",
+        )
+        stats.incr("redis", "generation_bump")
+    if whole:
+        # Only now: every generation is bumped (a process dying before this leaves the
+        # old run id, and the next process bumps them all again).
+        _call(connection, "SET", f"{opts.prefix}:run", run_id, "EX", _run_ttl())
+    with _lock:
+        if not _still(epoch, run_id):
+            return True
+    return not failed
+
+
+def _still(epoch: int, run_id: str) -> bool:
+    """Return whether nothing happened since the round began (call with the lock held).
+
+    Connections opened meanwhile that reached another server (a failover under way) are
+    dropped, which starts everything over.
+    """
+    others = _seen_unverified - {run_id}
+    _seen_unverified.clear()
+    if others:
+        _drop_connections.append(True)  # done by _verify_once, outside the lock
+        return False
+    return _epoch[0] == epoch
+
+
+def _aliases() -> list[str]:
+    """Every database entries can come from: each alias that is not a replica."""
+    replicas = dbscale_settings.primary_of
+    return sorted(alias for alias in connections.settings if alias not in replicas)
+
+
+def _settle(connection: Any, alias: str, new_server: bool) -> None:
+    """Bump *alias*'s generation if needed and drain its outbox (raises if it cannot)."""
+    prefix = options().prefix
+    generation = generation_key(prefix, alias)
+    if alias not in outbox.outbox_aliases():
+        if new_server:
+            _bump(connection, [generation], _ZERO_LSN)
+        return
+    with outbox.connect(alias) as own:
+        if outbox.in_recovery(own):  # a standby under an alias not declared a replica
+            if new_server:
+                _bump(connection, [generation], _ZERO_LSN)
+            return
+        has_replicas = bool(dbscale_settings.replicas.get(alias))
+        lsn = _position(own, has_replicas)
+        current = None if new_server else _call(connection, "GET", generation)
+        if new_server or (current is not None and current.endswith(_UNKNOWN_LSN.encode())):
+            # Bumped earlier while this primary's position was unknown: give it one.
+            _bump(connection, [generation], lsn)
+        for _ in range(MAX_BATCHES):
+            rows = outbox.pending(own)
+            if not rows:
+                return
+            # Read after the rows: past the commit of every one of them.
+            lsn = _position(own, has_replicas)
+            keys = outbox.collapse(key for _, row_keys in rows for key in row_keys)
+            for start in range(0, len(keys), BUMP_CHUNK):
+                _bump(connection, keys[start : start + BUMP_CHUNK], lsn)
+            outbox.delete(own, [row_id for row_id, _ in rows])
+            stats.incr(f"db:{alias}", "outbox_drained", len(rows))
+            logger.warning(
+                "Delivered %d undelivered invalidation(s) from %r's cache outbox.",
+                len(rows),
+                alias,
+            )
+            if len(rows) < outbox.DRAIN_BATCH:
+                return
+        raise RuntimeError(f"more than {MAX_BATCHES} batches waiting; continuing next round")
+
+
+def _position(own: Any, has_replicas: bool) -> str:
+    return f"{outbox.primary_position(own):016x}" if has_replicas else _ZERO_LSN
 
 
 def _bump(connection: Any, keys: list[str], lsn_hex: str) -> None:
@@ -154,108 +404,3 @@ def _bump(connection: Any, keys: list[str], lsn_hex: str) -> None:
     except NoScriptError:
         _call(connection, "SCRIPT", "LOAD", BUMP.source)
         _call(connection, *args)
-
-
-def _aliases() -> list[str]:
-    """Every database entries can come from: each alias that is not a replica."""
-    replicas = dbscale_settings.primary_of
-    return sorted(alias for alias in connections.settings if alias not in replicas)
-
-
-def _inspect(alias: str) -> tuple[str, list[tuple[int, list[str]]], Any]:
-    """Return *alias*'s position (hex), outbox rows and the open connection (or ``None``)."""
-    if alias not in outbox.outbox_aliases():
-        return "0" * 16, [], None
-    own = outbox.connect(alias)
-    try:
-        rows = outbox.pending(own)
-        # Read after the rows: past the commit of every one of them.
-        lsn = outbox.primary_position(own) if dbscale_settings.replicas.get(alias) else 0
-    except BaseException:
-        own.close()
-        raise
-    return f"{lsn:016x}", rows, own
-
-
-def _verify(connection: Any, run_id: str) -> None:
-    opts = options()
-    run_key = f"{opts.prefix}:run"
-    stored = _call(connection, "GET", run_key)
-    new_server = stored is None or stored.decode() != run_id
-    complete = True
-    for alias in _aliases():
-        try:
-            lsn_hex, rows, own = _inspect(alias)
-        except Exception as exc:
-            logger.warning(
-                "Could not read %r's cache outbox (%s); cached reads of %r go to the "
-                "database until it can be drained.",
-                alias,
-                exc,
-                alias,
-            )
-            untrusted.add(alias)
-            complete = False
-            if new_server:
-                _bump(connection, [generation_key(opts.prefix, alias)], _UNKNOWN_LSN)
-            continue
-        try:
-            if new_server:
-                _bump(connection, [generation_key(opts.prefix, alias)], lsn_hex)
-            if rows:
-                keys = sorted({key for _, row_keys in rows for key in row_keys})
-                _bump(connection, keys, lsn_hex)
-                if own is not None:
-                    try:
-                        outbox.delete(own, [row_id for row_id, _ in rows])
-                    except Exception as exc:  # e.g. a read-only standby: bumped again later
-                        logger.warning("Could not delete %r's drained outbox rows: %s", alias, exc)
-                stats.incr(f"db:{alias}", "outbox_drained", len(rows))
-                logger.warning(
-                    "Delivered %d undelivered invalidation(s) from %r's cache outbox.",
-                    len(rows),
-                    alias,
-                )
-            untrusted.discard(alias)
-        finally:
-            if own is not None:
-                own.close()
-    if new_server:
-        # No run id at all is a new or flushed Redis (nothing to revive): not alarming.
-        logger.log(
-            logging.INFO if stored is None else logging.WARNING,
-            "Redis server %s is not the one the cache last verified (%s): restarted, "
-            "failed over or flushed. Every cached entry was invalidated.",
-            run_id,
-            stored.decode() if stored is not None else "none recorded",
-        )
-        stats.incr("redis", "generation_bump")
-    if complete:
-        _call(connection, "SET", run_key, run_id, "EX", opts.version_timeout)
-    _verified[:] = [run_id]
-    if untrusted:
-        _schedule_reverify()
-
-
-def _schedule_reverify() -> None:
-    if _reverify:
-        return
-    timer = threading.Timer(max(options().breaker_cooldown, 0.05), _reverify_now)
-    timer.daemon = True
-    _reverify.append(timer)
-    timer.start()
-
-
-def _reverify_now() -> None:
-    from django_dbscale.cache.client import gateway
-
-    with _lock:
-        _reverify.clear()
-    distrust()
-    try:
-        gateway().verify()
-    except Exception:
-        logger.warning("Re-verifying the cache's Redis connection failed; retrying later.")
-    if untrusted:
-        with _lock:
-            _schedule_reverify()

@@ -163,12 +163,14 @@ def _isolation_allows_store(alias: str) -> bool:
     return row is not None and str(row[0]).lower() in _STORE_ISOLATIONS
 
 
-UNTRUSTED = "a database's outbox could not be drained"
+#: Why a read bypasses the cache while Redis or an outbox is not verified yet.
+UNTRUSTED = "unverified"
 
 
 def _untrusted(plan: Plan) -> bool:
-    """Return whether *plan* reads a database with invalidations this process can't see."""
-    return bool(continuity.untrusted) and not continuity.untrusted.isdisjoint(plan.aliases)
+    """Return whether *plan* reads a database this process does not trust Redis about yet."""
+    bad = continuity.untrusted
+    return bool(bad) and (continuity.ALL in bad or not bad.isdisjoint(plan.aliases))
 
 
 def _notify(plan: Plan, hit: bool, stored: bool, reason: str) -> None:
@@ -201,6 +203,7 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
     if invalidation.has_pending() and not invalidation.flush_pending():
         return _bypass(plan, run, "undelivered invalidations")
     if _untrusted(plan):
+        continuity.kick()
         return _bypass(plan, run, UNTRUSTED)
     in_transaction: list[str] = []
     open_aliases = consistency.open_transactions.get()

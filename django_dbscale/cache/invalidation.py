@@ -40,7 +40,7 @@ from typing import Any
 from django.db import DatabaseError, connections
 
 from django_dbscale import consistency
-from django_dbscale.cache import outbox, stats
+from django_dbscale.cache import continuity, outbox, stats
 from django_dbscale.cache.client import BUMP, RedisUnavailable, gateway
 from django_dbscale.cache.dimensions import dimension_fields_for_table
 from django_dbscale.cache.keys import tokens, version_key
@@ -305,10 +305,11 @@ def deliver(
             if len(queued) > MAX_PENDING_KEYS:
                 _collapse(alias)
     if not flush_pending():
-        if not outboxed:
-            for alias, (keys, _) in batch.items():
-                if outbox.record(alias, keys):
+        for alias, (keys, _) in batch.items():
+            if outboxed or outbox.record(alias, keys):
+                if not outboxed:
                     stats.incr(f"db:{alias}", "outboxed")
+                continuity.owe(alias)  # drained by this process once Redis is back
         _schedule_retry()
 
 

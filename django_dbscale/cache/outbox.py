@@ -17,7 +17,8 @@ survive the writer's process and reach every other process:
 
 Rows carry no WAL position: whoever drains them bumps the keys with the primary's position
 *at drain time*, which is past every commit the rows belong to. Draining happens in
-:mod:`~django_dbscale.cache.continuity`, before a process uses a new Redis connection.
+:mod:`~django_dbscale.cache.continuity`'s background verification, which the writer's
+process starts right after writing a row, and every other process after any Redis error.
 """
 
 from __future__ import annotations
@@ -164,6 +165,26 @@ def primary_position(own: psycopg.Connection[Any]) -> int:
     row = own.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return parse_lsn(row[0])
+
+
+def in_recovery(own: psycopg.Connection[Any]) -> bool:
+    """Return whether *own* reached a standby (an alias not declared as a replica)."""
+    row = own.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
+def collapse(keys: Iterable[str]) -> list[str]:
+    """Return *keys* with dimension versions replaced by their table's wide version, sorted.
+
+    A drain after an outage may carry thousands of dimension values; bumping the wide key
+    instead (which every dimension-filtered read of the table also depends on) costs one
+    key per table and only misses.
+    """
+    out: set[str] = set()
+    for key in keys:
+        head, sep, _ = key.partition(":d:")
+        out.add(f"{head}:w" if sep else key)
+    return sorted(out)
 
 
 def delete(own: psycopg.Connection[Any], ids: list[int]) -> None:
