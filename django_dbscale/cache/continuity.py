@@ -46,10 +46,12 @@ within ``BREAKER_COOLDOWN`` of Redis coming back. ``docs/cache.md`` states this.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -87,6 +89,10 @@ BUMP_CHUNK = 500
 MAX_BATCHES = 50
 
 _UNKNOWN_LSN = "f" * 16
+_REFRESH_RUN = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
 _ZERO_LSN = "0" * 16
 
 _lock = threading.Lock()
@@ -102,6 +108,15 @@ _worker: list[threading.Thread] = []
 _drop_connections: list[bool] = []
 #: What the ALIAS and PREFIX settings were at the last verification.
 _identity: list[tuple[str, str]] = []
+
+
+def epoch() -> int:
+    """Return a number that changes whenever trust in Redis may have been lost.
+
+    A read compares it before and after talking to Redis: a change means what Redis said
+    may predate a verification, even if trust is back by then.
+    """
+    return _epoch[0]
 
 
 def verified_run_id() -> str | None:
@@ -128,14 +143,19 @@ def owe(alias: str) -> None:
 
 def kick() -> None:
     """Start the verifying thread if anything is untrusted and none runs."""
-    if not untrusted:
+    if not untrusted or _worker:  # the common cases, without the lock
         return
     with _lock:
         if _worker or not untrusted:
             return
         worker = threading.Thread(target=_run, name="dbscale-cache-verify", daemon=True)
         _worker.append(worker)
-    worker.start()
+    try:
+        worker.start()
+    except RuntimeError as exc:  # no thread could be started: try again on the next kick
+        with _lock:
+            _worker.clear()
+        logger.error("Could not start the cache's verifying thread: %s", exc)
 
 
 def wait_until_verified(timeout: float = 10.0) -> bool:
@@ -151,14 +171,22 @@ def wait_until_verified(timeout: float = 10.0) -> bool:
 
 @on_settings_changed
 def _reset() -> None:
+    identity = _current_identity()
+    if identity is not None and _identity and _identity[0] != identity:
+        # Another Redis, or another key space: verify it. Not started from here: the
+        # gateway is rebuilt by another settings receiver; the next read starts it.
+        with _lock:
+            _epoch[0] += 1
+            _verified.clear()
+            untrusted.add(ALL)
+
+
+def _current_identity() -> tuple[str, str] | None:
     try:
         raw = dbscale_settings.cache  # unvalidated: a bad value is reported where it is used
     except ImproperlyConfigured:
-        return  # reported by the system checks and by the first use
-    identity = (str(raw.get("ALIAS")), str(raw.get("PREFIX")))
-    if _identity and _identity[0] != identity:
-        distrust()  # another Redis, or another key space: verify it
-    _identity[:] = [identity]
+        return None  # reported by the system checks and by the first use
+    return (str(raw.get("ALIAS")), str(raw.get("PREFIX")))
 
 
 def _after_fork_in_child() -> None:
@@ -197,7 +225,9 @@ def on_connect(connection: Any) -> None:
         logger.warning("Redis server changed (%s -> %s): verifying it.", verified, run_id)
         distrust()
     else:
-        _call(connection, "SET", f"{options().prefix}:run", run_id, "EX", _run_ttl())
+        # Extend the recorded run id's life, but never record it: only the verifying
+        # thread does, once every generation is bumped.
+        _call(connection, "EVAL", _REFRESH_RUN, 1, f"{options().prefix}:run", run_id, _run_ttl())
 
 
 def _call(connection: Any, *args: Any) -> Any:
@@ -222,34 +252,59 @@ def _run_ttl() -> int:
 
 
 def _run() -> None:
-    while True:
-        try:
-            settled = _verify_once()
-        except Exception as exc:
-            logger.warning("Verifying the cache's Redis failed (%s); retrying.", exc)
-            settled = False
+    try:
+        while True:
+            try:
+                outcome = _verify_once()
+                delay = options().breaker_cooldown if outcome == "failed" else 0.05
+            except Exception as exc:
+                logger.warning("Verifying the cache's Redis failed (%s); retrying.", exc)
+                outcome, delay = "failed", 1.0
+                with _suppress_settings_errors():
+                    delay = options().breaker_cooldown
+            with _lock:
+                if not untrusted:
+                    return
+            if outcome != "settled":
+                time.sleep(max(delay, 0.05))
+    finally:
         with _lock:
-            if not untrusted:
-                _worker.clear()
-                return
-        if not settled:
-            time.sleep(max(options().breaker_cooldown, 0.05))
+            _worker.clear()
+        if untrusted:
+            kick()  # ended by an error while work was left: hand over to a new thread
 
 
-def _verify_once() -> bool:
-    """Run one verification round; return whether it left nothing it could not settle."""
+@contextlib.contextmanager
+def _suppress_settings_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        logger.warning("The cache settings are invalid; retrying in 1 s.")
+
+
+class _Abandoned(Exception):
+    """Something happened during a round (an error, another server, a new outbox row)."""
+
+
+def _verify_once() -> str:
+    """Run one verification round; return ``settled``, ``failed`` or ``abandoned``."""
     from django_dbscale.cache.client import gateway
 
     with _lock:
         epoch = _epoch[0]
         whole = ALL in untrusted
         aliases = _aliases() if whole else sorted(untrusted)
+        identity = _current_identity()
+        if identity is not None:
+            _identity[:] = [identity]
     gw = gateway()
     if not gw.available():
-        return False
+        return "failed"
     connection = gw.open_connection()
     try:
-        return _verify_on(connection, epoch, whole, aliases)
+        return "settled" if _verify_on(connection, epoch, whole, aliases) else "failed"
+    except _Abandoned:
+        return "abandoned"
     except (RedisError, OSError) as exc:
         gw.failed(exc, "verify")
         raise
@@ -263,9 +318,10 @@ def _verify_once() -> bool:
 def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> bool:
     """Verify the server behind *connection* and settle *aliases* (see the module docstring).
 
-    Each database is trusted as soon as it is settled, so one slow or unreachable primary
-    does not hold back the others. Anything that happens meanwhile (an error, another
-    server, a new outbox row) ends the round early: the caller starts another at once.
+    Return whether every alias was settled. Each database is trusted as soon as it is
+    settled, so one slow or unreachable primary does not hold back the others. Anything
+    that happens meanwhile (an error, another server, a new outbox row) raises
+    :class:`_Abandoned`: the caller starts another round shortly.
     """
     opts = options()
     run_id = _run_id(connection)
@@ -275,17 +331,17 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
         stored = _call(connection, "GET", f"{opts.prefix}:run")
         new_server = stored is None or stored.decode() != run_id
         with _lock:
-            if not _still(epoch, run_id):
-                return True
-            # The server is known now; each database stays untrusted until it is settled.
+            _still(epoch, run_id)
+            # The server is known now; each database stays untrusted until it is settled
+            # (added before ALL goes: readers look without the lock).
             _verified[:] = [run_id]
-            untrusted.discard(ALL)
             untrusted.update(aliases)
+            untrusted.discard(ALL)
     failed: set[str] = set()
     for alias in aliases:
         try:
-            _settle(connection, alias, new_server)
-        except RedisError:
+            _settle(connection, alias, new_server, epoch)
+        except (RedisError, _Abandoned):
             raise
         except Exception as exc:
             logger.warning(
@@ -299,8 +355,7 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
                 _bump(connection, [generation_key(opts.prefix, alias)], _UNKNOWN_LSN)
             continue
         with _lock:
-            if not _still(epoch, run_id):
-                return True
+            _still(epoch, run_id)
             untrusted.discard(alias)
     if new_server:
         logger.log(
@@ -316,13 +371,12 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
         # old run id, and the next process bumps them all again).
         _call(connection, "SET", f"{opts.prefix}:run", run_id, "EX", _run_ttl())
     with _lock:
-        if not _still(epoch, run_id):
-            return True
+        _still(epoch, run_id)
     return not failed
 
 
-def _still(epoch: int, run_id: str) -> bool:
-    """Return whether nothing happened since the round began (call with the lock held).
+def _still(epoch: int, run_id: str) -> None:
+    """Raise :class:`_Abandoned` if anything happened since the round began (lock held).
 
     Connections opened meanwhile that reached another server (a failover under way) are
     dropped, which starts everything over.
@@ -331,8 +385,9 @@ def _still(epoch: int, run_id: str) -> bool:
     _seen_unverified.clear()
     if others:
         _drop_connections.append(True)  # done by _verify_once, outside the lock
-        return False
-    return _epoch[0] == epoch
+        raise _Abandoned
+    if _epoch[0] != epoch:
+        raise _Abandoned
 
 
 def _aliases() -> list[str]:
@@ -341,7 +396,7 @@ def _aliases() -> list[str]:
     return sorted(alias for alias in connections.settings if alias not in replicas)
 
 
-def _settle(connection: Any, alias: str, new_server: bool) -> None:
+def _settle(connection: Any, alias: str, new_server: bool, epoch: int) -> None:
     """Bump *alias*'s generation if needed and drain its outbox (raises if it cannot)."""
     prefix = options().prefix
     generation = generation_key(prefix, alias)
@@ -369,6 +424,8 @@ def _settle(connection: Any, alias: str, new_server: bool) -> None:
             keys = outbox.collapse(key for _, row_keys in rows for key in row_keys)
             for start in range(0, len(keys), BUMP_CHUNK):
                 _bump(connection, keys[start : start + BUMP_CHUNK], lsn)
+            if _epoch[0] != epoch:  # e.g. the settings now name another Redis: keep them
+                raise _Abandoned
             outbox.delete(own, [row_id for row_id, _ in rows])
             stats.incr(f"db:{alias}", "outbox_drained", len(rows))
             logger.warning(

@@ -167,8 +167,15 @@ def _isolation_allows_store(alias: str) -> bool:
 UNTRUSTED = "unverified"
 
 
-def _untrusted(plan: Plan) -> bool:
-    """Return whether *plan* reads a database this process does not trust Redis about yet."""
+def _untrusted(plan: Plan, epoch: int | None = None) -> bool:
+    """Return whether *plan* reads a database this process does not trust Redis about.
+
+    With *epoch* (:func:`~django_dbscale.cache.continuity.epoch` when the read began),
+    also whether trust was lost since, even if it is back: what Redis returned meanwhile
+    may come from before the verification.
+    """
+    if epoch is not None and continuity.epoch() != epoch:
+        return True
     bad = continuity.untrusted
     return bool(bad) and (continuity.ALL in bad or not bad.isdisjoint(plan.aliases))
 
@@ -202,6 +209,7 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
         return run()
     if invalidation.has_pending() and not invalidation.flush_pending():
         return _bypass(plan, run, "undelivered invalidations")
+    epoch = continuity.epoch()
     if _untrusted(plan):
         continuity.kick()
         return _bypass(plan, run, UNTRUSTED)
@@ -241,7 +249,7 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
             except RedisUnavailable:
                 return _bypass(plan, run, "redis error")
         else:
-            if _untrusted(plan):  # this call's new connection found an outbox it can't read
+            if _untrusted(plan, epoch):  # e.g. this read met a dead connection
                 return _bypass(plan, run, UNTRUSTED)
             stats.incr(plan.label, "hit")
             if cache_read.receivers:
@@ -264,7 +272,7 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
                     value = pickle.loads(reply[1])
                 except Exception:
                     break
-                if _untrusted(plan):
+                if _untrusted(plan, epoch):
                     return _bypass(plan, run, UNTRUSTED)
                 stats.incr(plan.label, "hit")
                 _notify(plan, True, False, "hit")
@@ -272,7 +280,7 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
             header = reply[1].decode()
             leased = reply[2] == 1
     owner = nonce.decode() if leased else ""
-    return _fill(plan, run, timeout, header, owner, in_transaction)
+    return _fill(plan, run, timeout, header, owner, in_transaction, epoch)
 
 
 def _fill(
@@ -282,6 +290,7 @@ def _fill(
     header: str,
     nonce: str,
     in_transaction: list[str],
+    epoch: int,
 ) -> T:
     stats.incr(plan.label, "miss")
     col = Collector(base_table=plan.base_table, required=_required_positions(plan, header))
@@ -294,7 +303,7 @@ def _fill(
         _release(nonce, plan)
         raise
     collector.reset(token)
-    reason = _verdict(plan, col)
+    reason = _verdict(plan, col, epoch)
     if reason is None and not all(_isolation_allows_store(a) for a in in_transaction):
         reason = "snapshot isolation: the snapshot may predate the header"
     if reason is not None:
@@ -354,11 +363,11 @@ def _watch_replicas(plan: Plan, col: Collector) -> Iterator[None]:
         yield
 
 
-def _verdict(plan: Plan, col: Collector) -> str | None:
+def _verdict(plan: Plan, col: Collector, epoch: int) -> str | None:
     """Return why the fill must not be stored, or ``None`` to store it."""
     if col.reason is not None:
         return col.reason
-    if _untrusted(plan):
+    if _untrusted(plan, epoch):
         return UNTRUSTED
     read = col.read_tables()
     extra = read - plan.tables

@@ -311,6 +311,9 @@ def deliver(
                     stats.incr(f"db:{alias}", "outboxed")
                 continuity.owe(alias)  # drained by this process once Redis is back
         _schedule_retry()
+    elif outboxed:
+        for alias in batch:
+            continuity.owe(alias)  # delivered after all: drain the row written before COMMIT
 
 
 #: The background retry of undelivered invalidations (at most one at a time).
