@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from django.test import override_settings
 
 from django_dbscale import consistency, replicas
 from django_dbscale.conf import dbscale_settings
@@ -68,3 +69,13 @@ def paused(services: Services) -> Iterator[Any]:
     for server in paused_servers:
         server.resume_replay()
         server.wait_for_replay()
+
+
+@pytest.fixture
+def fast_breaker() -> Iterator[None]:
+    """Cache breaker: open after 2 failures, probe after 0.3 s; 0.1 s socket timeouts."""
+    from tests.test_cache_support import COOLDOWN
+
+    cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        yield

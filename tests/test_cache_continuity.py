@@ -16,14 +16,12 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.db import connections, transaction
-from django.test import override_settings
 
 from django_dbscale import replicas
 from django_dbscale.backends.postgresql import base
@@ -45,16 +43,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
     pytest.mark.usefixtures(cache_env.__name__),
 ]
-
-COOLDOWN = 0.3
-
-
-@pytest.fixture
-def fast_breaker() -> Iterator[None]:
-    """Open after 2 failures, probe again after COOLDOWN seconds, 0.1 s socket timeouts."""
-    cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
-    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
-        yield
 
 
 def read(pk: int) -> tuple[int, list[str]]:

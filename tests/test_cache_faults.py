@@ -7,7 +7,6 @@ stopping and starting the Redis server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from django_dbscale.cache.breaker import CircuitBreaker
 from django_dbscale.cache.client import gateway
 from django_dbscale.testing.harness import Services
 from tests.test_cache_support import (
+    COOLDOWN,
     QueryCounter,
     cache_env,
     entry_keys,
@@ -33,16 +33,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
     pytest.mark.usefixtures(cache_env.__name__),
 ]
-
-COOLDOWN = 0.3
-
-
-@pytest.fixture
-def fast_breaker() -> Iterator[None]:
-    """Open after 2 failures, probe again after COOLDOWN seconds, 0.1 s socket timeouts."""
-    cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
-    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
-        yield
 
 
 def value_of(pk: int) -> int:

@@ -53,6 +53,10 @@ def cache_env() -> Iterator[None]:
     invalidation.forget_pending()
 
 
+#: The breaker cooldown of the ``fast_breaker`` fixture (``tests/conftest.py``).
+COOLDOWN = 0.3
+
+
 @dataclass
 class Reads:
     """``cache_read`` events seen in a block."""
