@@ -8,7 +8,9 @@ Public API (re-exported by :mod:`django_dbscale`):
 * :func:`invalidate_model`, :func:`invalidate`, :func:`invalidate_all` — for raw-SQL writes;
 * :data:`cache_read`, :data:`cache_invalidated` — signals;
 * :func:`cache_stats` — hits, misses, stores, rejected fills, bypasses, invalidations and
-  errors per model.
+  errors per model;
+* :func:`wait_until_verified` — block until this process trusts Redis again (tests,
+  start-up scripts; see "Redis outages" in the docs).
 
 See ``docs/cache.md`` for the design, the settings and the guarantees.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django_dbscale.cache.continuity import wait_until_verified
 from django_dbscale.cache.decorators import cached_queryset
 from django_dbscale.cache.explain import Explanation
 from django_dbscale.cache.hooks import install, invalidate, invalidate_all, invalidate_model
@@ -42,6 +45,7 @@ __all__ = [
     "invalidate",
     "invalidate_all",
     "invalidate_model",
+    "wait_until_verified",
 ]
 
 
