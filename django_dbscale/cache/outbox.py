@@ -107,7 +107,7 @@ def record(alias: str, keys: Iterable[str]) -> bool:
                 cursor.execute(_INSERT, [encoded])
         else:
             with connect(alias) as own:
-                own.execute(_INSERT, [encoded])
+                _bounded(own, _INSERT, [encoded])
     except Exception as exc:
         _log_failure(alias, exc)
         return False
@@ -139,20 +139,24 @@ def connect(alias: str) -> psycopg.Connection[Any]:
     for key in ("cursor_factory", "context", "prepare_threshold", "client_encoding"):
         params.pop(key, None)
     params.setdefault("connect_timeout", 3)
-    own = psycopg.connect(**params, autocommit=True)
-    try:
-        # Never wait long on a lock: a process holds its Redis verification until this ends.
-        own.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-    except BaseException:
-        own.close()
-        raise
-    return own
+    return psycopg.connect(**params, autocommit=True)
+
+
+def _bounded(own: psycopg.Connection[Any], sql: str, params: Any = None) -> list[Any]:
+    """Run *sql* in a transaction of its own, waiting on locks for at most 2 s.
+
+    ``SET LOCAL`` rather than a session setting: safe behind PgBouncer's transaction pooling.
+    """
+    with own.transaction():
+        own.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        cursor = own.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
 
 
 def pending(own: psycopg.Connection[Any]) -> list[tuple[int, list[str]]]:
     """Return up to :data:`DRAIN_BATCH` rows as ``(id, keys)``; none if the table is missing."""
     try:
-        rows = own.execute(_SELECT).fetchall()
+        rows = _bounded(own, _SELECT)
     except psycopg.errors.UndefinedTable:
         return []
     return [(int(row_id), [k for k in str(text).split("\n") if k]) for row_id, text in rows]
@@ -162,15 +166,14 @@ def primary_position(own: psycopg.Connection[Any]) -> int:
     """Return the primary's WAL insert position (past every commit read before it)."""
     from django_dbscale.consistency import parse_lsn
 
-    row = own.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    assert row is not None
-    return parse_lsn(row[0])
+    ((text,),) = _bounded(own, "SELECT pg_current_wal_insert_lsn()::text")
+    return parse_lsn(text)
 
 
 def in_recovery(own: psycopg.Connection[Any]) -> bool:
     """Return whether *own* reached a standby (an alias not declared as a replica)."""
-    row = own.execute("SELECT pg_is_in_recovery()").fetchone()
-    return bool(row and row[0])
+    ((recovering,),) = _bounded(own, "SELECT pg_is_in_recovery()")
+    return bool(recovering)
 
 
 def collapse(keys: Iterable[str]) -> list[str]:
@@ -190,4 +193,4 @@ def collapse(keys: Iterable[str]) -> list[str]:
 def delete(own: psycopg.Connection[Any], ids: list[int]) -> None:
     """Delete drained rows."""
     if ids:
-        own.execute(_DELETE, [ids])
+        _bounded(own, _DELETE, [ids])
