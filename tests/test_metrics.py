@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -30,9 +32,11 @@ def test_collector_exposes_routes_and_lag(services: Services) -> None:
 
 
 def test_collector_exposes_cache_events(services: Services) -> None:
+    from django_dbscale.cache import wait_until_verified
     from tests.testapp.models_cache import CAuthor
 
     author = CAuthor.objects.create(name="metrics")
+    assert wait_until_verified()  # a process serves nothing from Redis before it verifies
     CAuthor.objects.cache().get(pk=author.pk)
     CAuthor.objects.cache().get(pk=author.pk)
     registry = CollectorRegistry()
@@ -55,6 +59,9 @@ def test_status_command_shows_cache_counters_per_model(services: Services) -> No
         call_command("dbscale", "status", "--json", stdout=buffer)
         return dict(json.loads(buffer.getvalue())["cache"].get("testapp.CAuthor", {}))
 
+    from django_dbscale.cache import wait_until_verified
+
+    assert wait_until_verified()  # a process serves nothing from Redis before it verifies
     before = counters()
     author = CAuthor.objects.create(name="status")
     for _ in range(3):
@@ -65,3 +72,40 @@ def test_status_command_shows_cache_counters_per_model(services: Services) -> No
     text = io.StringIO()
     call_command("dbscale", "status", stdout=text)
     assert f"hit={after['hit']}" in text.getvalue()
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_status_command_shows_undelivered_invalidations(services: Services) -> None:
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    from django_dbscale.cache import outbox, wait_until_verified
+    from tests.testapp.models_cache import CAuthor
+
+    primaries = ("default", "shard0", "shard1", "shard2")
+
+    def report() -> dict[str, Any]:
+        buffer = io.StringIO()
+        call_command("dbscale", "status", "--json", stdout=buffer)
+        shown = dict(json.loads(buffer.getvalue())["cache_continuity"])
+        # (default_replica_direct, a standby under an alias of its own, shows its copy.)
+        shown["outbox_rows"] = {a: shown["outbox_rows"][a] for a in primaries}
+        return shown
+
+    assert wait_until_verified()
+    assert report()["outbox_rows"] == {"default": 0, "shard0": 0, "shard1": 0, "shard2": 0}
+    author = CAuthor.objects.create(name="owed")
+    with services.proxies["redis"].cut_off():
+        CAuthor.objects.filter(pk=author.pk).update(name="owed2")  # delivery fails
+        shown = report()
+        assert shown["outbox_rows"] == {"default": 1, "shard0": 0, "shard1": 0, "shard2": 0}
+        assert "default" in shown["untrusted"] or "*" in shown["untrusted"]
+        text = io.StringIO()
+        call_command("dbscale", "status", stdout=text)
+        assert "undelivered cache invalidations (outbox rows): default=1  " in text.getvalue()
+    assert wait_until_verified()
+    with outbox.connect("default") as own:
+        assert outbox.pending(own) == []
+    assert report()["untrusted"] == []

@@ -64,14 +64,48 @@ def cache_counters() -> dict[str, dict[str, int]]:
     return cache_stats()
 
 
+def cache_continuity() -> dict[str, Any]:
+    """Return undelivered invalidations per primary (its outbox rows) and this process's trust.
+
+    Rows in an outbox mean some write's invalidation has not reached Redis yet: normal for a
+    moment after an outage, a problem if they stay.
+    """
+    if not dbscale_settings.cache["ENABLED"]:
+        return {}
+    from django.db import connections
+
+    from django_dbscale.cache import continuity, outbox
+
+    rows: dict[str, int | str] = {}
+    for alias in outbox.outbox_aliases():
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute(f"SELECT count(*) FROM {outbox.TABLE}")
+                (count,) = cursor.fetchone() or (0,)
+            rows[alias] = int(count)
+        except Exception as exc:  # a status report must not fail on one database
+            rows[alias] = f"unreadable: {exc}".splitlines()[0]
+    return {
+        "outbox_rows": rows,
+        "verified_run_id": continuity.verified_run_id(),
+        "untrusted": sorted(continuity.untrusted),
+    }
+
+
 def handle(command: BaseCommand, **options: Any) -> None:
     rows = collect()
     routes = {
         f"{alias} {reason}": n for (alias, reason), n in sorted(replicas.route_counts.items())
     }
     counters = cache_counters()
+    continuity = cache_continuity()
     if options.get("json"):
-        report = {"primaries": rows, "routes": routes, "cache": counters}
+        report = {
+            "primaries": rows,
+            "routes": routes,
+            "cache": counters,
+            "cache_continuity": continuity,
+        }
         command.stdout.write(json.dumps(report, indent=2))
         return
     budget = (
@@ -91,6 +125,9 @@ def handle(command: BaseCommand, **options: Any) -> None:
     command.stdout.write("reads routed by this process (alias, reason):")
     for label, count in routes.items() or [("none yet", 0)]:
         command.stdout.write(f"  {label:<40} {count}")
+    if continuity:
+        owed = "  ".join(f"{a}={n}" for a, n in continuity["outbox_rows"].items())
+        command.stdout.write(f"undelivered cache invalidations (outbox rows): {owed or 'none'}")
     command.stdout.write("queryset cache (all processes):")
     for label, events in sorted(counters.items()) or [("none yet", {})]:
         shown = "  ".join(f"{event}={n}" for event, n in sorted(events.items()) if n)
