@@ -109,7 +109,12 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (each boots its own services); figures are paired ratios."""
     session.install("-e", _extras("test"))
-    for module in ("bench.bench_routing", "bench.bench_sharding", "bench.bench_cache"):
+    for module in (
+        "bench.bench_routing",
+        "bench.bench_sharding",
+        "bench.bench_cache",
+        "bench.bench_continuity",
+    ):
         if (ROOT / (module.replace(".", "/") + ".py")).exists():
             session.run("python", "-m", module, *session.posargs)
 
