@@ -60,6 +60,7 @@ CACHE_DEFAULTS: dict[str, Any] = {
     "ENABLED": True,
     "DIMENSIONS": {},
     "VERSION_TIMEOUT": 7 * 24 * 60 * 60,
+    "OUTBOX_POLL_INTERVAL": None,
 }
 
 SELECTIONS = ("random", "round_robin")

@@ -472,3 +472,33 @@ def test_a_hit_read_while_trust_was_lost_is_not_served(
     monkeypatch.setattr(engine, "pickle", real_pickle)
     assert outbox_rows() == []
     assert read(row.pk) == (2, ["miss"])
+
+
+def test_an_outbox_poll_finds_what_no_redis_error_revealed() -> None:
+    """Another process owes an invalidation; this one saw no error (a black hole, say).
+
+    Without ``OUTBOX_POLL_INTERVAL`` it keeps serving the entry (the documented limit);
+    with it, the poll finds the row, the database is untrusted, and the row is drained.
+    """
+    from django.conf import settings
+    from django.test import override_settings
+
+    row = CCounter.objects.create(name="c", value=1)
+    prime(row.pk, 1)
+    prefix = options().prefix
+    table = CCounter._meta.db_table
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", [row.pk])
+        cursor.execute(
+            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
+        )
+    time.sleep(0.3)
+    assert read(row.pk) == (1, ["hit"])  # no poll: stale until some process drains it
+    cache = {**settings.DBSCALE["CACHE"], "OUTBOX_POLL_INTERVAL": 0.1}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        deadline = time.monotonic() + 5
+        while outbox_rows() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert outbox_rows() == []
+        assert continuity.wait_until_verified()
+        assert read(row.pk) == (2, ["miss"])

@@ -431,6 +431,7 @@ def test_decorator_and_queryset_inputs_are_validated() -> None:
         ({"ENABLED": 1}, r"True or False, not 1\. Example: True"),
         ({"LOCK_TIMEOUT": -1}, r"\['LOCK_TIMEOUT'\] must be a number >= 0 \(seconds\)"),
         ({"SOCKET_TIMEOUT": 0}, r"\['SOCKET_TIMEOUT'\] must be a number > 0 \(seconds\)"),
+        ({"OUTBOX_POLL_INTERVAL": "10"}, r"\['OUTBOX_POLL_INTERVAL'\] must be None \(off\)"),
         ({"PREFIX": "app*"}, r"glob characters"),
         ({"PREFIX": "app[1]"}, r"glob characters"),
     ],

@@ -104,6 +104,8 @@ _verified: list[str] = []
 _seen_unverified: set[str] = set()
 #: The verifying thread, while one runs.
 _worker: list[threading.Thread] = []
+#: The outbox poll (``OUTBOX_POLL_INTERVAL``), while armed.
+_poll: list[threading.Timer] = []
 #: Set when connections reached another server during a round: drop them all.
 _drop_connections: list[bool] = []
 #: What the ALIAS and PREFIX settings were at the last verification.
@@ -171,6 +173,13 @@ def wait_until_verified(timeout: float = 10.0) -> bool:
 
 @on_settings_changed
 def _reset() -> None:
+    with _lock:
+        for timer in _poll:
+            timer.cancel()
+        _poll.clear()
+    if _verified:
+        with contextlib.suppress(Exception):  # invalid settings: reported where used
+            _arm_poll()
     identity = _current_identity()
     if identity is not None and _identity and _identity[0] != identity:
         # Another Redis, or another key space: verify it. Not started from here: the
@@ -195,6 +204,7 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     _worker.clear()
+    _poll.clear()
     _verified.clear()
     _seen_unverified.clear()
     untrusted.clear()
@@ -263,8 +273,11 @@ def _run() -> None:
                 with _suppress_settings_errors():
                     delay = options().breaker_cooldown
             with _lock:
-                if not untrusted:
-                    return
+                done = not untrusted
+            if done:
+                with contextlib.suppress(Exception):  # invalid settings: reported where used
+                    _arm_poll()
+                return
             if outcome != "settled":
                 time.sleep(max(delay, 0.05))
     finally:
@@ -284,6 +297,42 @@ def _suppress_settings_errors() -> Iterator[None]:
 
 class _Abandoned(Exception):
     """Something happened during a round (an error, another server, a new outbox row)."""
+
+
+def _arm_poll() -> None:
+    """Check the outboxes every ``OUTBOX_POLL_INTERVAL`` seconds, if set.
+
+    For what no Redis error reveals: another process's owed invalidation while this one's
+    connections stayed up (a black hole, or an outage only the writer saw). A database with
+    rows becomes untrusted, and the verifying thread drains it.
+    """
+    interval = options().outbox_poll_interval
+    if interval is None:
+        return
+    with _lock:
+        if _poll:
+            return
+        timer = threading.Timer(interval, _poll_outboxes)
+        timer.daemon = True
+        _poll.append(timer)
+    timer.start()
+
+
+def _poll_outboxes() -> None:
+    with _lock:
+        _poll.clear()
+    try:
+        for alias in outbox.outbox_aliases():
+            if alias in untrusted or ALL in untrusted:
+                continue
+            with outbox.connect(alias) as own:
+                if outbox.has_rows(own) and not outbox.in_recovery(own):
+                    logger.warning("%r's cache outbox has rows: draining them.", alias)
+                    owe(alias)
+    except Exception as exc:
+        logger.warning("Polling the cache outboxes failed: %s", exc)
+    with contextlib.suppress(Exception):
+        _arm_poll()
 
 
 def _verify_once() -> str:

@@ -34,6 +34,7 @@ class CacheOptions:
     enabled: bool
     dimensions: Mapping[str, tuple[str, ...]]
     version_timeout: int
+    outbox_poll_interval: float | None
 
 
 def _error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
@@ -147,6 +148,15 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
             f"({version_timeout}s) must be at least TIMEOUT ({timeout}s)",
             "Versions must outlive the entries built on them; raise VERSION_TIMEOUT.",
         )
+    poll = raw["OUTBOX_POLL_INTERVAL"]
+    if poll is not None and (
+        isinstance(poll, bool) or not isinstance(poll, int | float) or poll <= 0
+    ):
+        raise _error(
+            "OUTBOX_POLL_INTERVAL",
+            f"must be None (off) or a number > 0 (seconds), not {poll!r}",
+            "Example: 'OUTBOX_POLL_INTERVAL': 10.",
+        )
     return CacheOptions(
         alias=alias,
         timeout=timeout,
@@ -160,6 +170,7 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
         enabled=enabled,
         dimensions=dimensions,
         version_timeout=version_timeout,
+        outbox_poll_interval=None if poll is None else float(poll),
     )
 
 

@@ -162,6 +162,15 @@ def pending(own: psycopg.Connection[Any]) -> list[tuple[int, list[str]]]:
     return [(int(row_id), [k for k in str(text).split("\n") if k]) for row_id, text in rows]
 
 
+def has_rows(own: psycopg.Connection[Any]) -> bool:
+    """Return whether the outbox holds any row (false if the table is missing)."""
+    try:
+        ((found,),) = _bounded(own, f"SELECT EXISTS (SELECT 1 FROM {TABLE})")
+    except psycopg.errors.UndefinedTable:
+        return False
+    return bool(found)
+
+
 def primary_position(own: psycopg.Connection[Any]) -> int:
     """Return the primary's WAL insert position (past every commit read before it)."""
     from django_dbscale.consistency import parse_lsn
