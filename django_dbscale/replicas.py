@@ -139,30 +139,50 @@ class ReplicaStatus:
 
 @dataclass
 class _Probe:
-    """A probe connection to one database, opened on demand and reused."""
+    """A probe connection to one database, opened on demand and reused.
+
+    Only the thread holding :attr:`lock` touches :attr:`conn`: closing a psycopg
+    connection while another thread runs a query on it crashes the process (libpq frees
+    what the query is using), so :meth:`close` on a probe in use only marks it retired, and
+    the probe closes itself when its query ends.
+    """
 
     alias: str
     conn: psycopg.Connection[Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    retired: bool = False
 
     def query(self, sql: str, timeout: float) -> tuple[Any, ...]:
         # A probe hung on a black-holed connection still holds the lock: fail fast.
         if not self.lock.acquire(timeout=timeout):
             raise TimeoutError(f"an earlier probe of {self.alias!r} is still hung")
         try:
+            if self.retired:
+                raise RuntimeError(f"the probe of {self.alias!r} was closed")
             if self.conn is None or self.conn.closed:
                 self.conn = psycopg.connect(**_probe_params(self.alias, timeout), autocommit=True)
             try:
                 row = self.conn.execute(sql).fetchone()
             except Exception:
-                self.close()
+                self._close_now()
                 raise
         finally:
+            if self.retired:
+                self._close_now()
             self.lock.release()
         assert row is not None
         return tuple(row)
 
     def close(self) -> None:
+        """Close the connection now if no probe runs on it, else when that probe ends."""
+        self.retired = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self._close_now()
+            finally:
+                self.lock.release()
+
+    def _close_now(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             with contextlib.suppress(Exception):  # closing a broken connection may fail
@@ -374,7 +394,7 @@ class ReplicaMonitor:
     def report_failure(self, alias: str, reason: str) -> None:
         """Quarantine *alias* after a failure seen outside the prober."""
         self._fail(self.status(alias), reason)
-        probe = self._probes.get(alias)
+        probe = self._probes.pop(alias, None)  # the next probe opens a fresh connection
         if probe is not None:
             probe.close()
 

@@ -942,3 +942,27 @@ def test_writes_to_a_primary_without_replicas_cost_no_position_query(services: S
         assert state.wrote and not state.pending
     assert not [x for x in q.captured_queries if "pg_current_wal" in x["sql"]]
     assert decode(token).positions == {}
+
+
+def test_closing_a_probe_in_use_waits_for_its_query(services: Services) -> None:
+    """Closing a psycopg connection under a running query crashes the process (libpq).
+
+    Settings changes and each test's monitor reset close probes while background probes
+    may be running on them: the close must leave the connection to the running query and
+    happen when it ends.
+    """
+    from django_dbscale.replicas import _Probe
+
+    probe = _Probe("default_replica")
+    result: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: result.append(probe.query("SELECT 1 FROM pg_sleep(0.3)", 2.0))
+    )
+    worker.start()
+    time.sleep(0.1)  # the query is running
+    probe.close()  # from another thread, as monitor.reset() does
+    worker.join(5)
+    assert result == [(1,)]
+    assert probe.conn is None  # closed by the query's own thread when it ended
+    with pytest.raises(RuntimeError, match="was closed"):
+        probe.query("SELECT 1", 1.0)
