@@ -109,3 +109,20 @@ def test_status_command_shows_undelivered_invalidations(services: Services) -> N
     with outbox.connect("default") as own:
         assert outbox.pending(own) == []
     assert report()["untrusted"] == []
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_collector_exposes_cache_trust(services: Services) -> None:
+    from django_dbscale.cache import wait_until_verified
+    from django_dbscale.cache.client import gateway
+
+    registry = CollectorRegistry()
+    registry.register(DBScaleCollector())
+    assert wait_until_verified()
+    assert "dbscale_cache_untrusted{" not in generate_latest(registry).decode()
+    with services.proxies["redis"].cut_off():
+        gateway().connections_lost()  # as after an error: nothing trusted until verified
+        text = generate_latest(registry).decode()
+        assert 'dbscale_cache_untrusted{alias="*"} 1.0' in text
+    assert wait_until_verified()
+    assert "dbscale_cache_untrusted{" not in generate_latest(registry).decode()

@@ -20,6 +20,11 @@ Metrics (labels never carry keys or primary keys):
     errors per model (or ``fn:...`` for ``cached_queryset`` functions). These are totals
     over every process, kept in Redis: scrape them from one target, or aggregate with
     ``max`` rather than ``sum``. Read with one Redis round trip per scrape.
+``dbscale_cache_untrusted{alias}``
+    1 while this process does not trust Redis about *alias* (``*``: about any database)
+    and its cached reads of it go to the database: after start-up, a Redis error, a
+    failover or an owed invalidation, until the background verification settles it. A
+    value that stays 1 means an outbox that cannot be drained (see ``docs/cache.md``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,18 @@ class DBScaleCollector(Collector):
         yield lag_s
         yield lag_b
         yield eligible
+
+        untrusted = GaugeMetricFamily(
+            "dbscale_cache_untrusted",
+            "1 while this process serves no cached reads of the database from Redis.",
+            labels=["alias"],
+        )
+        if dbscale_settings.cache["ENABLED"]:
+            from django_dbscale.cache import continuity
+
+            for alias in sorted(set(continuity.untrusted)):
+                untrusted.add_metric([alias], 1.0)
+        yield untrusted
 
         cache_events = CounterMetricFamily(
             "dbscale_cache_events",
