@@ -170,6 +170,8 @@ class _Probe:
             if self.retired:
                 self._close_now()
             self.lock.release()
+        if self.retired and self.conn is not None:
+            self.close()  # retired between our check and the release: close it now
         assert row is not None
         return tuple(row)
 

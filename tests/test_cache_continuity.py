@@ -502,3 +502,74 @@ def test_an_outbox_poll_finds_what_no_redis_error_revealed() -> None:
         assert outbox_rows() == []
         assert continuity.wait_until_verified()
         assert read(row.pk) == (2, ["miss"])
+
+
+def test_generation_bumps_owed_by_a_restart_survive_an_interrupted_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round that detected another server is interrupted (a new outbox row) after one
+    database: the generations of the others are still bumped before they are trusted."""
+    import threading
+
+    from django_dbscale import using_shard
+    from django_dbscale.cache import cached_queryset
+    from tests.testapp.models_sharding import ShardCustomer
+
+    @cached_queryset(depends_on=[ShardCustomer])
+    def names() -> list[str]:
+        return sorted(ShardCustomer.objects.values_list("name", flat=True))
+
+    def shard_read(shard: str) -> tuple[list[str], list[str]]:
+        with fresh_context(), using_shard("customers", shard=shard), observe() as seen:
+            return names(), seen.reasons
+
+    gateway().connections_lost()
+    assert continuity.wait_until_verified()
+    customer = ShardCustomer.objects.create(id=1001, name="a")
+    shard = customer._state.db
+    shard_read(shard)
+    assert shard_read(shard) == (["a"], ["hit"])
+    prefix = options().prefix
+    # As after a restart from a snapshot: a bump Redis lost, and another run id recorded.
+    with connections[shard].cursor() as cursor:
+        cursor.execute(f"UPDATE {ShardCustomer._meta.db_table} SET name = 'b' WHERE id = 1001")
+    redis().set(f"{prefix}:run", "an-older-server")
+    real_connect = outbox.connect
+    interrupted: list[str] = []
+
+    def connect(alias: str) -> Any:
+        if threading.current_thread().name == "dbscale-cache-verify" and not interrupted:
+            interrupted.append(alias)
+            continuity.owe("default")  # a writer's outbox row, mid-round
+        return real_connect(alias)
+
+    monkeypatch.setattr(outbox, "connect", connect)
+    gateway().connections_lost()
+    assert continuity.wait_until_verified()
+    assert interrupted == ["default"]
+    assert shard_read(shard) == (["b"], ["miss"])
+    assert redis().get(f"{prefix}:run").decode() == continuity.verified_run_id()
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_a_cut_is_noticed_without_an_idle_connection_of_the_caller(services: Services) -> None:
+    """The process had no idle connection of its own: its next read opens a new one to the
+    same server, which looks fine. The verifying thread's kept connection was reset by the
+    cut, and that is what tells this process it may have missed an invalidation."""
+    row = CCounter.objects.create(name="c", value=1)
+    gateway().connections_lost()  # record the run id (the fixture wiped it)
+    assert continuity.wait_until_verified()
+    prime(row.pk, 1)
+    gateway().close()  # no idle connection of the caller's own
+    prefix = options().prefix
+    table = CCounter._meta.db_table
+    # Meanwhile another process writes, cannot deliver, and leaves an outbox row.
+    with services.proxies["redis"].cut_off(), connections["default"].cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", [row.pk])
+        cursor.execute(
+            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
+        )
+    assert read(row.pk) == (2, ["bypass:unverified"])
+    assert continuity.wait_until_verified()
+    assert outbox_rows() == []
+    assert read(row.pk) == (2, ["miss"])

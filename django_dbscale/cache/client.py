@@ -24,7 +24,7 @@ import redis
 from django.core.cache import caches
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.retry import Retry
 
 from django_dbscale.cache import continuity
@@ -158,9 +158,15 @@ class Gateway:
         return connection
 
     def failed(self, exc: BaseException, what: str) -> None:
-        """Record a failed Redis call: count it for the breaker, drop every connection."""
+        """Record a failed Redis call: count it for the breaker; if connectivity or the
+        server's state is in doubt, drop every connection (and so trust, until verified).
+
+        Error replies that say nothing of either (out of memory, a busy script, a script
+        error) only count for the breaker: re-verifying would not change them.
+        """
         self.breaker.failure()
-        self.connections_lost()
+        if _lost_contact(exc):
+            self.connections_lost()
         logger.warning("Redis call %s failed: %s", what, exc)
 
     def forget_after_fork(self) -> None:
@@ -278,6 +284,13 @@ class Gateway:
             raise RedisUnavailable(str(exc)) from exc
         self.breaker.success()
         return result
+
+
+def _lost_contact(exc: BaseException) -> bool:
+    """Return whether *exc* means the connection or the server itself may have changed."""
+    # An error reply means the server answered: still connected (unless it now refuses
+    # writes, as a demoted primary does).
+    return not isinstance(exc, ResponseError) or isinstance(exc, ReadOnlyError)
 
 
 _gateway: list[Gateway] = []

@@ -18,7 +18,9 @@ every sign that it may have missed something:
   (:meth:`~django_dbscale.cache.client.Gateway.connections_lost`) and everything is
   untrusted again;
 * every new connection runs :func:`on_connect`, which compares the server's ``run_id``
-  with the one verified: a different server makes everything untrusted;
+  with the one verified (a different server makes everything untrusted), and checks the
+  verifying thread's kept idle connection (the *canary*): found closed or reset, it means
+  a cut or a restart this process's own calls did not see;
 * a write whose invalidation went to an outbox makes that database untrusted (:func:`owe`).
 
 While a database is untrusted, cached reads of it go to the database and fills are not
@@ -104,6 +106,14 @@ _verified: list[str] = []
 _seen_unverified: set[str] = set()
 #: The verifying thread, while one runs.
 _worker: list[threading.Thread] = []
+#: Databases whose generation a detected restart or failover still requires bumping, and
+#: the run id to record once none is left.
+_owed_generations: set[str] = set()
+_run_to_record: list[str] = []
+#: The verifying thread's last connection, kept idle: if it is found dead (a reset, a cut,
+#: a restart), this process missed something even if its own calls never failed.
+_canary: list[Any] = []
+_canary_lock = threading.Lock()
 #: The outbox poll (``OUTBOX_POLL_INTERVAL``), while armed.
 _poll: list[threading.Timer] = []
 #: Set when connections reached another server during a round: drop them all.
@@ -132,6 +142,7 @@ def distrust() -> None:
         _epoch[0] += 1
         _verified.clear()
         untrusted.add(ALL)
+    _set_canary(None)
     kick()
 
 
@@ -201,10 +212,12 @@ def _current_identity() -> tuple[str, str] | None:
 def _after_fork_in_child() -> None:
     # A worker forked long after its parent verified was not watching since; the parent's
     # lock may be held by a thread that does not exist here.
-    global _lock
+    global _lock, _canary_lock
     _lock = threading.Lock()
+    _canary_lock = threading.Lock()
     _worker.clear()
     _poll.clear()
+    _canary.clear()  # the parent's socket: never used from here
     _verified.clear()
     _seen_unverified.clear()
     untrusted.clear()
@@ -234,6 +247,11 @@ def on_connect(connection: Any) -> None:
     elif verified != run_id:
         logger.warning("Redis server changed (%s -> %s): verifying it.", verified, run_id)
         distrust()
+    elif not untrusted and _canary_dead():
+        # This process's own calls never failed, but Redis dropped its idle connection
+        # (a cut, a restart): it may have missed invalidations meanwhile.
+        logger.warning("The cache's idle Redis connection was lost: verifying Redis.")
+        distrust()
     else:
         # Extend the recorded run id's life, but never record it: only the verifying
         # thread does, once every generation is bumped.
@@ -251,7 +269,42 @@ def _run_id(connection: Any) -> str:
     for line in text.splitlines():
         if line.startswith("run_id:"):
             return line.partition(":")[2].strip()
-    raise RedisError("INFO server returned no run_id")
+    if not _warned_no_run_id:
+        _warned_no_run_id.append(True)
+        logger.error(
+            "The cache's Redis server reports no run_id in INFO (a proxy?): restarts and "
+            "failovers cannot be detected, so entries rolled back with them may be served."
+        )
+    return "unknown"
+
+
+_warned_no_run_id: list[bool] = []
+
+
+def _set_canary(connection: Any) -> None:
+    with _canary_lock:
+        old = _canary[0] if _canary else None
+        _canary[:] = [connection] if connection is not None else []
+    if old is not None and old is not connection:
+        with contextlib.suppress(Exception):
+            old.disconnect()
+
+
+def _canary_dead() -> bool:
+    """Return whether the kept idle connection was closed or reset since it was kept.
+
+    No connection kept yet (a round is just ending) is not a death.
+    """
+    with _canary_lock:
+        connection = _canary[0] if _canary else None
+        if connection is None:
+            return False
+        if getattr(connection, "_sock", None) is None:
+            return True
+        try:
+            return bool(connection.can_read(timeout=0))  # an idle connection has nothing
+        except Exception:  # closed by the server: reading says so
+            return True
 
 
 def _run_ttl() -> int:
@@ -336,7 +389,7 @@ def _poll_outboxes() -> None:
 
 
 def _verify_once() -> str:
-    """Run one verification round; return ``settled``, ``failed`` or ``abandoned``."""
+    """Run one round; return ``settled``, ``failed``, ``more`` or ``abandoned``."""
     from django_dbscale.cache.client import gateway
 
     with _lock:
@@ -350,48 +403,71 @@ def _verify_once() -> str:
     if not gw.available():
         return "failed"
     connection = gw.open_connection()
+    keep = False
     try:
-        return "settled" if _verify_on(connection, epoch, whole, aliases) else "failed"
+        outcome = _verify_on(connection, epoch, whole, aliases)
+        keep = True  # a round that ran to its end talked to the verified server
+        return outcome
     except _Abandoned:
         return "abandoned"
     except (RedisError, OSError) as exc:
         gw.failed(exc, "verify")
         raise
     finally:
-        connection.disconnect()
+        if keep:
+            _set_canary(connection)  # the server it verified: watch it from now on
+        else:
+            connection.disconnect()
         if _drop_connections:
             _drop_connections.clear()
             gw.connections_lost()
 
 
-def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> bool:
+def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> str:
     """Verify the server behind *connection* and settle *aliases* (see the module docstring).
 
-    Return whether every alias was settled. Each database is trusted as soon as it is
+    Return ``settled``, ``failed`` (a database could not be settled) or ``more`` (an outbox
+    holds more rows than one round drains). Each database is trusted as soon as it is
     settled, so one slow or unreachable primary does not hold back the others. Anything
     that happens meanwhile (an error, another server, a new outbox row) raises
-    :class:`_Abandoned`: the caller starts another round shortly.
+    :class:`_Abandoned`: the caller starts another round shortly. Generation bumps a
+    restart requires are remembered across rounds until each is done.
     """
     opts = options()
     run_id = _run_id(connection)
-    new_server = False
     stored = None
     if whole:
         stored = _call(connection, "GET", f"{opts.prefix}:run")
-        new_server = stored is None or stored.decode() != run_id
         with _lock:
             _still(epoch, run_id)
+            if stored is None or stored.decode() != run_id:
+                _owed_generations.update(_aliases())
+                _run_to_record[:] = [run_id]
+                stats.incr("redis", "generation_bump")
+                logger.log(
+                    logging.INFO if stored is None else logging.WARNING,
+                    "Redis server %s is not the one last verified (%s): restarted, failed "
+                    "over or flushed. Every cached entry is invalidated.",
+                    run_id,
+                    stored.decode() if stored is not None else "none recorded",
+                )
+            elif not _owed_generations:
+                _run_to_record[:] = [run_id]  # refresh its time-to-live
             # The server is known now; each database stays untrusted until it is settled
             # (added before ALL goes: readers look without the lock).
             _verified[:] = [run_id]
             untrusted.update(aliases)
             untrusted.discard(ALL)
     failed: set[str] = set()
+    more = False
     for alias in aliases:
         try:
-            _settle(connection, alias, new_server, epoch)
+            _settle(connection, alias, epoch)
         except (RedisError, _Abandoned):
             raise
+        except _MoreRows:
+            more = True
+            continue
         except Exception as exc:
             logger.warning(
                 "Could not drain %r's cache outbox (%s); its cached reads go to the "
@@ -400,28 +476,25 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
                 exc,
             )
             failed.add(alias)
-            if new_server:
+            if alias in _owed_generations:  # bumped now; given a position once readable
                 _bump(connection, [generation_key(opts.prefix, alias)], _UNKNOWN_LSN)
+                _owed_generations.discard(alias)
             continue
         with _lock:
             _still(epoch, run_id)
             untrusted.discard(alias)
-    if new_server:
-        logger.log(
-            logging.INFO if stored is None else logging.WARNING,
-            "Redis server %s is not the one last verified (%s): restarted, failed "
-            "over or flushed. Every cached entry was invalidated.",
-            run_id,
-            stored.decode() if stored is not None else "none recorded",
-        )
-        stats.incr("redis", "generation_bump")
-    if whole:
+    if _run_to_record and not _owed_generations:
         # Only now: every generation is bumped (a process dying before this leaves the
         # old run id, and the next process bumps them all again).
-        _call(connection, "SET", f"{opts.prefix}:run", run_id, "EX", _run_ttl())
+        _call(connection, "SET", f"{opts.prefix}:run", _run_to_record[0], "EX", _run_ttl())
+        _run_to_record.clear()
     with _lock:
         _still(epoch, run_id)
-    return not failed
+    return "failed" if failed else "more" if more else "settled"
+
+
+class _MoreRows(Exception):
+    """An outbox holds more rows than one round drains: continue in the next round."""
 
 
 def _still(epoch: int, run_id: str) -> None:
@@ -445,25 +518,30 @@ def _aliases() -> list[str]:
     return sorted(alias for alias in connections.settings if alias not in replicas)
 
 
-def _settle(connection: Any, alias: str, new_server: bool, epoch: int) -> None:
-    """Bump *alias*'s generation if needed and drain its outbox (raises if it cannot)."""
+def _settle(connection: Any, alias: str, epoch: int) -> None:
+    """Bump *alias*'s generation if owed and drain its outbox (raises if it cannot)."""
     prefix = options().prefix
     generation = generation_key(prefix, alias)
+    owed = alias in _owed_generations
     if alias not in outbox.outbox_aliases():
-        if new_server:
+        if owed:
             _bump(connection, [generation], _ZERO_LSN)
+            _owed_generations.discard(alias)
         return
     with outbox.connect(alias) as own:
         if outbox.in_recovery(own):  # a standby under an alias not declared a replica
-            if new_server:
+            if owed:
                 _bump(connection, [generation], _ZERO_LSN)
+                _owed_generations.discard(alias)
             return
         has_replicas = bool(dbscale_settings.replicas.get(alias))
         lsn = _position(own, has_replicas)
-        current = None if new_server else _call(connection, "GET", generation)
-        if new_server or (current is not None and current.endswith(_UNKNOWN_LSN.encode())):
-            # Bumped earlier while this primary's position was unknown: give it one.
+        current = None if owed else _call(connection, "GET", generation)
+        if owed or (current is not None and current.endswith(_UNKNOWN_LSN.encode())):
+            # Owed after a restart, or bumped earlier while this primary's position was
+            # unknown: give it one.
             _bump(connection, [generation], lsn)
+            _owed_generations.discard(alias)
         for _ in range(MAX_BATCHES):
             rows = outbox.pending(own)
             if not rows:
@@ -484,7 +562,7 @@ def _settle(connection: Any, alias: str, new_server: bool, epoch: int) -> None:
             )
             if len(rows) < outbox.DRAIN_BATCH:
                 return
-        raise RuntimeError(f"more than {MAX_BATCHES} batches waiting; continuing next round")
+        raise _MoreRows
 
 
 def _position(own: Any, has_replicas: bool) -> str:

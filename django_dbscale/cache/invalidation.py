@@ -124,6 +124,7 @@ def _before_commit(connection: Any) -> None:
     state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
     if state is None or not state.keys:
         return
+    state.outboxed = False  # a COMMIT that failed earlier may have left it set
     if not has_pending() and gateway().breaker.state == "closed":
         return
     try:

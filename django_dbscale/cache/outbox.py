@@ -80,7 +80,13 @@ def record_in_transaction(connection: Any, keys: Iterable[str]) -> bool:
         with connection.cursor() as cursor:
             cursor.execute("SAVEPOINT dbscale_outbox")
             try:
+                # Wait on locks at most 2 s, then restore the transaction's own setting
+                # (the COMMIT that follows, with its deferred triggers, keeps it).
+                cursor.execute("SELECT current_setting('lock_timeout')")
+                (previous,) = cursor.fetchone()
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
                 cursor.execute(_INSERT, [_encode(keys)])
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
             except Exception:
                 cursor.execute("ROLLBACK TO SAVEPOINT dbscale_outbox")
                 raise
@@ -103,8 +109,9 @@ def record(alias: str, keys: Iterable[str]) -> bool:
     wrapper = connections[alias]
     try:
         if wrapper.connection is not None and wrapper.get_autocommit():
-            with wrapper.cursor() as cursor:
-                cursor.execute(_INSERT, [encoded])
+            # The driver's connection, in a transaction of its own bounded in time; not
+            # Django's cursor, whose commit hooks and write tracking this is not for.
+            _bounded(wrapper.connection, _INSERT, [encoded])
         else:
             with connect(alias) as own:
                 _bounded(own, _INSERT, [encoded])
@@ -139,6 +146,13 @@ def connect(alias: str) -> psycopg.Connection[Any]:
     for key in ("cursor_factory", "context", "prepare_threshold", "client_encoding"):
         params.pop(key, None)
     params.setdefault("connect_timeout", 3)
+    # A server that stops answering mid-statement (a network black hole) must not hold the
+    # verifying thread for the kernel's retransmission timeout (minutes).
+    params.setdefault("tcp_user_timeout", 5000)
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 5)
+    params.setdefault("keepalives_interval", 2)
+    params.setdefault("keepalives_count", 2)
     return psycopg.connect(**params, autocommit=True)
 
 
