@@ -29,7 +29,8 @@ from redis.retry import Retry
 
 from django_dbscale.cache import continuity
 from django_dbscale.cache.breaker import CircuitBreaker
-from django_dbscale.cache.options import options
+from django_dbscale.cache.keys import format_lsn_hex, tokens
+from django_dbscale.cache.options import min_version_ttl, options
 from django_dbscale.conf import on_settings_changed
 
 __all__ = ["Gateway", "RedisUnavailable", "Script", "bulk", "gateway", "pack"]
@@ -72,6 +73,21 @@ READ = Script("read")
 FILL = Script("fill")
 BUMP = Script("bump")
 RELEASE = Script("release")
+
+
+def bump_call(keys: list[str], lsn: int) -> tuple[Any, ...]:
+    """Return the ``EVALSHA`` of ``bump.lua`` giving *keys* fresh tokens at position *lsn*."""
+    opts = options()
+    return (
+        "EVALSHA",
+        BUMP.sha,
+        len(keys),
+        *keys,
+        tokens.next(),  # one per call: bump.lua only appends the key's index
+        format_lsn_hex(lsn),
+        opts.version_timeout,
+        min_version_ttl(opts),
+    )
 
 
 class Gateway:

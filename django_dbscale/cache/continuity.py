@@ -61,7 +61,7 @@ from django.db import connections
 from redis.exceptions import NoScriptError, RedisError
 
 from django_dbscale.cache import outbox, stats
-from django_dbscale.cache.keys import generation_key, tokens
+from django_dbscale.cache.keys import UNKNOWN_LSN, format_lsn_hex, generation_key
 from django_dbscale.cache.options import options
 from django_dbscale.conf import dbscale_settings, on_settings_changed
 
@@ -85,17 +85,16 @@ ALL = "*"
 #: is not drained. Read on the hot path without the lock (a set's truthiness is atomic).
 untrusted: set[str] = {ALL}
 
+_UNKNOWN_HEX = format_lsn_hex(UNKNOWN_LSN).encode()
 #: Keys of one outbox bump call (each costs the server a GET, a TTL and a SET).
 BUMP_CHUNK = 500
 #: Outbox batches drained per database per round; the rest wait for the next round.
 MAX_BATCHES = 50
 
-_UNKNOWN_LSN = "f" * 16
 _REFRESH_RUN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
     "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
 )
-_ZERO_LSN = "0" * 16
 
 _lock = threading.Lock()
 #: Incremented by every event that may invalidate a verification in progress.
@@ -441,7 +440,7 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
         with _lock:
             _still(epoch, run_id)
             if stored is None or stored.decode() != run_id:
-                _owed_generations.update(_aliases())
+                _owed_generations.update(aliases)  # a whole round: every alias
                 _run_to_record[:] = [run_id]
                 stats.incr("redis", "generation_bump")
                 logger.log(
@@ -477,7 +476,7 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
             )
             failed.add(alias)
             if alias in _owed_generations:  # bumped now; given a position once readable
-                _bump(connection, [generation_key(opts.prefix, alias)], _UNKNOWN_LSN)
+                _bump(connection, [generation_key(opts.prefix, alias)], UNKNOWN_LSN)
                 _owed_generations.discard(alias)
             continue
         with _lock:
@@ -520,28 +519,29 @@ def _aliases() -> list[str]:
 
 def _settle(connection: Any, alias: str, epoch: int) -> None:
     """Bump *alias*'s generation if owed and drain its outbox (raises if it cannot)."""
-    prefix = options().prefix
-    generation = generation_key(prefix, alias)
+    generation = generation_key(options().prefix, alias)
     owed = alias in _owed_generations
+
+    def bump_generation(lsn: int) -> None:
+        _bump(connection, [generation], lsn)
+        _owed_generations.discard(alias)
+
     if alias not in outbox.outbox_aliases():
         if owed:
-            _bump(connection, [generation], _ZERO_LSN)
-            _owed_generations.discard(alias)
+            bump_generation(0)
         return
     with outbox.connect(alias) as own:
         if outbox.in_recovery(own):  # a standby under an alias not declared a replica
             if owed:
-                _bump(connection, [generation], _ZERO_LSN)
-                _owed_generations.discard(alias)
+                bump_generation(0)
             return
         has_replicas = bool(dbscale_settings.replicas.get(alias))
         lsn = _position(own, has_replicas)
         current = None if owed else _call(connection, "GET", generation)
-        if owed or (current is not None and current.endswith(_UNKNOWN_LSN.encode())):
+        if owed or (current is not None and current.endswith(_UNKNOWN_HEX)):
             # Owed after a restart, or bumped earlier while this primary's position was
             # unknown: give it one.
-            _bump(connection, [generation], lsn)
-            _owed_generations.discard(alias)
+            bump_generation(lsn)
         for _ in range(MAX_BATCHES):
             rows = outbox.pending(own)
             if not rows:
@@ -565,24 +565,14 @@ def _settle(connection: Any, alias: str, epoch: int) -> None:
         raise _MoreRows
 
 
-def _position(own: Any, has_replicas: bool) -> str:
-    return f"{outbox.primary_position(own):016x}" if has_replicas else _ZERO_LSN
+def _position(own: Any, has_replicas: bool) -> int:
+    return outbox.primary_position(own) if has_replicas else 0
 
 
-def _bump(connection: Any, keys: list[str], lsn_hex: str) -> None:
-    from django_dbscale.cache.client import BUMP
+def _bump(connection: Any, keys: list[str], lsn: int) -> None:
+    from django_dbscale.cache.client import BUMP, bump_call
 
-    opts = options()
-    args = (
-        "EVALSHA",
-        BUMP.sha,
-        len(keys),
-        *keys,
-        tokens.next(),
-        lsn_hex,
-        opts.version_timeout,
-        min(opts.timeout + 60, opts.version_timeout),
-    )
+    args = bump_call(keys, lsn)
     try:
         _call(connection, *args)
     except NoScriptError:

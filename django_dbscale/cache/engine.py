@@ -48,7 +48,7 @@ from django_dbscale.cache.client import (
     pack,
 )
 from django_dbscale.cache.keys import tokens
-from django_dbscale.cache.options import options
+from django_dbscale.cache.options import min_version_ttl, options
 from django_dbscale.cache.signals import cache_read
 from django_dbscale.conf import dbscale_settings
 
@@ -71,11 +71,6 @@ def lease_ttl_ms(opts: Any) -> int:
     must still keep the lease, or the next waiters would all query the database too.
     """
     return int(max(opts.lock_timeout * 10, 5.0) * 1000)
-
-
-def min_version_ttl(opts: Any) -> int:
-    """Return the time-to-live of a new or bumped version key (fills extend theirs)."""
-    return int(min(opts.timeout + 60, opts.version_timeout))
 
 
 @dataclass(eq=False)

@@ -41,9 +41,9 @@ from django.db import DatabaseError, connections
 
 from django_dbscale import consistency
 from django_dbscale.cache import continuity, outbox, stats
-from django_dbscale.cache.client import BUMP, RedisUnavailable, gateway
+from django_dbscale.cache.client import RedisUnavailable, bump_call, gateway
 from django_dbscale.cache.dimensions import dimension_fields_for_table
-from django_dbscale.cache.keys import tokens, version_key
+from django_dbscale.cache.keys import UNKNOWN_LSN, version_key, wide_version_key
 from django_dbscale.cache.options import options
 from django_dbscale.cache.signals import cache_invalidated
 from django_dbscale.conf import dbscale_settings
@@ -59,16 +59,8 @@ __all__ = [
 
 logger = logging.getLogger("django_dbscale.cache")
 
-#: The LSN recorded when the primary's position could not be read: fill from the primary.
-UNKNOWN_LSN = (1 << 64) - 1
-
 #: Above this many pending keys, dimension keys collapse into their table's "wide" key.
 MAX_PENDING_KEYS = 10_000
-
-
-def format_lsn_hex(lsn: int) -> str:
-    """Return *lsn* as 16 hex digits (what the Lua scripts compare as strings)."""
-    return f"{lsn:016x}"
 
 
 def write_keys(prefix: str, alias: str, table: str, dims: Iterable[str] | None) -> list[str]:
@@ -362,10 +354,8 @@ def _collapse(alias: str) -> None:
     queued = _pending_keys[alias]
     collapsed: dict[str, int] = {}
     for key, seq in queued.items():
-        head, sep, _ = key.partition(":d:")
-        if sep:
-            key = f"{head}:w"
-        collapsed[key] = max(seq, collapsed.get(key, 0))
+        wide = wide_version_key(key)
+        collapsed[wide] = max(seq, collapsed.get(wide, 0))
     _pending_keys[alias] = collapsed
 
 
@@ -381,21 +371,7 @@ def flush_pending() -> bool:
         snapshot = {alias: dict(keys) for alias, keys in _pending_keys.items()}
         lsns = dict(_pending_lsn)
         tables = {alias: set(t) for alias, t in _pending_tables.items()}
-    calls: list[tuple[Any, ...]] = []
-    for alias, keys in snapshot.items():
-        ordered = sorted(keys)
-        calls.append(
-            (
-                "EVALSHA",
-                BUMP.sha,
-                len(ordered),
-                *ordered,
-                tokens.next(),  # one per call: bump.lua only appends the key's index
-                format_lsn_hex(lsns.get(alias, 0)),
-                opts.version_timeout,
-                min(opts.timeout + 60, opts.version_timeout),
-            )
-        )
+    calls = [bump_call(sorted(keys), lsns.get(alias, 0)) for alias, keys in snapshot.items()]
     extra = stats.drain_commands(opts.prefix) if stats.due() else []
     try:
         gw.pipeline(calls + extra)

@@ -45,12 +45,15 @@ from django.db.models import Field, Model, Q
 from django_dbscale.conf import on_settings_changed
 
 __all__ = [
+    "UNKNOWN_LSN",
+    "format_lsn_hex",
     "FORMAT_VERSION",
     "Unkeyable",
     "canonical_dimension",
     "digest",
     "freeze",
     "generation_key",
+    "wide_version_key",
     "schema_fingerprint",
     "version_key",
 ]
@@ -190,6 +193,26 @@ def version_key(prefix: str, alias: str, table: str, kind: str, dimension: str =
     if kind == "d":
         return f"{prefix}:v:{alias}:{table}:d:{dimension}"
     return f"{prefix}:v:{alias}:{table}:{kind}"
+
+
+#: The WAL position recorded when the primary's could not be read: fill from the primary.
+UNKNOWN_LSN = (1 << 64) - 1
+
+
+def format_lsn_hex(lsn: int) -> str:
+    """Return *lsn* as the 16 hex digits ending a version value (the Lua scripts compare
+    them as strings)."""
+    return f"{lsn:016x}"
+
+
+def wide_version_key(key: str) -> str:
+    """Return the table's wide version key for a dimension version *key*; others unchanged.
+
+    Bumping the wide key instead of many dimension keys costs one key per table and only
+    misses: every dimension-filtered read of the table depends on it too.
+    """
+    head, sep, _ = key.partition(":d:")
+    return f"{head}:w" if sep else key
 
 
 def generation_key(prefix: str, alias: str) -> str:

@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_dbscale.conf import dbscale_settings, on_settings_changed
 
-__all__ = ["CacheOptions", "options", "primary_alias"]
+__all__ = ["CacheOptions", "min_version_ttl", "options", "primary_alias"]
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,11 @@ def options() -> CacheOptions:
 @on_settings_changed
 def _reset() -> None:
     _current.clear()
+
+
+def min_version_ttl(opts: CacheOptions) -> int:
+    """Return the time-to-live of a new or bumped version key (fills extend theirs)."""
+    return int(min(opts.timeout + 60, opts.version_timeout))
 
 
 def primary_alias(alias: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from django.db import connections
 
+from django_dbscale.cache.keys import wide_version_key
 from django_dbscale.conf import dbscale_settings
 
 __all__ = [
@@ -202,15 +203,10 @@ def in_recovery(own: psycopg.Connection[Any]) -> bool:
 def collapse(keys: Iterable[str]) -> list[str]:
     """Return *keys* with dimension versions replaced by their table's wide version, sorted.
 
-    A drain after an outage may carry thousands of dimension values; bumping the wide key
-    instead (which every dimension-filtered read of the table also depends on) costs one
-    key per table and only misses.
+    A drain after an outage may carry thousands of dimension values (see
+    :func:`~django_dbscale.cache.keys.wide_version_key`).
     """
-    out: set[str] = set()
-    for key in keys:
-        head, sep, _ = key.partition(":d:")
-        out.add(f"{head}:w" if sep else key)
-    return sorted(out)
+    return sorted({wide_version_key(key) for key in keys})
 
 
 def delete(own: psycopg.Connection[Any], ids: list[int]) -> None:
