@@ -63,6 +63,21 @@ def outbox_rows(alias: str = "default") -> list[tuple[int, str]]:
         return [(int(i), str(k)) for i, k in cursor.fetchall()]
 
 
+def owe_behind_redis(pk: int, value: int) -> None:
+    """Set a counter's value by direct SQL and leave its invalidation in the outbox only.
+
+    What a writer in another process leaves when it cannot reach Redis (and then crashes,
+    or is cut off alone): the database changed, Redis was not told.
+    """
+    table = CCounter._meta.db_table
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET value = %s WHERE id = %s", [value, pk])
+        cursor.execute(
+            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)",
+            [f"{options().prefix}:v:default:{table}:a"],
+        )
+
+
 def wait_for_open_breaker() -> None:
     """Wait until failed calls (this thread's and the verifying thread's) open the breaker."""
     deadline = time.monotonic() + 5
@@ -379,17 +394,12 @@ def test_a_long_outbox_is_drained_whole_with_dimension_keys_collapsed() -> None:
     CCounter.objects.using("default").filter(pk=row.pk).nocache().update(value=2)
     prime(row.pk, 2)
     prefix = options().prefix
-    table = CCounter._meta.db_table
     dims = "\n".join(f"{prefix}:v:default:testapp_other:d:x={i}" for i in range(300))
     with connections["default"].cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {outbox.TABLE} (keys) SELECT %s FROM generate_series(1, 2500)", [dims]
         )
-        # Last, a real write's owed invalidation (its value changed behind Redis's back).
-        cursor.execute(f"UPDATE {table} SET value = 3 WHERE id = %s", [row.pk])
-        cursor.execute(
-            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
-        )
+    owe_behind_redis(row.pk, 3)  # last, a real write's owed invalidation
     assert read(row.pk) == (2, ["hit"])  # stale until someone drains the outbox
     started = time.monotonic()
     gateway().connections_lost()
@@ -446,13 +456,7 @@ def test_a_hit_read_while_trust_was_lost_is_not_served(
 
     row = CCounter.objects.create(name="c", value=1)
     prime(row.pk, 1)
-    prefix = options().prefix
-    table = CCounter._meta.db_table
-    with connections["default"].cursor() as cursor:  # a crashed writer's owed invalidation
-        cursor.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", [row.pk])
-        cursor.execute(
-            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
-        )
+    owe_behind_redis(row.pk, 2)  # a crashed writer's owed invalidation
     direct = redis_py.Redis(host=services.redis.host, port=services.redis.port)
     direct.client_kill_filter(_type="normal", skipme=True)  # reset every client connection
 
@@ -485,13 +489,7 @@ def test_an_outbox_poll_finds_what_no_redis_error_revealed() -> None:
 
     row = CCounter.objects.create(name="c", value=1)
     prime(row.pk, 1)
-    prefix = options().prefix
-    table = CCounter._meta.db_table
-    with connections["default"].cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", [row.pk])
-        cursor.execute(
-            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
-        )
+    owe_behind_redis(row.pk, 2)
     time.sleep(0.3)
     assert read(row.pk) == (1, ["hit"])  # no poll: stale until some process drains it
     cache = {**settings.DBSCALE["CACHE"], "OUTBOX_POLL_INTERVAL": 0.1}
@@ -561,14 +559,9 @@ def test_a_cut_is_noticed_without_an_idle_connection_of_the_caller(services: Ser
     assert continuity.wait_until_verified()
     prime(row.pk, 1)
     gateway().close()  # no idle connection of the caller's own
-    prefix = options().prefix
-    table = CCounter._meta.db_table
-    # Meanwhile another process writes, cannot deliver, and leaves an outbox row.
-    with services.proxies["redis"].cut_off(), connections["default"].cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", [row.pk])
-        cursor.execute(
-            f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)", [f"{prefix}:v:default:{table}:a"]
-        )
+    with services.proxies["redis"].cut_off():
+        # Meanwhile another process writes, cannot deliver, and leaves an outbox row.
+        owe_behind_redis(row.pk, 2)
     assert read(row.pk) == (2, ["bypass:unverified"])
     assert continuity.wait_until_verified()
     assert outbox_rows() == []
