@@ -326,7 +326,8 @@ class ReplicaMonitor:
     def _probe(self, alias: str) -> _Probe:
         probe = self._probes.get(alias)
         if probe is None:
-            probe = self._probes.setdefault(alias, _Probe(alias))
+            with self._lock:  # reset() iterates the probes under this lock
+                probe = self._probes.setdefault(alias, _Probe(alias))
         return probe
 
     def _probe_replica(
@@ -396,7 +397,8 @@ class ReplicaMonitor:
     def report_failure(self, alias: str, reason: str) -> None:
         """Quarantine *alias* after a failure seen outside the prober."""
         self._fail(self.status(alias), reason)
-        probe = self._probes.pop(alias, None)  # the next probe opens a fresh connection
+        with self._lock:
+            probe = self._probes.pop(alias, None)  # the next probe opens a fresh connection
         if probe is not None:
             probe.close()
 

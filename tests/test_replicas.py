@@ -966,3 +966,41 @@ def test_closing_a_probe_in_use_waits_for_its_query(services: Services) -> None:
     assert probe.conn is None  # closed by the query's own thread when it ended
     with pytest.raises(RuntimeError, match="was closed"):
         probe.query("SELECT 1", 1.0)
+
+
+def test_reset_while_probes_are_being_opened_raises_nothing() -> None:
+    # Settings changing (reset) while the prober's threads open probes: seen in the suite
+    # as "dictionary changed size during iteration" out of reset().
+    import sys
+
+    from django_dbscale.replicas import ReplicaMonitor
+
+    monitor = ReplicaMonitor()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def open_probes() -> None:
+        i = 0
+        while not stop.is_set():
+            monitor._probe(f"db{i % 5000}")
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    opener = threading.Thread(target=open_probes)
+    opener.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                monitor.reset()
+            except RuntimeError as exc:
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        opener.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
+    monitor.reset()
+    assert monitor._probes == {}
