@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -126,3 +127,38 @@ def test_collector_exposes_cache_trust(services: Services) -> None:
         assert 'dbscale_cache_untrusted{alias="*"} 1.0' in text
     assert wait_until_verified()
     assert "dbscale_cache_untrusted{" not in generate_latest(registry).decode()
+
+
+def test_a_scrape_while_requests_count_new_models_raises_nothing() -> None:
+    # The collector runs in the exporter's thread while request threads add counters.
+    import sys
+    import threading
+
+    from django_dbscale.cache import stats
+
+    stats.reset()
+    stop = threading.Event()
+
+    def count() -> None:
+        i = 0
+        while not stop.is_set():
+            stats.incr(f"app.Model{i}", "hit")
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        summaries = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            counted = stats.summary()
+            assert all(counted[f"app.Model{i}"]["hit"] == 1 for i in range(len(counted)))
+            summaries += 1
+    finally:
+        stop.set()
+        counter.join()
+        sys.setswitchinterval(interval)
+        stats.reset()
+    assert summaries > 10

@@ -87,6 +87,7 @@ def summary(shared: dict[bytes, bytes] | None = None) -> dict[str, dict[str, int
             label, _, event = field.decode().rpartition("|")
             result.setdefault(label, dict.fromkeys(EVENTS, 0))[event] = int(value)
         return result
-    for (label, event), count in _totals.items():
+    # A copy: other threads count (adding keys) while, say, a metrics scrape reads.
+    for (label, event), count in local_counts().items():
         result.setdefault(label, dict.fromkeys(EVENTS, 0))[event] = count
     return result
