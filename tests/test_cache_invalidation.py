@@ -611,6 +611,32 @@ def test_a_write_costs_one_redis_round_trip(
     assert set(calls) <= {"evalsha", "get", "set", "ttl"}, calls
 
 
+
+def test_invalidating_every_table_costs_one_round_trip_and_one_position_query(
+    library: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # invalidate_all() runs on post_migrate for every app (so on each flush): it names every
+    # installed table, and used to cost a WAL query and a Redis round trip per table.
+    from django.apps import apps
+    from django.test.utils import CaptureQueriesContext
+
+    from django_dbscale.cache import invalidate_all
+
+    monkeypatch.setattr(cache_stats_module, "FLUSH_INTERVAL", 1e9)
+    read = titles_of(library["ann"])
+    primed(read, ["A1", "A2"])
+    assert len({m._meta.db_table for m in apps.get_models(include_auto_created=True)}) > 10
+    before = commandstats()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        invalidate_all("default")
+    calls = _redis_calls(before, commandstats())
+    assert calls["evalsha"] == 1
+    assert set(calls) <= {"evalsha", "get", "set", "ttl"}, calls
+    assert [q["sql"] for q in queries] == ["SELECT pg_current_wal_insert_lsn()::text"]
+    with fresh_context(), observe() as seen:
+        assert read() == ["A1", "A2"]
+    assert seen.reasons == ["miss"]
+
 def test_every_key_has_a_ttl(library: dict[str, Any]) -> None:
     from tests.test_cache_support import redis
 

@@ -233,10 +233,15 @@ def batched() -> Iterator[None]:
 
 
 def invalidate_tables(alias: str, tables: Iterable[tuple[str, Iterable[str] | None]]) -> None:
-    """Invalidate (table, dims) pairs on primary *alias* now, or at commit if in ``atomic()``."""
+    """Invalidate (table, dims) pairs on primary *alias* now, or at commit if in ``atomic()``.
+
+    Outside ``atomic()`` the pairs go out together: one WAL position query and one Redis
+    round trip, however many tables (``invalidate_all`` names every installed table).
+    """
     connection = connections[alias]
-    for table, dims in tables:
-        record_write(connection, table, dims)
+    with batched():
+        for table, dims in tables:
+            record_write(connection, table, dims)
 
 
 # -- delivery ---------------------------------------------------------------------------
