@@ -611,7 +611,6 @@ def test_a_write_costs_one_redis_round_trip(
     assert set(calls) <= {"evalsha", "get", "set", "ttl"}, calls
 
 
-
 def test_invalidating_every_table_costs_one_round_trip_and_one_position_query(
     library: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -636,6 +635,7 @@ def test_invalidating_every_table_costs_one_round_trip_and_one_position_query(
     with fresh_context(), observe() as seen:
         assert read() == ["A1", "A2"]
     assert seen.reasons == ["miss"]
+
 
 def test_every_key_has_a_ttl(library: dict[str, Any]) -> None:
     from tests.test_cache_support import redis
