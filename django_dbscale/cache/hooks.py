@@ -7,14 +7,16 @@ outside Django altogether, tells the cache with :func:`invalidate_model` or
 ``atomic()``, at once otherwise).
 
 ``migrate`` and ``flush`` change or empty tables behind the ORM; the ``post_migrate``
-receiver (Django sends it after both) invalidates every table of the database they ran on.
+receiver (Django sends it after both, once per app) invalidates each app's tables on the
+database they ran on, so every table is invalidated once per command.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from django.apps import apps
+from django.apps import AppConfig, apps
 from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import Model
 from django.db.models.signals import post_migrate
@@ -79,19 +81,23 @@ def invalidate(obj: Model, *, using: str | None = None) -> None:
 
 def invalidate_all(using: str = DEFAULT_DB_ALIAS) -> None:
     """Invalidate every cached query on database *using* (every installed model's tables)."""
+    _invalidate_whole_tables(apps.get_models(include_auto_created=True), using)
+
+
+def _invalidate_whole_tables(models: Iterable[type[Model]], using: str) -> None:
     from django_dbscale.cache.options import primary_alias
 
-    tables: set[str] = set()
-    for model in apps.get_models(include_auto_created=True):
-        tables.add(model._meta.db_table)
-    invalidation.invalidate_tables(primary_alias(using), [(t, None) for t in sorted(tables)])
+    tables = sorted({model._meta.db_table for model in models})
+    invalidation.invalidate_tables(primary_alias(using), [(t, None) for t in tables])
 
 
 @receiver(post_migrate, dispatch_uid="django_dbscale.cache.post_migrate")
-def _after_migrate(*, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
+def _after_migrate(*, app_config: AppConfig, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
+    # Django sends post_migrate once per app with models after every migrate and flush:
+    # each send invalidates its app's tables, so together they cover every table once.
     if not options().enabled:
         return
-    invalidate_all(using)
+    _invalidate_whole_tables(app_config.get_models(include_auto_created=True), using)
 
 
 # -- CACHE["MODELS"] ------------------------------------------------------------------------
