@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -51,8 +53,12 @@ __all__ = [
     "consistency_token",
     "current_state",
     "format_lsn",
+    "count_route",
     "parse_lsn",
+    "raise_floor",
     "read_at_least",
+    "read_from_primary",
+    "route_counts",
     "record_write",
     "required_position",
     "use_database",
@@ -220,6 +226,51 @@ def wrote_recently(primary: str, seconds: float) -> bool:
         return False
     written = state.write_times.get(primary)
     return written is not None and time.time() - written < seconds
+
+
+# -- where reads went: the one record of floors and reasons ------------------------------
+
+#: (alias read from, reason) -> number of reads routed so, in this process. Every place
+#: that decides or changes where a read runs (the replica policy, a cache fill moved to a
+#: primary, a failover) counts here, once per read.
+route_counts: Counter[tuple[str, str]] = Counter()
+_count_lock = threading.Lock()
+
+
+def count_route(alias: str, reason: str) -> None:
+    """Count one read of *alias* for *reason* (``route_counts``)."""
+    with _count_lock:
+        route_counts[(alias, reason)] += 1
+
+
+def read_from_primary(
+    primary: str, reason: str | None = None, state: ConsistencyState | None = None
+) -> None:
+    """Record that this context is reading *primary* itself, now: its newest state.
+
+    The context is pinned to *primary*: a later read of its data goes to a replica only
+    once a probe shows a replica that had replayed everything *primary* had at this moment
+    (monotonic reads). *reason*, if given, is counted in ``route_counts``. Call it for
+    every read that ends up on a primary for whatever cause (routing, a cache fill moved
+    off a lagging replica, a failover), so the floor is raised in one way only.
+    """
+    if state is None:
+        state = current_state()
+    state.pinned[primary] = primary
+    state.pinned_at[primary] = time.monotonic()
+    if reason is not None:
+        count_route(primary, reason)
+
+
+def raise_floor(positions: Mapping[str, int]) -> None:
+    """Record that this context has seen data as of *positions* (primary alias -> LSN).
+
+    Later reads of those primaries' data go to a replica only if it has replayed at least
+    that position, exactly as after the context's own write: a cache hit calls this with
+    the position its entry reflects, so a plain read after it never shows older rows.
+    """
+    if positions:
+        current_state().merge_positions(positions)
 
 
 # -- tokens -------------------------------------------------------------------------------

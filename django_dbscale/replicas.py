@@ -37,7 +37,7 @@ import os
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +73,9 @@ PINNED_PRIMARY = "pinned_primary"
 UNKNOWN = "unknown"
 FAILOVER = "failover"
 
-#: (alias read from, reason) -> number of reads routed so, in this process.
-route_counts: Counter[tuple[str, str]] = Counter()
+#: (alias read from, reason) -> number of reads routed so, in this process (kept by
+#: :mod:`~django_dbscale.consistency`, which records every move of a read).
+route_counts = consistency.route_counts
 
 REPLICA_PROBE_SQL = """
 SELECT pg_is_in_recovery(),
@@ -476,33 +477,18 @@ def failed_over(replica: str, primary: str, reason: str) -> None:
     the quarantine could show it an older one.
     """
     monitor.report_failure(replica, reason)
-    _pin_to_primary(consistency.current_state(), primary)
-    _count(primary, FAILOVER)
+    consistency.read_from_primary(primary, FAILOVER)
     signals.read_failed_over.send(sender=ReplicaMonitor, alias=replica, primary=primary)
 
 
-_count_lock = threading.Lock()
-
-
-def _count(alias: str, reason: str) -> None:
-    with _count_lock:
-        route_counts[(alias, reason)] += 1
-
-
 def _route(alias: str, reason: str) -> str:
-    _count(alias, reason)
+    consistency.count_route(alias, reason)
     return alias
 
 
-def _pin_to_primary(state: consistency.ConsistencyState, primary: str) -> None:
-    """Keep *state* on *primary*, which it is reading now, until a replica catches up."""
-    state.pinned[primary] = primary
-    state.pinned_at[primary] = time.monotonic()
-
-
 def _to_primary(primary: str, reason: str, state: consistency.ConsistencyState) -> str:
-    _pin_to_primary(state, primary)
-    return _route(primary, reason)
+    consistency.read_from_primary(primary, reason, state)
+    return primary
 
 
 def _wait_for(replica_aliases: list[str], lsn: int, timeout: float) -> str | None:
@@ -595,7 +581,7 @@ def read_alias(primary: str) -> str:
     state = consistency.current_state()
     if forced == "primary":
         if specs:
-            _pin_to_primary(state, primary)
+            return _to_primary(primary, FORCED, state)
         return _route(primary, FORCED)
     if forced is not None and forced != "replica":
         if forced != primary and config.primary_of.get(forced) != primary:
