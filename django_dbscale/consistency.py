@@ -55,6 +55,9 @@ __all__ = [
     "format_lsn",
     "count_route",
     "parse_lsn",
+    "UNKNOWN_POSITION",
+    "at_least",
+    "block_floor",
     "raise_floor",
     "read_at_least",
     "read_from_primary",
@@ -271,6 +274,35 @@ def raise_floor(positions: Mapping[str, int]) -> None:
     """
     if positions:
         current_state().merge_positions(positions)
+
+
+#: A position no replica can have replayed: only the primary serves a read that needs it.
+UNKNOWN_POSITION = 1 << 64
+
+#: Positions the reads of the running block must see on top of the context's own (a
+#: cache fill's: the WAL positions of the last invalidations of what it reads). The
+#: replica policy applies it to every read it routes, so a fill is routed once, like any
+#: read, and moving it to a primary raises the context's floor the same way.
+block_floor: ContextVar[Mapping[str, int] | None] = ContextVar("dbscale_block_floor", default=None)
+
+
+@contextmanager
+def at_least(positions: Mapping[str, int]) -> Iterator[None]:
+    """Route every read of the block to a source that has replayed *positions*.
+
+    Nested blocks see the highest position per primary. :data:`UNKNOWN_POSITION` sends the
+    block's reads of that primary to the primary itself.
+    """
+    outer = block_floor.get()
+    merged = dict(outer) if outer else {}
+    for alias, lsn in positions.items():
+        if lsn > merged.get(alias, -1):
+            merged[alias] = lsn
+    token = block_floor.set(merged)
+    try:
+        yield
+    finally:
+        block_floor.reset(token)
 
 
 # -- tokens -------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ FORCED = "forced"
 PINNED_PRIMARY = "pinned_primary"
 UNKNOWN = "unknown"
 FAILOVER = "failover"
+CACHE_FILL = "cache_fill"
 
 #: (alias read from, reason) -> number of reads routed so, in this process (kept by
 #: :mod:`~django_dbscale.consistency`, which records every move of a read).
@@ -619,6 +620,14 @@ def read_alias(primary: str) -> str:
             primary, config.sticky_seconds
         ):
             return _to_primary(primary, READ_YOUR_WRITES, state)
+    behind = READ_YOUR_WRITES  # why a replica that has not replayed `required` is skipped
+    block = consistency.block_floor.get()
+    if block is not None:  # a cache fill: its source must have replayed its header
+        need = block.get(primary)
+        if need is not None and (required is None or need > required):
+            required, behind = need, CACHE_FILL
+            if need >= consistency.UNKNOWN_POSITION:
+                return _to_primary(primary, CACHE_FILL, state)
 
     if pinned is not None:
         status = monitor.status(pinned)
@@ -626,7 +635,7 @@ def read_alias(primary: str) -> str:
             return _to_primary(primary, status.reason_unusable(now), state)
         if required is None or (status.replay_lsn or -1) >= required:
             return _route(pinned, REPLICA)
-        return _to_primary(primary, READ_YOUR_WRITES, state)
+        return _to_primary(primary, behind, state)
 
     usable = [
         spec
@@ -643,7 +652,7 @@ def read_alias(primary: str) -> str:
             wait = state.wait if state.wait is not None else config.replica_wait
             chosen = _wait_for([s.alias for s in usable], required, wait) if wait > 0 else None
             if chosen is None:
-                return _to_primary(primary, READ_YOUR_WRITES, state)
+                return _to_primary(primary, behind, state)
             caught_up = [s for s in usable if s.alias == chosen]
         usable = caught_up
     alias = monitor.choose(usable)

@@ -116,18 +116,18 @@ class Collector:
     """Records what queries compiled and run during a cache fill (or a discovery compile).
 
     ``required``: primary alias -> WAL position its replicas must have replayed before a
-    fill may read from them (``INFINITE_LSN`` when unknown). ``tables`` maps each compiled
-    query object to the (primary alias, table) pairs it reads.
+    fill may read from them (``consistency.UNKNOWN_POSITION`` when unknown). ``queries``
+    maps each compiled query object to the (primary alias, tables) it reads.
     """
 
     base_table: str | None = None
     required: dict[str, int] = field(default_factory=dict)
     queries: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     reason: str | None = None
-    swapped_to_primary: int = 0
     #: Some compiled SQL converts to the active time zone (``AT TIME ZONE``).
     zoned: bool = False
-    sources: list[str] = field(default_factory=list)
+    #: Every alias a statement of the fill ran on.
+    sources: set[str] = field(default_factory=set)
 
     def add_tables(self, query: Any, alias: str, tables: list[str]) -> None:
         """Note the tables in one compiled query's FROM clause (called by the compiler)."""
@@ -147,26 +147,6 @@ class Collector:
             if query.select_for_update and self.reason is None:
                 self.reason = "select_for_update()"
 
-    def source_for(self, alias: str) -> str:
-        """Return the alias a fill query may run on: *alias*, or its primary if it lags."""
-        from django_dbscale.conf import dbscale_settings
-
-        primary = dbscale_settings.primary_of.get(alias)
-        if primary is None:
-            self.sources.append(alias)
-            return alias
-        need = self.required.get(primary, 0)
-        if need:
-            from django_dbscale import replicas
-
-            got = replicas.replayed_lsn(alias)
-            if got is None or got < need:
-                self.swapped_to_primary += 1
-                self.sources.append(primary)
-                return primary
-        self.sources.append(alias)
-        return alias
-
     def read_tables(self) -> frozenset[tuple[str, str]]:
         """Return every (primary alias, table) read by the recorded queries."""
         return frozenset((alias, t) for alias, tables in self.queries.values() for t in tables)
@@ -182,8 +162,6 @@ class Collector:
 
 #: The collector of the fill (or discovery) running in this context, if any.
 collector: ContextVar[Collector | None] = ContextVar("dbscale_cache_collector", default=None)
-
-INFINITE_LSN = 1 << 64
 
 
 # -- dimension values -----------------------------------------------------------------------

@@ -33,11 +33,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from django_dbscale import consistency, replicas
 from django_dbscale.cache import continuity, invalidation, stats
-from django_dbscale.cache.analysis import INFINITE_LSN, Collector, collector
+from django_dbscale.cache.analysis import Collector, collector
 from django_dbscale.cache.client import (
     FILL,
     READ,
@@ -140,7 +140,7 @@ def _required_positions(plan: Plan, header: str) -> dict[str, int]:
     required: dict[str, int] = {}
     for alias, value in zip(plan.version_aliases, header.split("|"), strict=False):
         _, _, lsn_text = value.rpartition(":")
-        lsn = INFINITE_LSN if lsn_text == "P" else int(lsn_text, 16)
+        lsn = consistency.UNKNOWN_POSITION if lsn_text == "P" else int(lsn_text, 16)
         if lsn > required.get(alias, 0):
             required[alias] = lsn
     return required
@@ -234,8 +234,9 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
         stats.incr(plan.label, "error")
         return _bypass(plan, run, "redis error")
     if reply[0] == 1:
+        value: T
         try:
-            value: T = pickle.loads(reply[1])
+            floor, value = pickle.loads(reply[1])
         except Exception:
             logger.warning("Unreadable cache entry %s; refilling it.", plan.entry_key)
             stats.incr(plan.label, "error")
@@ -246,6 +247,8 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
         else:
             if _untrusted(plan, epoch):  # e.g. this read met a dead connection
                 return _bypass(plan, run, UNTRUSTED)
+            if floor:
+                consistency.raise_floor(floor)  # later reads never show older rows
             stats.incr(plan.label, "hit")
             if cache_read.receivers:
                 _notify(plan, True, False, "hit")
@@ -264,11 +267,13 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
                 return _bypass(plan, run, "redis error")
             if reply[0] == 1:
                 try:
-                    value = pickle.loads(reply[1])
+                    floor, value = pickle.loads(reply[1])
                 except Exception:
                     break
                 if _untrusted(plan, epoch):
                     return _bypass(plan, run, UNTRUSTED)
+                if floor:
+                    consistency.raise_floor(floor)
                 stats.incr(plan.label, "hit")
                 _notify(plan, True, False, "hit")
                 return value
@@ -291,7 +296,9 @@ def _fill(
     col = Collector(base_table=plan.base_table, required=_required_positions(plan, header))
     token = collector.set(col)
     try:
-        with _watch_replicas(plan, col):
+        # Routed once, like any read: the replica policy sends the fill's statements to a
+        # source that has replayed the header, else to the primary (raising the floor).
+        with consistency.at_least(col.required), _watch_sources(plan, col):
             value = run()
     except BaseException:
         collector.reset(token)
@@ -301,13 +308,22 @@ def _fill(
     reason = _verdict(plan, col, epoch)
     if reason is None and not all(_isolation_allows_store(a) for a in in_transaction):
         reason = "snapshot isolation: the snapshot may predate the header"
+    floor: dict[str, int] | None = None
+    if reason is None:
+        try:
+            floor = _entry_floor(plan, col)
+        except DatabaseError:
+            reason = "the primary's WAL position could not be read"
+        else:
+            if floor:
+                consistency.raise_floor(floor)
     if reason is not None:
         _release(nonce, plan)
         stats.incr(plan.label, "bypass")
         _notify(plan, False, False, f"bypass:{reason}")
         return value
     opts = options()
-    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = pickle.dumps((floor, value), protocol=pickle.HIGHEST_PROTOCOL)
     if len(payload) > opts.max_result_bytes:
         _release(nonce, plan)
         stats.incr(plan.label, "too_big")
@@ -331,19 +347,23 @@ def _fill(
 
 
 @contextlib.contextmanager
-def _watch_replicas(plan: Plan, col: Collector) -> Iterator[None]:
-    """Mark the fill unstorable if a statement ran on a replica behind its header.
+def _watch_sources(plan: Plan, col: Collector) -> Iterator[None]:
+    """Record where each statement of the fill ran; refuse to store reads of a lagging replica.
 
-    The compiler moves ORM statements of a fill off lagging replicas; ``raw()`` and
-    ``cursor()`` reads do not pass through it, so they are checked as they execute.
+    The replica policy routes the fill's reads (querysets, ``raw()``) to a source that
+    has replayed the header; a statement on a replica behind it (an explicit ``using()``
+    of a replica, a cursor opened on a replica's connection) makes the fill unstorable.
     """
-    replica_aliases = [r.alias for a in plan.aliases for r in dbscale_settings.replicas.get(a, ())]
-    if not replica_aliases:
-        yield
-        return
+    primaries = plan.aliases
+    watched = [
+        *primaries,
+        *(r.alias for a in primaries for r in dbscale_settings.replicas.get(a, ())),
+    ]
+    sources = col.sources
 
     def check(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         alias = context["connection"].alias
+        sources.add(alias)
         primary = dbscale_settings.primary_of.get(alias)
         need = col.required.get(primary, 0) if primary is not None else 0
         if need and col.reason is None:
@@ -353,9 +373,31 @@ def _watch_replicas(plan: Plan, col: Collector) -> Iterator[None]:
         return execute(sql, params, many, context)
 
     with contextlib.ExitStack() as stack:
-        for alias in replica_aliases:
+        for alias in watched:
             stack.enter_context(connections[alias].execute_wrapper(check))
         yield
+
+
+def _entry_floor(plan: Plan, col: Collector) -> dict[str, int] | None:
+    """Return the WAL position per primary that the fill's result reflects, for its hits.
+
+    A fill that read a primary reflects that primary's state now: its current position
+    (one query, only for primaries with replicas). A fill served by replicas reflects the
+    state as of the last invalidation of what it read, which its source had replayed: the
+    header's position. A hit raises its context's floor to these, exactly as a read of
+    that source would (see docs/consistency.md).
+    """
+    floor: dict[str, int] = {}
+    for alias in plan.aliases:
+        if not dbscale_settings.replicas.get(alias):
+            continue  # read from the primary only: nothing can be older
+        if alias in col.sources:
+            floor[alias] = consistency.fetch_primary_lsn(alias)
+            continue
+        need = col.required.get(alias, 0)
+        if 0 < need < consistency.UNKNOWN_POSITION:
+            floor[alias] = need
+    return floor or None
 
 
 def _verdict(plan: Plan, col: Collector, epoch: int) -> str | None:

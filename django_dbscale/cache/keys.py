@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Bump when the entry format or the recipe encoding changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _ATOMS: frozenset[type] = frozenset(
     {

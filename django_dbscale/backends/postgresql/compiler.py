@@ -16,8 +16,8 @@ points that at this module, which makes it the one hook with complete coverage:
   ``UPDATE ... FROM (SELECT pk, dims ... FOR UPDATE) RETURNING old, new`` inside a CTE that
   aggregates the distinct values, and a ``DELETE`` gets ``RETURNING``. No extra round trip.
 * **Reads**, during cache fills only: each compiled query reports the tables it reads to
-  the active collector, and each executed one may be moved from a lagging replica to its
-  primary (:meth:`~django_dbscale.cache.analysis.Collector.source_for`).
+  the active collector. Where a fill's statements run is decided by the routers, like any
+  read (see :func:`django_dbscale.consistency.at_least`).
 
 Outside fills and with the cache disabled, the read path costs one context-variable lookup
 per compile and per execution.
@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FullResultSet
-from django.db import connections
 from django.db.models.sql import compiler
 from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
 
@@ -50,7 +49,7 @@ def _cache_enabled() -> bool:
 
 
 class _ReadHooks:
-    """Report compiled queries to the fill collector; steer fills away from lagging replicas."""
+    """Report compiled queries to the fill collector."""
 
     query: Any
     using: str | None
@@ -83,15 +82,6 @@ class _ReadHooks:
             tables.extend(query.extra_tables)
             col.add_tables(query, self.using or self.connection.alias, tables)
         return result
-
-    def execute_sql(self, *args: Any, **kwargs: Any) -> Any:
-        col = collector.get()
-        if col is not None and self.using is not None:
-            source = col.source_for(self.using)
-            if source != self.using:
-                self.using = source
-                self.connection = connections[source]
-        return super().execute_sql(*args, **kwargs)  # type: ignore[misc]
 
 
 class SQLCompiler(_ReadHooks, compiler.SQLCompiler):
