@@ -1,4 +1,4 @@
-"""Django app configuration: registers system checks and write hooks at start-up."""
+"""Django app configuration: registers system checks and starts the configured pillars."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ class DBScaleConfig(AppConfig):
         # Imported for their side effects: @register of system checks.
         from django_dbscale import checks  # noqa: F401
         from django_dbscale.backends.other import track_writes
+        from django_dbscale.conf import dbscale_settings
 
         connection_created.connect(track_writes, dispatch_uid="dbscale_track_writes")
-        from django_dbscale.cache import install as install_cache
+        # Each pillar alone: without DBSCALE["CACHE"] no cache code is imported or run.
+        if dbscale_settings.cache_declared:
+            from django_dbscale.cache import hooks
 
-        install_cache()  # CACHE["MODELS"]: give those models' managers the cache mixin
+            hooks.connect()

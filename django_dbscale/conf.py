@@ -388,11 +388,25 @@ class DBScaleSettings:
 
     # -- queryset cache ----------------------------------------------------------------
     @property
+    def cache_declared(self) -> bool:
+        """Whether ``DBSCALE`` has a ``CACHE`` key: the queryset cache is opt-in.
+
+        A project that uses only replicas or only sharding leaves it out and needs no Redis;
+        ``"CACHE": {}`` turns the cache on with every default.
+        """
+        return self._derived(  # type: ignore[no-any-return]
+            "cache_declared",
+            lambda _raw: getattr(settings, "DBSCALE", {}).get("CACHE") is not None,
+        )
+
+    @property
     def cache(self) -> dict[str, Any]:
         """The ``CACHE`` sub-dict merged over :data:`CACHE_DEFAULTS`."""
 
         def build(raw: dict[str, Any]) -> dict[str, Any]:
             user = raw["CACHE"]
+            if user is None:
+                user = {}
             if not isinstance(user, Mapping):
                 raise _setting_error(
                     "CACHE", f"must be a dict, not {user!r}", 'Example: {"ALIAS": "dbscale"}.'
@@ -428,7 +442,8 @@ def on_settings_changed(callback: Callable[[], None]) -> Callable[[], None]:
     Modules that derive process-wide state from the settings (rings, monitors) use this so
     that ``override_settings`` never leaves them stale. Returns *callback* (decorator use).
     """
-    _listeners.append(callback)
+    if callback not in _listeners:
+        _listeners.append(callback)
     return callback
 
 

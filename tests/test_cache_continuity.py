@@ -171,8 +171,14 @@ def test_with_the_breaker_open_the_outbox_commits_with_the_write(services: Servi
     def writer_killed_after_commit() -> None:
         read(row.pk)
         wait_for_open_breaker()
-        # Die right after COMMIT, before any commit listener delivers anything.
-        base.commit_listeners.insert(0, lambda connection: os._exit(0))
+        # Die right after COMMIT, before any receiver of the commit event delivers anything.
+        commit = base.DatabaseWrapper._commit
+
+        def commit_then_die(self: Any) -> None:
+            commit(self)
+            os._exit(0)
+
+        base.DatabaseWrapper._commit = commit_then_die  # type: ignore[method-assign]
         with transaction.atomic():
             CCounter.objects.filter(pk=row.pk).update(value=5)
 

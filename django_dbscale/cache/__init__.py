@@ -17,19 +17,27 @@ See ``docs/cache.md`` for the design, the settings and the guarantees.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from django_dbscale.cache.continuity import wait_until_verified
-from django_dbscale.cache.decorators import cached_queryset
-from django_dbscale.cache.explain import Explanation
-from django_dbscale.cache.hooks import install, invalidate, invalidate_all, invalidate_model
-from django_dbscale.cache.queryset import (
-    CachedManager,
-    CachedModel,
-    CachedQuerySet,
-    CacheManagerMixin,
-)
-from django_dbscale.cache.signals import cache_invalidated, cache_read
+if TYPE_CHECKING:
+    from django_dbscale.cache.continuity import wait_until_verified
+    from django_dbscale.cache.decorators import cached_queryset
+    from django_dbscale.cache.explain import Explanation
+    from django_dbscale.cache.hooks import (
+        connect,
+        install,
+        invalidate,
+        invalidate_all,
+        invalidate_model,
+    )
+    from django_dbscale.cache.queryset import (
+        CachedManager,
+        CachedModel,
+        CachedQuerySet,
+        CacheManagerMixin,
+    )
+    from django_dbscale.cache.signals import cache_invalidated, cache_read
 
 __all__ = [
     "CacheManagerMixin",
@@ -41,12 +49,39 @@ __all__ = [
     "cache_read",
     "cache_stats",
     "cached_queryset",
+    "connect",
     "install",
     "invalidate",
     "invalidate_all",
     "invalidate_model",
     "wait_until_verified",
 ]
+
+# Loaded on first use: importing this package (for its system checks, say) must not load
+# Redis clients or the cache's machinery in a project that does not use the cache.
+_LAZY = {
+    "wait_until_verified": "continuity",
+    "cached_queryset": "decorators",
+    "Explanation": "explain",
+    "connect": "hooks",
+    "install": "hooks",
+    "invalidate": "hooks",
+    "invalidate_all": "hooks",
+    "invalidate_model": "hooks",
+    "CachedManager": "queryset",
+    "CachedModel": "queryset",
+    "CachedQuerySet": "queryset",
+    "CacheManagerMixin": "queryset",
+    "cache_invalidated": "signals",
+    "cache_read": "signals",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def cache_stats(*, shared: bool = True) -> dict[str, dict[str, int]]:

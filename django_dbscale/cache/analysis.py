@@ -19,7 +19,6 @@ more tables than expected is widened and stored from the next miss on.
 from __future__ import annotations
 
 import re
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.lookups import Exact, In
 from django.db.models.sql.where import ExtraWhere, WhereNode
 
+from django_dbscale.backends import events
 from django_dbscale.cache.keys import canonical_dimension
 
 __all__ = [
@@ -160,8 +160,9 @@ class Collector:
         )
 
 
-#: The collector of the fill (or discovery) running in this context, if any.
-collector: ContextVar[Collector | None] = ContextVar("dbscale_cache_collector", default=None)
+#: The collector of the fill (or discovery) running in this context, if any: the backend's
+#: read observer, which its compiler reports to.
+collector = events.read_observer
 
 
 # -- dimension values -----------------------------------------------------------------------

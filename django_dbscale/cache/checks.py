@@ -39,6 +39,10 @@ def _location(conf: dict[str, Any]) -> tuple[str, str, str]:
 @checks.register()
 def check_cache_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check ``DBSCALE["CACHE"]`` against installed models, ``DATABASES`` and ``CACHES``."""
+    from django_dbscale.conf import dbscale_settings
+
+    if not dbscale_settings.cache_declared:
+        return []  # the cache is opt-in: nothing to check, nothing of it loaded
     from django_dbscale.cache.dimensions import declared_dimensions, resolve
     from django_dbscale.cache.options import options
 

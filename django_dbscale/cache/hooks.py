@@ -20,13 +20,12 @@ from django.apps import AppConfig, apps
 from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import Model
 from django.db.models.signals import post_migrate
-from django.dispatch import receiver
 
 from django_dbscale.cache import invalidation
 from django_dbscale.cache.options import options
 from django_dbscale.conf import on_settings_changed
 
-__all__ = ["install", "invalidate", "invalidate_all", "invalidate_model"]
+__all__ = ["connect", "install", "invalidate", "invalidate_all", "invalidate_model"]
 
 
 def _write_alias(model: type[Model], using: str | None, hints: dict[str, Any]) -> str:
@@ -91,7 +90,6 @@ def _invalidate_whole_tables(models: Iterable[type[Model]], using: str) -> None:
     invalidation.invalidate_tables(primary_alias(using), [(t, None) for t in tables])
 
 
-@receiver(post_migrate, dispatch_uid="django_dbscale.cache.post_migrate")
 def _after_migrate(*, app_config: AppConfig, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
     # Django sends post_migrate once per app with models after every migrate and flush:
     # each send invalidates its app's tables, so together they cover every table once.
@@ -126,6 +124,18 @@ def _cached_manager_class(manager_class: type[Any]) -> type[Any]:
     return cls
 
 
+def connect() -> None:
+    """Start the cache in this process: the app's ``ready()`` calls it when it is configured.
+
+    Subscribes to the backend's write and transaction events and to ``post_migrate``, and
+    gives the models in ``CACHE["MODELS"]`` the cache's manager. Idempotent.
+    """
+    invalidation.connect_receivers()
+    post_migrate.connect(_after_migrate, dispatch_uid="django_dbscale.cache.post_migrate")
+    install()
+    on_settings_changed(_reinstall)
+
+
 def install() -> None:
     """Give the managers of every model in ``CACHE["MODELS"]`` the cache's queryset class.
 
@@ -138,7 +148,8 @@ def install() -> None:
 
     from django_dbscale.cache.queryset import CacheManagerMixin
 
-    if not apps.ready:
+    # AppConfig.ready() runs once every model is imported but before apps.ready is set.
+    if not apps.models_ready:
         return
     try:
         labels = options().models
@@ -154,6 +165,5 @@ def install() -> None:
                 manager.__class__ = _cached_manager_class(type(manager))
 
 
-@on_settings_changed
 def _reinstall() -> None:
     install()

@@ -1,16 +1,18 @@
 """Invalidation: turning committed writes into version bumps, exactly once per commit.
 
-Every write statement reaches :func:`record_write` from the dbscale compiler with its table
-and, when the model has dimensions, the dimension values of the rows it touched (``None``
-when unknown). What happens next depends on the connection:
+Every ORM write statement reaches :func:`record_write` through the backend's
+:data:`~django_dbscale.backends.events.statement_wrote` event, with its table and, when the
+model has dimensions, the dimension values of the rows it touched (``None`` when unknown).
+What happens next depends on the connection:
 
 * **Autocommit**: the statement has committed when it returns; the versions are bumped at
   once, in one pipelined Redis round trip, with the primary's WAL position.
 * **Inside a transaction** (``atomic()`` or ``set_autocommit(False)``): the keys are added
   to the transaction's pending set and the tables to its *dirty* set (reads of dirty
-  tables bypass the cache until the transaction ends). The backend's commit listener
-  bumps everything in one round trip right after COMMIT, before Django's ``on_commit``
-  callbacks run (so they read fresh data); its rollback listener drops the set. A
+  tables bypass the cache until the transaction ends). The receiver of
+  ``transaction_committed`` bumps everything in one round trip right after COMMIT, before
+  Django's ``on_commit`` callbacks run (so they read fresh data); the receiver of
+  ``transaction_rolled_back`` drops the set. A
   savepoint rollback keeps the keys: bumping keys of rolled-back writes as well is
   harmless (it only costs misses).
 
@@ -40,10 +42,17 @@ from typing import Any
 from django.db import DatabaseError, connections
 
 from django_dbscale import consistency
+from django_dbscale.backends import events
 from django_dbscale.cache import continuity, outbox, stats
+from django_dbscale.cache.analysis import MAX_DIMENSION_VALUES, dimensions_from_where
 from django_dbscale.cache.client import RedisUnavailable, bump_call, gateway
 from django_dbscale.cache.dimensions import dimension_fields_for_table
-from django_dbscale.cache.keys import UNKNOWN_LSN, version_key, wide_version_key
+from django_dbscale.cache.keys import (
+    UNKNOWN_LSN,
+    canonical_dimension,
+    version_key,
+    wide_version_key,
+)
 from django_dbscale.cache.options import options
 from django_dbscale.cache.signals import cache_invalidated
 from django_dbscale.conf import dbscale_settings
@@ -106,7 +115,7 @@ def dirty_tables(alias: str) -> set[str] | None:
     return state.tables.get(alias)
 
 
-def _before_commit(connection: Any) -> None:
+def _before_commit(connection: Any, **kwargs: Any) -> None:
     """Pre-commit listener: if Redis is known to be down, write the outbox in the transaction.
 
     Then the write and its owed invalidation commit together: a crash right after COMMIT
@@ -129,7 +138,7 @@ def _before_commit(connection: Any) -> None:
         stats.incr(f"db:{connection.alias}", "outboxed")
 
 
-def _on_commit(connection: Any) -> None:
+def _on_commit(connection: Any, **kwargs: Any) -> None:
     """Commit listener of the dbscale backend: deliver the transaction's invalidations.
 
     Runs right after COMMIT and before Django's ``on_commit`` callbacks, so those read
@@ -160,23 +169,42 @@ def _on_commit(connection: Any) -> None:
         logger.exception("Could not deliver the invalidations of a committed transaction.")
 
 
-def _on_rollback(connection: Any) -> None:
+def _on_rollback(connection: Any, **kwargs: Any) -> None:
     """Rollback listener: the transaction's writes are gone, and so are its invalidations."""
     connection._dbscale_cache_tx = None
 
 
-def _register_listeners() -> None:
-    from django_dbscale.backends.postgresql import base
-
-    if _before_commit not in base.precommit_listeners:
-        base.precommit_listeners.append(_before_commit)
-    if _on_commit not in base.commit_listeners:
-        base.commit_listeners.append(_on_commit)
-    if _on_rollback not in base.rollback_listeners:
-        base.rollback_listeners.append(_on_rollback)
+def connect_receivers() -> None:
+    """Subscribe to the backend's write and transaction events (the cache app's ``ready()``)."""
+    events.statement_wrote.connect(_on_statement_wrote, dispatch_uid="dbscale_cache_write")
+    events.transaction_committing.connect(_before_commit, dispatch_uid="dbscale_cache_precommit")
+    events.transaction_committed.connect(_on_commit, dispatch_uid="dbscale_cache_commit")
+    events.transaction_rolled_back.connect(_on_rollback, dispatch_uid="dbscale_cache_rollback")
+    events.describe_writes_with(_WRITE_ANALYSIS)
 
 
-_register_listeners()
+class _DimensionAnalysis:
+    """The cache's :class:`~django_dbscale.backends.events.WriteAnalysis`: its dimensions."""
+
+    max_values = MAX_DIMENSION_VALUES
+
+    def fields(self, model: Any) -> tuple[Any, ...]:
+        return dimension_fields_for_table(model)
+
+    def canonical(self, field: Any, value: Any) -> str | None:
+        return canonical_dimension(field, value)
+
+    def pinned(self, query: Any, fields: tuple[Any, ...]) -> dict[Any, frozenset[str]]:
+        return dimensions_from_where(query, fields)
+
+
+_WRITE_ANALYSIS = _DimensionAnalysis()
+
+
+def _on_statement_wrote(
+    sender: Any, connection: Any, table: str, dims: Iterable[str] | None, **kwargs: Any
+) -> None:
+    record_write(connection, table, dims)
 
 
 def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> None:
@@ -196,12 +224,22 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
         state.tables.setdefault(alias, set()).add(table)
         return
     buffered = _batch.get()
-    if buffered is not None:
-        pending_keys, pending_tables = buffered.setdefault(alias, (set(), set()))
-        pending_keys.update(keys)
-        pending_tables.add(table)
-        return
-    deliver({alias: (set(keys), {table})})
+    if buffered is None:
+        # One ORM call running several autocommitted statements: deliver at its end.
+        buffered = {}
+        token = _batch.set(buffered)
+
+        def deliver_buffered() -> None:
+            _batch.reset(token)
+            deliver(buffered)
+
+        if not events.at_operation_end(deliver_buffered):
+            _batch.reset(token)
+            deliver({alias: (set(keys), {table})})
+            return
+    pending_keys, pending_tables = buffered.setdefault(alias, (set(), set()))
+    pending_keys.update(keys)
+    pending_tables.add(table)
 
 
 #: Autocommitted writes of one multi-statement operation, delivered together.

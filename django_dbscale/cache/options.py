@@ -7,15 +7,19 @@ in tests takes effect at once). Errors name the key and say how to fix it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from django_dbscale.conf import dbscale_settings, on_settings_changed
 
 __all__ = ["CacheOptions", "min_version_ttl", "options", "primary_alias"]
+
+logger = logging.getLogger("django_dbscale.cache")
 
 
 @dataclass(frozen=True)
@@ -178,10 +182,28 @@ _current: list[CacheOptions] = []
 
 
 def options() -> CacheOptions:
-    """Return the current cache options (parsed once per settings change)."""
+    """Return the current cache options (parsed once per settings change).
+
+    ``enabled`` is false unless ``DBSCALE`` declares ``CACHE`` (the cache is opt-in) and
+    ``ENABLED`` is true. A declared cache whose ``ALIAS`` is missing from ``CACHES`` is
+    half-configured: system check ``dbscale.E006`` reports it, and a process that runs
+    without checks logs an error once and serves every read from the database (nothing is
+    cached, so nothing can be stale) instead of failing its first write.
+    """
     if _current:
         return _current[0]
     parsed = parse(dbscale_settings.cache)
+    if parsed.enabled and not dbscale_settings.cache_declared:
+        parsed = replace(parsed, enabled=False)
+    elif parsed.enabled and parsed.alias not in settings.CACHES:
+        logger.error(
+            "DBSCALE['CACHE']['ALIAS'] is %r, which is not in CACHES: the queryset cache is "
+            "off in this process (system check dbscale.E006). Add CACHES[%r] with BACKEND "
+            "'django_redis.cache.RedisCache', or remove DBSCALE['CACHE'].",
+            parsed.alias,
+            parsed.alias,
+        )
+        parsed = replace(parsed, enabled=False)
     _current[:] = [parsed]
     return parsed
 

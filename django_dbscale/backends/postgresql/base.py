@@ -13,14 +13,16 @@ shards). It adds three things to Django's backend and changes nothing else:
   (:func:`django_dbscale.replicas.report_failure`) and the statement is re-run on the
   replica's primary. The caller sees rows, not an error. Inside a transaction nothing is
   retried (re-running a statement of a broken transaction elsewhere would be wrong).
-* **A compiler hook** for the queryset cache: ``compiler_module`` points at
-  :mod:`django_dbscale.backends.postgresql.compiler`.
+* **Events.** ``compiler_module`` points at
+  :mod:`django_dbscale.backends.postgresql.compiler`, which publishes every ORM write;
+  ``commit()`` and ``rollback()`` publish the transaction's end. Subscribers (the queryset
+  cache) connect to :mod:`django_dbscale.backends.events`; this module imports none.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,21 +33,13 @@ from django.db.backends.utils import CursorDebugWrapper as DjangoCursorDebugWrap
 from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
 
 from django_dbscale import consistency
+from django_dbscale.backends import events
 from django_dbscale.backends.statements import is_write
 from django_dbscale.conf import dbscale_settings
 
 logger = logging.getLogger("django_dbscale.backends")
 
 _FAILOVER_ERRORS = (OperationalError, InterfaceError)
-
-#: Called with the connection right after every successful COMMIT of a dbscale connection
-#: (atomic() or manual set_autocommit(False) transactions), before Django's on_commit
-#: callbacks run. Listeners must be quick and must not raise.
-commit_listeners: list[Callable[[DatabaseWrapper], None]] = []
-#: Called just before COMMIT, inside the transaction (the cache's outbox writes there).
-precommit_listeners: list[Callable[[DatabaseWrapper], None]] = []
-#: Called with the connection right after every full ROLLBACK of a dbscale connection.
-rollback_listeners: list[Callable[[DatabaseWrapper], None]] = []
 
 
 def _statusmessage(cursor: Any) -> str | None:
@@ -194,23 +188,22 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
             consistency.record_write(self.alias)
 
     def commit(self) -> None:
-        if precommit_listeners and self.connection is not None:
-            for listener in precommit_listeners:
-                listener(self)
+        if events.transaction_committing.receivers and self.connection is not None:
+            events.transaction_committing.send(sender=type(self), connection=self)
         super().commit()
         if self.dbscale_dirty:
             self.dbscale_dirty = False
             consistency.record_write(self.alias)
         # Before Django runs transaction.on_commit() callbacks: they must see invalidated
-        # caches, so listeners (the queryset cache) deliver here rather than in a callback.
-        for listener in commit_listeners:
-            listener(self)
+        # caches, so subscribers (the queryset cache) deliver here rather than in a callback.
+        if events.transaction_committed.receivers:
+            events.transaction_committed.send(sender=type(self), connection=self)
 
     def rollback(self) -> None:
         self.dbscale_dirty = False
         super().rollback()
-        for listener in rollback_listeners:
-            listener(self)
+        if events.transaction_rolled_back.receivers:
+            events.transaction_rolled_back.send(sender=type(self), connection=self)
 
     # -- cursors ----------------------------------------------------------------------
     def make_cursor(self, cursor: Any) -> CursorWrapper:

@@ -7,9 +7,10 @@ points that at this module, which makes it the one hook with complete coverage:
   queryset and cascading ``delete()``, the ``UPDATE`` Django runs for
   ``on_delete=SET_NULL``/``SET_DEFAULT``, many-to-many ``add()``/``remove()``/``clear()``/
   ``set()`` from either side and through custom ``through`` models, ``loaddata``: each
-  ends in ``execute_sql`` of one of the compilers below, which report the written table
-  (and, for models with invalidation dimensions, the dimension values of the rows
-  touched) to :func:`django_dbscale.cache.invalidation.record_write`.
+  ends in ``execute_sql`` of one of the compilers below, which publish the written table
+  (and, for tables with invalidation dimensions, the dimension values of the rows touched)
+  as :data:`~django_dbscale.backends.events.statement_wrote`. Without receivers they run
+  Django's own code unchanged.
 
   Old dimension values of updated and deleted rows are read in the same statement: an
   ``UPDATE`` whose WHERE clause does not pin them is rewritten to
@@ -19,8 +20,9 @@ points that at this module, which makes it the one hook with complete coverage:
   the active collector. Where a fill's statements run is decided by the routers, like any
   read (see :func:`django_dbscale.consistency.at_least`).
 
-Outside fills and with the cache disabled, the read path costs one context-variable lookup
-per compile and per execution.
+Outside fills, the read path costs one context-variable lookup per compile. This module
+never imports the cache: what counts as a dimension comes from the registered
+:class:`~django_dbscale.backends.events.WriteAnalysis`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db.models.sql import compiler
 from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
 
-from django_dbscale.cache.analysis import MAX_DIMENSION_VALUES, collector, dimensions_from_where
+from django_dbscale.backends import events
 
 __all__ = [
     "SQLAggregateCompiler",
@@ -42,12 +44,6 @@ __all__ = [
 ]
 
 
-def _cache_enabled() -> bool:
-    from django_dbscale.cache.options import options
-
-    return options().enabled
-
-
 class _ReadHooks:
     """Report compiled queries to the fill collector."""
 
@@ -56,7 +52,7 @@ class _ReadHooks:
     connection: Any
 
     def as_sql(self, *args: Any, **kwargs: Any) -> Any:
-        col = collector.get()
+        col = events.read_observer.get()
         if col is None:
             return super().as_sql(*args, **kwargs)  # type: ignore[misc]
         sql = ""
@@ -69,7 +65,7 @@ class _ReadHooks:
 
     def get_from_clause(self) -> Any:
         result = super().get_from_clause()  # type: ignore[misc]
-        col = collector.get()
+        col = events.read_observer.get()
         if col is not None:
             # Only here are the reference counts those of the SQL being built (as_sql
             # restores them afterwards): joins trimmed while resolving lookups are gone,
@@ -95,7 +91,40 @@ class SQLAggregateCompiler(_ReadHooks, compiler.SQLAggregateCompiler):
 # -- writes --------------------------------------------------------------------------------
 
 
-def _dims_or_none(per_field: dict[Any, set[str]], fields: tuple[Any, ...]) -> set[str] | None:
+class _NoDimensions:
+    """The analysis used when no subscriber registered one: tables only, never values."""
+
+    max_values = 0
+
+    def fields(self, model: Any) -> tuple[Any, ...]:
+        return ()
+
+    def canonical(self, field: Any, value: Any) -> str | None:
+        return None
+
+    def pinned(self, query: Any, fields: tuple[Any, ...]) -> dict[Any, frozenset[str]]:
+        return {}
+
+
+_NO_DIMENSIONS = _NoDimensions()
+
+
+def _publishing() -> events.WriteAnalysis | None:
+    """Return the write analysis if anyone listens to writes, else ``None`` (plain Django)."""
+    if not events.statement_wrote.receivers:
+        return None
+    return events.write_analysis() or _NO_DIMENSIONS
+
+
+def _wrote(connection: Any, table: str, dims: set[str] | None) -> None:
+    events.statement_wrote.send(
+        sender=type(connection), connection=connection, table=table, dims=dims
+    )
+
+
+def _dims_or_none(
+    analysis: events.WriteAnalysis, per_field: dict[Any, set[str]], fields: tuple[Any, ...]
+) -> set[str] | None:
     if not fields:
         return None
     dims: set[str] = set()
@@ -104,19 +133,17 @@ def _dims_or_none(per_field: dict[Any, set[str]], fields: tuple[Any, ...]) -> se
         if values is None:
             return None
         dims |= values
-    if len(dims) > MAX_DIMENSION_VALUES * len(fields):
+    if len(dims) > analysis.max_values * len(fields):
         return None
     return dims
 
 
-def _canonical_set(field: Any, values: Any) -> set[str] | None:
-    from django_dbscale.cache.keys import canonical_dimension
-
+def _canonical_set(analysis: events.WriteAnalysis, field: Any, values: Any) -> set[str] | None:
     result: set[str] = set()
     for value in values or ():
         if value is None:
             continue
-        dim = canonical_dimension(field, value)
+        dim = analysis.canonical(field, value)
         if dim is None:
             return None
         result.add(dim)
@@ -124,61 +151,59 @@ def _canonical_set(field: Any, values: Any) -> set[str] | None:
 
 
 class SQLInsertCompiler(compiler.SQLInsertCompiler):
-    """Django's INSERT compiler; invalidates the table and the inserted dimension values."""
+    """Django's INSERT compiler; publishes the table and the inserted dimension values."""
 
     def execute_sql(self, returning_fields: Any = None) -> Any:  # type: ignore[override]
         rows = super().execute_sql(returning_fields)
-        if _cache_enabled():
-            self._dbscale_invalidate()
+        analysis = _publishing()
+        if analysis is not None:
+            self._dbscale_publish(analysis)
         return rows
 
-    def _dbscale_invalidate(self) -> None:
+    def _dbscale_publish(self, analysis: events.WriteAnalysis) -> None:
         from django.db.models.constants import OnConflict
-
-        from django_dbscale.cache import invalidation
-        from django_dbscale.cache.dimensions import dimension_fields_for_table
 
         query: Any = self.query
         meta = query.get_meta()
-        fields = dimension_fields_for_table(query.model)
+        fields = analysis.fields(query.model)
         dims: set[str] | None = None
         if fields and query.on_conflict != OnConflict.UPDATE:
             per_field: dict[Any, set[str]] = {}
             for field in fields:
-                values = _canonical_set(field, [getattr(obj, field.attname) for obj in query.objs])
+                values = _canonical_set(
+                    analysis, field, [getattr(obj, field.attname) for obj in query.objs]
+                )
                 if values is None:
                     break
                 per_field[field] = values
-            dims = _dims_or_none(per_field, fields)
-        invalidation.record_write(self.connection, meta.db_table, dims)
+            dims = _dims_or_none(analysis, per_field, fields)
+        _wrote(self.connection, meta.db_table, dims)
 
 
 class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
-    """Django's DELETE compiler; invalidates the table and the deleted dimension values."""
+    """Django's DELETE compiler; publishes the table and the deleted dimension values."""
 
     def execute_sql(self, result_type: Any = MULTI, *args: Any, **kwargs: Any) -> Any:
-        if not _cache_enabled():
+        analysis = _publishing()
+        if analysis is None:
             return super().execute_sql(result_type, *args, **kwargs)
-        from django_dbscale.cache import invalidation
-        from django_dbscale.cache.dimensions import dimension_fields_for_table
-
-        fields = dimension_fields_for_table(self.query.model)
+        fields = analysis.fields(self.query.model)
         table = self.query.get_meta().db_table
         if not fields:
             result = super().execute_sql(result_type, *args, **kwargs)
-            invalidation.record_write(self.connection, table, None)
+            _wrote(self.connection, table, None)
             return result
         try:
             sql, params = self.as_sql()
         except EmptyResultSet:
             return None if result_type not in (ROW_COUNT,) else 0
-        pinned = dimensions_from_where(self.query, fields)
+        pinned = analysis.pinned(self.query, fields)
         if all(f in pinned for f in fields):
             result = super().execute_sql(result_type, *args, **kwargs)
-            invalidation.record_write(
+            _wrote(
                 self.connection,
                 table,
-                _dims_or_none({f: set(v) for f, v in pinned.items()}, fields),
+                _dims_or_none(analysis, {f: set(v) for f, v in pinned.items()}, fields),
             )
             return result
         qn: Any = self.connection.ops.quote_name
@@ -190,28 +215,27 @@ class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
             row = cursor.fetchone()
         per_field = {}
         for i, field in enumerate(fields):
-            values = _canonical_set(field, row[1 + i])
+            values = _canonical_set(analysis, field, row[1 + i])
             if values is None:
                 break
             per_field[field] = values
-        invalidation.record_write(self.connection, table, _dims_or_none(per_field, fields))
+        _wrote(self.connection, table, _dims_or_none(analysis, per_field, fields))
         if result_type == ROW_COUNT:
             return row[0]
         return None
 
 
 class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
-    """Django's UPDATE compiler; invalidates the table and old and new dimension values."""
+    """Django's UPDATE compiler; publishes the table and old and new dimension values."""
 
     def execute_sql(self, result_type: Any) -> Any:  # type: ignore[override]
-        if not _cache_enabled():
+        analysis = _publishing()
+        if analysis is None:
             return super().execute_sql(result_type)
-        from django_dbscale.cache import invalidation
-
         # A multi-table child's update() also updates its parents' tables, in statements
-        # of their own: one invalidation round trip for all of them.
-        with invalidation.batched():
-            row_count = self._dbscale_execute_main(result_type)
+        # of their own: one operation, so subscribers can act once for all of them.
+        with events.operation():
+            row_count = self._dbscale_execute_main(result_type, analysis)
             is_empty = row_count is None
             row_count = row_count or 0
             for query in self.query.get_related_updates():
@@ -221,11 +245,8 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                     is_empty = False
         return row_count
 
-    def _dbscale_execute_main(self, result_type: Any) -> int | None:
-        """Run this compiler's own UPDATE (not the related ones) and invalidate."""
-        from django_dbscale.cache import invalidation
-        from django_dbscale.cache.dimensions import dimension_fields_for_table
-
+    def _dbscale_execute_main(self, result_type: Any, analysis: events.WriteAnalysis) -> int | None:
+        """Run this compiler's own UPDATE (not the related ones) and publish it."""
         try:
             sql, params = self.as_sql()
             if not sql:
@@ -235,11 +256,11 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
         query = self.query
         meta = query.get_meta()
         table = meta.db_table
-        fields = dimension_fields_for_table(query.model)
+        fields = analysis.fields(query.model)
         dims: set[str] | None = None
         wrapped: str | None = None
         if fields:
-            static = self._dbscale_static_dims(fields)
+            static = self._dbscale_static_dims(analysis, fields)
             if static is not None:
                 dims = static
             else:
@@ -254,22 +275,22 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                 count = row[0]
                 per_field: dict[Any, set[str]] = {}
                 for i, field in enumerate(fields):
-                    old = _canonical_set(field, row[1 + 2 * i])
-                    new = _canonical_set(field, row[2 + 2 * i])
+                    old = _canonical_set(analysis, field, row[1 + 2 * i])
+                    new = _canonical_set(analysis, field, row[2 + 2 * i])
                     if old is None or new is None:
                         break
                     per_field[field] = old | new
-                dims = _dims_or_none(per_field, fields)
-        invalidation.record_write(self.connection, table, dims)
+                dims = _dims_or_none(analysis, per_field, fields)
+        _wrote(self.connection, table, dims)
         if result_type in (NO_RESULTS, None):
             return None
         return int(count)
 
-    def _dbscale_static_dims(self, fields: tuple[Any, ...]) -> set[str] | None:
+    def _dbscale_static_dims(
+        self, analysis: events.WriteAnalysis, fields: tuple[Any, ...]
+    ) -> set[str] | None:
         """Return the touched dimension values if WHERE and SET determine them, else ``None``."""
-        from django_dbscale.cache.keys import canonical_dimension
-
-        pinned = dimensions_from_where(self.query, fields)
+        pinned = analysis.pinned(self.query, fields)
         per_field: dict[Any, set[str]] = {}
         query: Any = self.query
         assigned = {field: value for field, _, value in query.values}
@@ -280,12 +301,12 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             if field in assigned:
                 new = assigned[field]
                 if new is not None:
-                    dim = canonical_dimension(field, new)
+                    dim = analysis.canonical(field, new)
                     if dim is None:
                         return None
                     values.add(dim)
             per_field[field] = values
-        return _dims_or_none(per_field, fields)
+        return _dims_or_none(analysis, per_field, fields)
 
     def _dbscale_wrap(self, sql: str, fields: tuple[Any, ...]) -> str | None:
         """Rewrite ``UPDATE t SET ... WHERE w`` to also return old and new dimension values."""
