@@ -27,14 +27,16 @@ E002 = "dbscale.E002"  # replicas listed for a primary that is not in DATABASES
 E003 = "dbscale.E003"  # a replica listed twice, or a replica that is also a primary
 E004 = "dbscale.E004"  # empty shard group
 E005 = "dbscale.E005"  # shard alias missing from DATABASES, or in two groups
-E006 = "dbscale.E006"  # cache alias missing or not a django-redis backend
+E006 = "dbscale.E006"  # DBSCALE["CACHE"] declared, but its CACHES alias is missing
+E008 = "dbscale.E008"  # the cache's CACHES alias is not a django-redis backend
+E009 = "dbscale.E009"  # SAME_DATABASE names an alias that is not in DATABASES
 E007 = "dbscale.E007"  # a needed router missing, or routers in an order that breaks them
 W001 = "dbscale.W001"  # alias managed by dbscale without the dbscale ENGINE
 W002 = "dbscale.W002"  # a router listed after ReplicaRouter is never consulted
 W003 = "dbscale.W003"  # replicas configured but ConsistencyMiddleware missing
 MIDDLEWARE_PATH = "django_dbscale.middleware.ConsistencyMiddleware"
 
-ALL_IDS = (E000, E001, E002, E003, E004, E005, E006, E007, W001, W002, W003)
+ALL_IDS = (E000, E001, E002, E003, E004, E005, E006, E007, E008, E009, W001, W002, W003)
 
 
 def _router_paths() -> list[str]:
@@ -128,7 +130,7 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                 )
             group_of[alias] = group.name
 
-    if cache["ENABLED"] and (cache["MODELS"] or "CACHE" in getattr(settings, "DBSCALE", {})):
+    if cache["ENABLED"] and dbscale_settings.cache_declared:
         alias = cache["ALIAS"]
         backend = settings.CACHES.get(alias, {}).get("BACKEND")
         if backend is None:
@@ -145,7 +147,19 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                     f"CACHES[{alias!r}] uses {backend!r}; the queryset cache needs a django-redis "
                     "backend (it runs Lua scripts on the Redis server).",
                     hint="Set BACKEND to 'django_redis.cache.RedisCache'.",
-                    id=E006,
+                    id=E008,
+                )
+            )
+
+    for twin, target in sorted(dbscale_settings.same_database.items()):
+        unknown = [a for a in (twin, target) if a not in databases]
+        if unknown:
+            errors.append(
+                checks.Error(
+                    f"DBSCALE['SAME_DATABASE'] maps {twin!r} to {target!r}, but {unknown} "
+                    "is not in DATABASES.",
+                    hint="Name two aliases of DATABASES that reach one database, or remove it.",
+                    id=E009,
                 )
             )
 

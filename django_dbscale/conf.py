@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "CONSISTENCY_COOKIE": "dbscale_pos",
     "CONSISTENCY_HEADER": "X-DBScale-Position",
     "CONSISTENCY_MAX_AGE": 300,
+    "SAME_DATABASE": {},
     # Sharding.
     "SHARD_GROUPS": {},
     "SHARD_VNODES": 8,
@@ -359,6 +360,65 @@ class DBScaleSettings:
                 "max_age", lambda raw: _as_positive_number(raw, "CONSISTENCY_MAX_AGE", minimum=1)
             )
         )
+
+    @property
+    def same_database(self) -> dict[str, str]:
+        """Alias -> the alias it declares itself a second connection of (``SAME_DATABASE``)."""
+
+        def build(raw: dict[str, Any]) -> dict[str, str]:
+            value = raw["SAME_DATABASE"]
+            ok = isinstance(value, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) and k != v for k, v in value.items()
+            )
+            if not ok:
+                raise _setting_error(
+                    "SAME_DATABASE",
+                    f"must map an alias to the alias of the same database, not {value!r}",
+                    'Example: {"default_serializable": "default"}.',
+                )
+            chained = sorted(k for k, v in value.items() if v in value)
+            if chained:
+                raise _setting_error(
+                    "SAME_DATABASE",
+                    f"maps {chained} to aliases that are themselves mapped",
+                    "Map every twin to the one alias that names the database.",
+                )
+            return dict(value)
+
+        return self._derived("same_database", build)  # type: ignore[no-any-return]
+
+    @property
+    def database_of(self) -> dict[str, str]:
+        """Alias -> the alias that names its database's data: one name per database.
+
+        A replica names its primary's; an alias declared in ``SAME_DATABASE`` names its
+        target's; aliases that reach the same ``HOST``, ``PORT`` and ``NAME`` (one used for
+        another isolation level, a ``TEST["MIRROR"]`` twin) name the first of them in
+        ``DATABASES``. The cache keys its versions by this name, so a write through any
+        alias of a database invalidates what was cached through the others.
+        """
+
+        def build(_raw: dict[str, Any]) -> dict[str, str]:
+            declared = self.same_database
+            primary_of = self.primary_of
+            first_at: dict[tuple[str, str, str], str] = {}
+            result: dict[str, str] = {}
+            for alias, conf in settings.DATABASES.items():
+                if alias in primary_of or alias in declared:
+                    continue
+                where = (
+                    str(conf.get("HOST") or ""),
+                    str(conf.get("PORT") or ""),
+                    str(conf.get("NAME") or ""),
+                )
+                result[alias] = first_at.setdefault(where, alias)
+            for alias, target in declared.items():
+                result[alias] = result.get(target, target)
+            for replica, primary in primary_of.items():
+                result[replica] = result.get(primary, primary)
+            return result
+
+        return self._derived("database_of", build)  # type: ignore[no-any-return]
 
     # -- sharding ----------------------------------------------------------------------
     @property

@@ -19,6 +19,9 @@ DATABASES["default_plain"] = {
     "ENGINE": "django.db.backends.postgresql",
     "TEST": {"MIRROR": "default"},
 }
+# A second dbscale alias of the default database (as a project keeps one for another
+# isolation level): the cache must treat both as one database.
+DATABASES["default_twin"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
 # A second alias for the same replica server, reached directly (not through the proxy):
 # lets tests spread reads over two "replicas" by weight. Listed in REPLICAS only by tests.
 DATABASES["default_replica_direct"] = {

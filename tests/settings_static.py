@@ -33,6 +33,8 @@ DATABASES: dict[str, dict[str, Any]] = {
 
 CACHES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # tests/settings.py points it at the harness's Redis; nothing connects at import.
+    "dbscale": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1"},
 }
 
 DBSCALE: dict[str, Any] = {

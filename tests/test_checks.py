@@ -92,14 +92,20 @@ def test_shard_missing_from_databases_is_e005() -> None:
     assert len(messages) == 1 and "'shard9'" in messages[0].msg
 
 
-def test_cache_alias_that_is_not_django_redis_is_e006() -> None:
+def test_cache_alias_that_is_not_django_redis_is_e008() -> None:
     caches = {
         **settings.CACHES,
         "dbscale": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     }
     with override_settings(CACHES=caches):
-        messages = [m for m in checks.check_dbscale_settings() if m.id == "dbscale.E006"]
+        messages = [m for m in checks.check_dbscale_settings() if m.id == "dbscale.E008"]
     assert len(messages) == 1 and "django-redis" in messages[0].msg
+
+
+def test_same_database_naming_an_unknown_alias_is_e009() -> None:
+    with override_settings(DBSCALE=dbscale(SAME_DATABASE={"nope": "default"})):
+        messages = [m for m in checks.check_dbscale_settings() if m.id == "dbscale.E009"]
+    assert len(messages) == 1 and "'nope'" in messages[0].msg
 
 
 def test_cache_alias_missing_is_e006() -> None:

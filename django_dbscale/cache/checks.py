@@ -101,11 +101,10 @@ def check_cache_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.
                 id=E204,
             )
         )
-    cached_dbs = {
-        _location(conf): alias
-        for alias, conf in settings.DATABASES.items()
-        if conf.get("ENGINE") == ENGINE
-    }
+    cached_dbs: dict[tuple[str, str, str], str] = {}
+    for alias, conf in settings.DATABASES.items():
+        if conf.get("ENGINE") == ENGINE:
+            cached_dbs.setdefault(_location(conf), alias)  # the first names the database
     for alias, conf in sorted(settings.DATABASES.items()):
         twin = cached_dbs.get(_location(conf))
         if conf.get("ENGINE") != ENGINE and twin is not None:

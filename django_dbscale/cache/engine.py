@@ -48,7 +48,7 @@ from django_dbscale.cache.client import (
     pack,
 )
 from django_dbscale.cache.keys import tokens
-from django_dbscale.cache.options import min_version_ttl, options
+from django_dbscale.cache.options import min_version_ttl, options, primary_alias
 from django_dbscale.cache.signals import cache_read
 from django_dbscale.conf import dbscale_settings
 
@@ -211,14 +211,14 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
     in_transaction: list[str] = []
     open_aliases = consistency.open_transactions.get()
     if open_aliases:
-        for alias in plan.aliases:
-            if alias not in open_aliases:
+        for alias in open_aliases:  # connections in a transaction, by any alias
+            if primary_alias(alias) not in plan.aliases:
                 continue
             # atomic() and set_autocommit(False) alike: never serve or store this
             # transaction's uncommitted rows, nor a snapshot older than the header.
             in_transaction.append(alias)
             dirty = invalidation.dirty_tables(alias)
-            if dirty and any(t in dirty for a, t in plan.tables if a == alias):
+            if dirty and any(t in dirty for a, t in plan.tables if a == primary_alias(alias)):
                 return _bypass(plan, run, "table written in this transaction")
             configured = getattr(connections[alias], "isolation_level", None)
             if configured is not None and int(configured) >= 3:

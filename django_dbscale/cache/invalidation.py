@@ -53,7 +53,7 @@ from django_dbscale.cache.keys import (
     version_key,
     wide_version_key,
 )
-from django_dbscale.cache.options import options
+from django_dbscale.cache.options import options, primary_alias
 from django_dbscale.cache.signals import cache_invalidated
 from django_dbscale.conf import dbscale_settings
 
@@ -105,14 +105,14 @@ def in_transaction(connection: Any) -> bool:
 
 
 def dirty_tables(alias: str) -> set[str] | None:
-    """Return the tables written in the open transaction on *alias* (``None``: none)."""
+    """Return the tables written in the open transaction on connection *alias* (or none)."""
     connection = connections[alias]
     if not in_transaction(connection):
         return None
     state: _TxState | None = getattr(connection, "_dbscale_cache_tx", None)
     if state is None:
         return None
-    return state.tables.get(alias)
+    return state.tables.get(primary_alias(alias))
 
 
 def _before_commit(connection: Any, **kwargs: Any) -> None:
@@ -212,7 +212,7 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
     opts = options()
     if not opts.enabled:
         return
-    alias = connection.alias
+    alias = primary_alias(connection.alias)  # every alias of one database: one name
     keys = write_keys(opts.prefix, alias, table, dims)
     if in_transaction(connection):
         # Delivered by _on_commit after COMMIT, dropped by _on_rollback. A savepoint

@@ -219,8 +219,10 @@ def min_version_ttl(opts: CacheOptions) -> int:
 
 
 def primary_alias(alias: str) -> str:
-    """Return *alias*'s primary if it is a configured replica, else *alias* (no query).
+    """Return the alias that names *alias*'s database in cache keys (no query).
 
-    Cache keys and versions name the primary: a replica holds the same data.
+    Cache keys and versions name the database, not the connection: a replica names its
+    primary (it holds the same data), and every alias of one database shares one name
+    (:attr:`~django_dbscale.conf.DBScaleSettings.database_of`).
     """
-    return dbscale_settings.primary_of.get(alias, alias)
+    return dbscale_settings.database_of.get(alias, alias)
