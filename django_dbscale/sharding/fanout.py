@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from django.core.exceptions import FieldDoesNotExist, FieldError
-from django.db import DatabaseError, connections, models
+from django.db import DatabaseError, connections, models, router
 from django.db.models import CharField, Count, F, Max, Min, Sum, TextField
 from django.db.models.expressions import Col, OrderBy
 from django.db.models.functions import Collate
@@ -66,11 +66,11 @@ from django.db.models.query import (
 )
 from django.db.models.utils import create_namedtuple_class
 
-from django_dbscale import consistency, replicas
+from django_dbscale import consistency
 from django_dbscale.conf import on_settings_changed
 from django_dbscale.sharding.exceptions import FanoutNotSupported
 from django_dbscale.sharding.ring import get_ring
-from django_dbscale.sharding.routing import shard_spec
+from django_dbscale.sharding.routing import SHARD_HINT, shard_spec
 
 if TYPE_CHECKING:
     from django_dbscale.sharding.models import ShardedQuerySet
@@ -88,6 +88,11 @@ _pool_lock = threading.Lock()
 _in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dbscale_fanout_worker", default=False
 )
+
+
+def _read_alias(model: Any, shard: str) -> str:
+    """Ask the routers where a read of *shard*'s rows of *model* goes (a replica of it?)."""
+    return router.db_for_read(model, **{SHARD_HINT: shard}) or shard
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -330,7 +335,7 @@ class FanoutQuerySet(Generic[_M]):
     # -- evaluation ----------------------------------------------------------------------
 
     def _read_queryset(self, alias: str) -> Any:
-        return self._qs.using(replicas.read_alias(alias))
+        return self._qs.using(_read_alias(self.model, alias))
 
     def _check_combinable(self) -> None:
         """Refuse, before any query, what no combination of per-shard results can answer."""
@@ -421,7 +426,7 @@ class FanoutQuerySet(Generic[_M]):
         distinct = self._qs.query.distinct and self._qs._iterable_class is not ModelIterable
 
         def fetch(alias: str) -> list[Any]:
-            qs = per_shard_qs.using(replicas.read_alias(alias))
+            qs = per_shard_qs.using(_read_alias(self.model, alias))
             if limit is not None:
                 qs = qs[:limit]
             return list(qs)

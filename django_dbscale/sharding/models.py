@@ -31,8 +31,9 @@ The explicit shard of rule 2 and the shards of rule 3 are kept on the ``Query`` 
 from ``filter()`` keyword arguments as they are added; the ``WHERE`` tree is only walked for
 ``Q`` objects and other changes made around ``filter()``.
 
-Reads go through :func:`django_dbscale.replicas.read_alias` of the shard primary (its
-replicas, with the lag budget and read-your-writes); writes go to the shard primary.
+Reads ask the routers with the shard primary as the ``shard`` hint, so ``ShardRouter`` hands
+it to :func:`django_dbscale.replicas.read_alias` (its replicas, with the lag budget and
+read-your-writes) like every other read; writes go to the shard primary.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from django.db.models.sql.query import Query
 from django.db.models.sql.where import AND, WhereNode
 from django.dispatch import receiver
 
-from django_dbscale import replicas
 from django_dbscale.conf import dbscale_settings
 from django_dbscale.sharding.context import current_shard, using_shard
 from django_dbscale.sharding.exceptions import (
@@ -70,6 +70,7 @@ from django_dbscale.sharding.ids import (
     verify_ring_once,
 )
 from django_dbscale.sharding.routing import (
+    SHARD_HINT,
     ShardSpec,
     _shard_of_related,
     _specs,
@@ -490,7 +491,8 @@ class ShardedQuerySet(models.QuerySet[_M], Generic[_M]):
             if primary not in _verified:
                 verify_ring_once(primary)
             return primary
-        alias = replicas.read_alias(primary)
+        # Where on that shard (a replica?) is the routers' decision, like every read's.
+        alias = router.db_for_read(self.model, **{**self._hints, SHARD_HINT: primary})
         if primary not in _verified:
             verify_ring_once(primary, alias)
         return alias

@@ -320,10 +320,16 @@ def key_required(model: type[Model], spec: ShardSpec, action: str) -> ShardKeyRe
     )
 
 
+#: Router hint naming the shard primary a sharded queryset's key filter maps to: the
+#: queryset computes it, and asks the routers (the one decision point) where to read it.
+SHARD_HINT = "shard"
+
+
 def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
     """Return the shard primary a read of *model* must use, or ``None`` if not sharded.
 
-    In order: the shard of ``hints["instance"]`` when following a relation from a row of
+    In order: ``hints["shard"]`` (set by sharded querysets and fan-out, which map the key
+    themselves); the shard of ``hints["instance"]`` when following a relation from a row of
     the same group; else the :func:`~.context.using_shard` pin of the model's group; else
     :class:`ShardKeyRequired` (never ``default``), except when the hint is an unsharded
     row (``product.shard_orders``): then ``None``, and the sharded queryset raises
@@ -342,6 +348,9 @@ def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
         if instance is not None and shard_spec(type(instance)) is not None:
             return DEFAULT_DB_ALIAS
         return None
+    shard = hints.get(SHARD_HINT)
+    if shard is not None:
+        return str(shard)  # the sharded queryset already mapped its key (ring verified)
     if instance is not None:
         primary = _shard_of_related(instance, spec.group, model)
         if primary is not None:
