@@ -58,6 +58,7 @@ __all__ = [
     "UNKNOWN_POSITION",
     "at_least",
     "block_floor",
+    "naming_database",
     "raise_floor",
     "read_at_least",
     "read_from_primary",
@@ -303,6 +304,13 @@ def at_least(positions: Mapping[str, int]) -> Iterator[None]:
         yield
     finally:
         block_floor.reset(token)
+
+
+#: True while code asks the routers which database *holds* a model's rows rather than where
+#: to read them now (the cache naming the database in a key before it knows whether it
+#: will read at all): the dbscale routers then answer with the primary and choose no
+#: replica, pin nothing and count nothing.
+naming_database: ContextVar[bool] = ContextVar("dbscale_naming_database", default=False)
 
 
 # -- tokens -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Model
 
-from django_dbscale import replicas
+from django_dbscale import consistency, replicas
 from django_dbscale.conf import dbscale_settings
 from django_dbscale.sharding import routing as shard_routing
 
@@ -48,7 +48,10 @@ class ReplicaRouter:
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         """Reads go to a replica within the lag budget that has this context's writes."""
-        return replicas.read_alias(_hinted_primary(hints))
+        primary = _hinted_primary(hints)
+        if consistency.naming_database.get():
+            return primary
+        return replicas.read_alias(primary)
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
         """Writes go to the primary, also when the instance was read from a replica."""
@@ -78,8 +81,8 @@ class ShardRouter:
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         """Reads of a sharded model go to (a replica of) its key's shard, or raise."""
         primary = shard_routing.primary_for_read(model, hints)
-        if primary is None:
-            return None
+        if primary is None or consistency.naming_database.get():
+            return primary
         return replicas.read_alias(primary)
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:

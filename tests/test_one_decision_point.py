@@ -8,8 +8,12 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
+from django_dbscale import replicas
 from django_dbscale.sharding import shard_for_key
+from django_dbscale.testing.harness import Services
 from tests.routers import Recording
+from tests.test_cache_support import cache_env, fresh_context, observe
+from tests.testapp.models_cache import CCounter
 from tests.testapp.models_sharding import ShardCustomer, ShardOrder
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -45,3 +49,18 @@ def test_a_fanout_asks_the_routers_once_per_shard(
     asked = sorted(str(hints["shard"]) for label, hints in recording if label.endswith("Customer"))
     assert asked == ["shard0", "shard1", "shard2"]
     assert not [r for r in recording if r[0] == ShardOrder._meta.label]
+
+
+@pytest.mark.usefixtures(cache_env.__name__)
+def test_a_cache_hit_names_its_database_without_routing_a_read(services: Services) -> None:
+    row = CCounter.objects.create(name="c", value=3)
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    with fresh_context():
+        assert CCounter.objects.cache().get(pk=row.pk).value == 3  # the fill: a real read
+    replicas.route_counts.clear()
+    with fresh_context() as state, observe() as seen:
+        assert CCounter.objects.cache().get(pk=row.pk).value == 3
+        assert state.pinned == {}  # a hit chose no replica...
+    assert seen.reasons == ["hit"]
+    assert sum(replicas.route_counts.values()) == 0  # ...and counted no routed read

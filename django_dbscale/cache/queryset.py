@@ -32,6 +32,7 @@ from django.db.models import Model, QuerySet, prefetch_related_objects
 from django.db.models.manager import BaseManager
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable
 
+from django_dbscale import consistency
 from django_dbscale.cache import engine, planning
 from django_dbscale.cache.keys import _ATOMS, Unkeyable, freeze
 from django_dbscale.cache.options import options, primary_alias
@@ -462,25 +463,28 @@ class CachedQuerySet(QuerySet[_M], Generic[_M]):
 
     # -- evaluation ------------------------------------------------------------------------------
     def _dbscale_primary(self) -> str:
-        """Return the primary alias the keys and versions name (no replica choice).
+        """Return the database the keys and versions name (no replica is chosen).
 
-        ``self.db`` would ask the router for a read alias, which picks a replica (lag
-        checks included) only for ``primary_alias()`` to map it back. The router's write
-        alias names the same primary for the dbscale routers; with other routers a
-        mismatch only makes fills unstorable (they read tables of another alias than the
-        versions'), never stale. Querysets whose class computes ``db`` itself (sharded
-        querysets, which route by their shard pin) still ask it.
+        The routers decide, as for any read, but are asked only which database holds the
+        rows (``consistency.naming_database``): the dbscale routers then answer with the
+        primary, pin nothing and count nothing. A fill asks them again, for real.
         """
         db = self._db
         if db is not None:
             return primary_alias(db)
-        cls = type(self)
-        plain = _plain_db.get(cls)
-        if plain is None:
-            plain = _plain_db[cls] = getattr(cls, "db", None) is _QUERYSET_DB
-        if not plain:
-            return primary_alias(self.db)
-        return primary_alias(router.db_for_write(self.model, **self._hints) or DEFAULT_DB_ALIAS)
+        token = consistency.naming_database.set(True)
+        try:
+            cls = type(self)
+            plain = _plain_db.get(cls)
+            if plain is None:
+                plain = _plain_db[cls] = getattr(cls, "db", None) is _QUERYSET_DB
+            if plain:
+                alias = router.db_for_read(self.model, **self._hints) or DEFAULT_DB_ALIAS
+            else:
+                alias = self.db  # a sharded queryset maps its key, then asks the routers
+        finally:
+            consistency.naming_database.reset(token)
+        return primary_alias(alias)
 
     def _dbscale_plan(self, kind: str, extra: Any = None) -> engine.Plan | None:
         """Return the cache plan for evaluating this queryset as *kind*, or ``None``."""
