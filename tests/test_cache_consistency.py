@@ -378,14 +378,22 @@ def _replica_cursor_values() -> list[int]:
         return [row[0] for row in cursor.fetchall()]
 
 
-def test_a_raw_read_in_a_fill_is_routed_past_a_lagging_replica(
+@pytest.fixture
+def updated_behind_replay(
     counter: CCounter, services: Services, paused: Callable[[Any], Any]
-) -> None:
+) -> CCounter:
+    """The counter updated to 2 on the primary while the replica's replay is paused at 1."""
     services.pg1_replica.wait_for_replay()
     replicas.monitor.refresh()
     paused(services.pg1_replica)
     CCounter.objects.filter(pk=counter.pk).update(value=2)
     replicas.monitor.refresh()
+    return counter
+
+
+def test_a_raw_read_in_a_fill_is_routed_past_a_lagging_replica(
+    updated_behind_replay: CCounter,
+) -> None:
     with fresh_context(), observe() as seen, QueryCounter(["default", "default_replica"]) as q:
         assert _raw_values() == [2]  # raw() asks the router, which knows the fill's floor
     assert seen.reasons == ["miss"]
@@ -394,13 +402,8 @@ def test_a_raw_read_in_a_fill_is_routed_past_a_lagging_replica(
 
 
 def test_a_cursor_read_from_a_lagging_replica_is_never_stored(
-    counter: CCounter, services: Services, paused: Callable[[Any], Any]
+    updated_behind_replay: CCounter, services: Services
 ) -> None:
-    services.pg1_replica.wait_for_replay()
-    replicas.monitor.refresh()
-    paused(services.pg1_replica)
-    CCounter.objects.filter(pk=counter.pk).update(value=2)
-    replicas.monitor.refresh()
     with fresh_context(), observe() as seen:
         assert _replica_cursor_values() == [1]  # the cursor names the replica itself...
     assert seen.reasons == [
