@@ -212,22 +212,54 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
     def make_debug_cursor(self, cursor: Any) -> CursorDebugWrapper:
         return CursorDebugWrapper(cursor, self)
 
+    def ensure_connection(self) -> None:
+        """Connect if there is no connection, but never dial a replica in quarantine.
+
+        Every way to a new connection passes here (a cursor, ``atomic()``,
+        ``get_autocommit()``), whether the alias came from the router, ``.using()`` or
+        ``connections[alias]``: a quarantined replica raises
+        :class:`~django_dbscale.replicas.ReplicaQuarantined` instead of costing another
+        connect timeout. :meth:`_cursor` turns that into a read on the primary outside a
+        transaction; inside one it propagates. Open connections are not checked (no cost
+        on the per-statement path).
+        """
+        if self.connection is None and self.dbscale_primary() is not None:
+            from django_dbscale import replicas
+
+            replicas.check_not_quarantined(self.alias)
+        super().ensure_connection()
+
     def _cursor(self, name: str | None = None) -> Any:
         try:
             return super()._cursor(name)  # type: ignore[misc]
-        except _FAILOVER_ERRORS:
+        except _FAILOVER_ERRORS as exc:
             primary_alias = self.dbscale_primary()
             if primary_alias is None or self.in_atomic_block:
                 raise
+            from django_dbscale import replicas
+
+            if isinstance(exc, replicas.ReplicaQuarantined):
+                # Not dialled (ensure_connection refused): straight to the primary.
+                return self.fail_over_to(primary_alias, replicas.QUARANTINED)._cursor(name)
             primary = self.fail_over_to(primary_alias, "connect failed")
             return primary._cursor(name)
 
     def fail_over_to(self, primary_alias: str, reason: str) -> Any:
-        """Quarantine this replica, count and log the failover; return the primary's wrapper."""
+        """Move this replica's read to *primary_alias*; return the primary's wrapper.
+
+        After a failure (*reason* says what broke) the replica is quarantined and the
+        failover counted, signalled and logged. With ``replicas.QUARANTINED`` (the replica
+        is already quarantined and was not dialled) the read is only counted, once, under
+        that reason: no new failure, so the quarantine is not extended by its own users.
+        """
         from django.db import connections
 
         from django_dbscale import replicas
 
-        replicas.failed_over(self.alias, primary_alias, reason)
-        logger.warning("Replica %r: %s; reading from %r.", self.alias, reason, primary_alias)
+        if reason == replicas.QUARANTINED:
+            replicas.read_quarantined_from_primary(self.alias, primary_alias)
+            logger.debug("Replica %r is quarantined; reading from %r.", self.alias, primary_alias)
+        else:
+            replicas.failed_over(self.alias, primary_alias, reason)
+            logger.warning("Replica %r: %s; reading from %r.", self.alias, reason, primary_alias)
         return connections[primary_alias]
