@@ -512,9 +512,9 @@ def _still(epoch: int, run_id: str) -> None:
 
 
 def _aliases() -> list[str]:
-    """Every database entries can come from: each alias that is not a replica."""
-    replicas = dbscale_settings.primary_of
-    return sorted(alias for alias in connections.settings if alias not in replicas)
+    """Every database entries can come from, once: by the alias that names it."""
+    names = dbscale_settings.database_of
+    return sorted(alias for alias in connections.settings if names.get(alias, alias) == alias)
 
 
 def _settle(connection: Any, alias: str, epoch: int) -> None:

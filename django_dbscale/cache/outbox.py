@@ -58,12 +58,12 @@ _DELETE = f"DELETE FROM {TABLE} WHERE id = ANY(%s)"
 
 
 def outbox_aliases() -> list[str]:
-    """Return the primaries that hold an outbox: those using the dbscale backend."""
-    replicas = dbscale_settings.primary_of
+    """Return the primaries that hold an outbox (dbscale backend), each database once."""
+    names = dbscale_settings.database_of
     return sorted(
         alias
         for alias, config in connections.settings.items()
-        if alias not in replicas and config.get("ENGINE") == BACKEND
+        if names.get(alias, alias) == alias and config.get("ENGINE") == BACKEND
     )
 
 
