@@ -1,14 +1,20 @@
 """django_dbscale: scale a Django project's PostgreSQL layer without rewriting its code.
 
 Read/write splitting with replica-lag awareness, consistent-hash sharding, and a Redis
-queryset cache, sharing one consistency model (:mod:`django_dbscale.consistency`). The
-names below are the public API. Model classes, managers and the cache API load on first
-access: model classes can only be defined once Django's app registry is loading.
+queryset cache, sharing one consistency model (:mod:`django_dbscale.consistency`).
+
+The names below are the public API a project writes in its models, views and tasks; they
+are listed, with what lives elsewhere, in ``docs/api.md``. Operator and introspection tools
+stay in their pillar's package (:mod:`django_dbscale.sharding`, :mod:`django_dbscale.cache`,
+:mod:`django_dbscale.replicas`). Model classes, managers and the cache API load on first
+access: model classes can only be defined once Django's app registry is loading, and a
+project that does not use the cache never imports it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from django_dbscale.consistency import (
     InvalidConsistencyToken,
@@ -19,89 +25,81 @@ from django_dbscale.consistency import (
     use_primary,
     use_replica,
 )
-from django_dbscale.sharding import (
-    CrossShardRelation,
-    FanoutNotSupported,
-    InvalidShardKey,
-    RingChangeRefused,
-    ShardDeclarationError,
-    ShardedIDField,
-    ShardingError,
-    ShardKeyChanged,
-    ShardKeyMissing,
-    ShardKeyRequired,
-    ShardMismatch,
-    UnknownShard,
-    UnknownShardGroup,
-    current_shard,
-    decode_id,
-    get_ring,
-    ring_key,
-    shard_for_key,
-    shard_of_id,
-    using_shard,
-)
+
+if TYPE_CHECKING:
+    from django_dbscale.cache import (
+        CachedManager,
+        CachedModel,
+        CachedQuerySet,
+        CacheManagerMixin,
+        cached_queryset,
+        invalidate,
+        invalidate_all,
+        invalidate_model,
+    )
+    from django_dbscale.sharding import (
+        ShardedIDField,
+        ShardedManager,
+        ShardedModel,
+        ShardedQuerySet,
+        ShardingError,
+        ShardKeyRequired,
+        prefetch_by_shard,
+        shard_for_key,
+        using_shard,
+    )
 
 __all__ = [
-    "CacheManagerMixin",
-    "CachedManager",
-    "CachedModel",
-    "CachedQuerySet",
-    "CrossShardRelation",
-    "FanoutNotSupported",
+    # One consistency model (any pillar).
     "InvalidConsistencyToken",
-    "InvalidShardKey",
-    "RingChangeRefused",
-    "ShardKeyChanged",
-    "ShardKeyMissing",
-    "ShardDeclarationError",
+    "consistency_context",
+    "consistency_token",
+    "read_at_least",
+    "use_database",
+    "use_primary",
+    "use_replica",
+    # Sharding.
     "ShardKeyRequired",
-    "ShardMismatch",
     "ShardedIDField",
     "ShardedManager",
     "ShardedModel",
     "ShardedQuerySet",
     "ShardingError",
-    "UnknownShard",
-    "UnknownShardGroup",
-    "cache_invalidated",
-    "cache_read",
-    "cache_stats",
+    "prefetch_by_shard",
+    "shard_for_key",
+    "using_shard",
+    # Queryset cache.
+    "CacheManagerMixin",
+    "CachedManager",
+    "CachedModel",
+    "CachedQuerySet",
     "cached_queryset",
-    "consistency_context",
-    "consistency_token",
-    "current_shard",
-    "decode_id",
-    "get_ring",
     "invalidate",
     "invalidate_all",
     "invalidate_model",
-    "prefetch_by_shard",
-    "read_at_least",
-    "ring_key",
-    "shard_for_key",
-    "shard_of_id",
-    "use_database",
-    "use_primary",
-    "use_replica",
-    "using_shard",
 ]
 
 _LAZY = {
-    "ShardedManager": "django_dbscale.sharding",
-    "ShardedModel": "django_dbscale.sharding",
-    "ShardedQuerySet": "django_dbscale.sharding",
-    "prefetch_by_shard": "django_dbscale.sharding",
-    # The cache package defines model and manager classes: import it on first use.
+    **dict.fromkeys(
+        [
+            "ShardKeyRequired",
+            "ShardedIDField",
+            "ShardedManager",
+            "ShardedModel",
+            "ShardedQuerySet",
+            "ShardingError",
+            "prefetch_by_shard",
+            "shard_for_key",
+            "using_shard",
+        ],
+        "django_dbscale.sharding",
+    ),
     **dict.fromkeys(
         [
             "CacheManagerMixin",
             "CachedManager",
             "CachedModel",
             "CachedQuerySet",
-            "cache_invalidated",
-            "cache_read",
-            "cache_stats",
             "cached_queryset",
             "invalidate",
             "invalidate_all",
@@ -115,7 +113,9 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r}; operator tools live in "
+            "django_dbscale.sharding, django_dbscale.cache and django_dbscale.replicas "
+            "(docs/api.md)"
+        )
     return getattr(importlib.import_module(module), name)
