@@ -48,9 +48,7 @@ def test_aliases_name_their_database_by_location_replica_and_declaration() -> No
     assert names["default_plain"] == "default"
     assert names["default_replica"] == "default"  # a replica names its primary
     assert names["shard0"] == "shard0" and names["shard1"] == "shard1"
-    with override_settings(
-        DBSCALE={"SAME_DATABASE": {"default_replica_direct": "shard2"}}
-    ):
+    with override_settings(DBSCALE={"SAME_DATABASE": {"default_replica_direct": "shard2"}}):
         assert dbscale_settings.database_of["default_replica_direct"] == "shard2"
 
 
@@ -59,7 +57,8 @@ def test_aliases_name_their_database_by_location_replica_and_declaration() -> No
     [["default"], {"a": 1}, {"a": "a"}, {"a": "b", "b": "c"}],
 )
 def test_same_database_must_map_an_alias_to_another_unmapped_alias(value: object) -> None:
-    with override_settings(DBSCALE={"SAME_DATABASE": value}), pytest.raises(
-        ImproperlyConfigured, match=r"DBSCALE\['SAME_DATABASE'\]"
+    with (
+        override_settings(DBSCALE={"SAME_DATABASE": value}),
+        pytest.raises(ImproperlyConfigured, match=r"DBSCALE\['SAME_DATABASE'\]"),
     ):
         dbscale_settings.same_database  # noqa: B018
