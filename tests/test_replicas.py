@@ -970,7 +970,7 @@ def test_closing_a_probe_in_use_waits_for_its_query(services: Services) -> None:
     may be running on them: the close must leave the connection to the running query and
     happen when it ends.
     """
-    from django_dbscale.replicas import _Probe
+    from django_dbscale.replicas.monitor import _Probe
 
     probe = _Probe("default_replica")
     result: list[Any] = []
