@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 import time
 from collections import Counter
@@ -239,6 +240,14 @@ def wrote_recently(primary: str, seconds: float) -> bool:
 #: primary, a failover) counts here, once per read.
 route_counts: Counter[tuple[str, str]] = Counter()
 _count_lock = threading.Lock()
+
+
+def _new_count_lock_in_child() -> None:
+    global _count_lock
+    _count_lock = threading.Lock()  # a fork while another thread counted must not deadlock
+
+
+os.register_at_fork(after_in_child=_new_count_lock_in_child)
 
 
 def count_route(alias: str, reason: str) -> None:
