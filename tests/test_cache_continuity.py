@@ -70,9 +70,10 @@ def owe_behind_redis(pk: int, value: int) -> None:
     or is cut off alone): the database changed, Redis was not told.
     """
     table = CCounter._meta.db_table
-    with connections["default"].cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET value = %s WHERE id = %s", [value, pk])
-        cursor.execute(
+    # A connection of its own: raw SQL through Django's cursor would invalidate by itself.
+    with outbox.connect("default") as own, own.transaction():
+        own.execute(f"UPDATE {table} SET value = %s WHERE id = %s", [value, pk])
+        own.execute(
             f"INSERT INTO {outbox.TABLE} (keys) VALUES (%s)",
             [f"{options().prefix}:v:default:{table}:a"],
         )

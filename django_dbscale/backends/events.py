@@ -10,11 +10,16 @@ Signals (Django signals; ``sender`` is the connection's class, ``connection`` th
 quick, and must not raise: the statement or COMMIT has already happened.
 
 ``statement_wrote``
-    An ORM write statement (``INSERT``/``UPDATE``/``DELETE`` from a compiler) succeeded.
-    Arguments: ``connection``, ``table`` (the table written), ``dims`` (the canonical
-    values of the written rows' invalidation dimensions, as strings, or ``None`` when they
-    are unknown or the table declares none). Inside a transaction it has not committed
-    yet: wait for ``transaction_committed``.
+    A write statement succeeded: an ORM write (from a compiler), or raw SQL through a
+    dbscale cursor (``cursor.execute()``, ``executemany()``, ``COPY ... FROM``,
+    ``RunSQL``), whose tables are read with PostgreSQL's parser
+    (:mod:`~django_dbscale.backends.written_tables`). Arguments: ``connection``, ``table``
+    (the table written, sent once per table; ``None`` when the statement may have written
+    tables that cannot be named, such as ``TRUNCATE ... CASCADE`` or a function call:
+    anything on that database may have changed), ``dims`` (the canonical values of the
+    written rows' invalidation dimensions, as strings, or ``None`` when they are unknown or
+    the table declares none). Inside a transaction it has not committed yet: wait for
+    ``transaction_committed``.
 ``transaction_committing``
     Just before COMMIT of a transaction on ``connection``, inside it (a subscriber may write
     in the same transaction).
@@ -49,6 +54,7 @@ __all__ = [
     "describe_writes_with",
     "operation",
     "read_observer",
+    "self_described",
     "statement_wrote",
     "transaction_committed",
     "transaction_committing",
@@ -103,6 +109,12 @@ def describe_writes_with(analysis: WriteAnalysis | None) -> None:
 def write_analysis() -> WriteAnalysis | None:
     """Return the registered :class:`WriteAnalysis`, if a subscriber registered one."""
     return _analysis[0] if _analysis else None
+
+
+#: True while code that publishes its own writes runs its statements (the write compilers,
+#: which know the dimension values; the cache's outbox): the backend does not publish
+#: those statements again from their SQL text.
+self_described: ContextVar[bool] = ContextVar("dbscale_self_described", default=False)
 
 
 #: Callbacks to run when the ORM operation running in this context ends.

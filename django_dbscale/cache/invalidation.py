@@ -202,9 +202,23 @@ _WRITE_ANALYSIS = _DimensionAnalysis()
 
 
 def _on_statement_wrote(
-    sender: Any, connection: Any, table: str, dims: Iterable[str] | None, **kwargs: Any
+    sender: Any, connection: Any, table: str | None, dims: Iterable[str] | None, **kwargs: Any
 ) -> None:
-    record_write(connection, table, dims)
+    if table is not None:
+        record_write(connection, table, dims)
+        return
+    # Raw SQL whose tables cannot be named (TRUNCATE ... CASCADE, a function call): every
+    # installed table on that database may have changed. Counted: a project that sees many
+    # should call invalidate_model() itself and keep such statements out of the cache's way.
+    if not options().enabled:
+        return
+    from django.apps import apps
+
+    stats.incr(f"db:{primary_alias(connection.alias)}", "unknown_write")
+    tables = sorted({m._meta.db_table for m in apps.get_models(include_auto_created=True)})
+    with batched():
+        for name in tables:
+            record_write(connection, name, None)
 
 
 def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from django.db import connections
 
+from django_dbscale.backends import events
 from django_dbscale.cache.keys import wide_version_key
 from django_dbscale.conf import dbscale_settings
 
@@ -77,6 +78,7 @@ def record_in_transaction(connection: Any, keys: Iterable[str]) -> bool:
     A savepoint keeps a failure (the table is missing: ``migrate`` was not run) from
     aborting the user's transaction. Returns whether the row was written.
     """
+    token = events.self_described.set(True)  # the outbox row invalidates nothing cached
     try:
         with connection.cursor() as cursor:
             cursor.execute("SAVEPOINT dbscale_outbox")
@@ -95,6 +97,8 @@ def record_in_transaction(connection: Any, keys: Iterable[str]) -> bool:
     except Exception as exc:
         _log_failure(connection.alias, exc)
         return False
+    finally:
+        events.self_described.reset(token)
     return True
 
 

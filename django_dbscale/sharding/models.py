@@ -492,7 +492,12 @@ class ShardedQuerySet(models.QuerySet[_M], Generic[_M]):
                 verify_ring_once(primary)
             return primary
         # Where on that shard (a replica?) is the routers' decision, like every read's.
-        alias = router.db_for_read(self.model, **{**self._hints, SHARD_HINT: primary})
+        hints = self._hints
+        alias = (
+            router.db_for_read(self.model, **{**hints, SHARD_HINT: primary})
+            if hints
+            else router.db_for_read(self.model, shard=primary)
+        )
         if primary not in _verified:
             verify_ring_once(primary, alias)
         return alias

@@ -35,6 +35,7 @@ from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
 from django_dbscale import consistency
 from django_dbscale.backends import events
 from django_dbscale.backends.statements import is_write
+from django_dbscale.backends.written_tables import UNKNOWN, written_tables
 from django_dbscale.conf import dbscale_settings
 
 logger = logging.getLogger("django_dbscale.backends")
@@ -49,10 +50,41 @@ def _statusmessage(cursor: Any) -> str | None:
         return None
 
 
-def _note_write(db: Any) -> None:
+def _note_write(db: Any, sql: Any = None, cursor: Any = None) -> None:
     note_write = getattr(db, "note_write", None)
     if note_write is not None:  # None: a primary without the dbscale ENGINE (dbscale.W001)
         note_write()
+    if sql is not None and events.statement_wrote.receivers and not events.self_described.get():
+        _publish_raw_write(db, sql, cursor)
+
+
+def _publish_raw_write(db: Any, sql: Any, cursor: Any) -> None:
+    """Publish the tables a raw SQL write changed (``statement_wrote``), read by the parser.
+
+    The write compilers publish their own statements (with dimension values); this covers
+    everything else: ``cursor.execute()``/``executemany()``, ``COPY ... FROM``, ``RunSQL``.
+    Replicas never publish (nothing can write to a standby). Statements whose tables
+    cannot be named are published with ``table=None``.
+    """
+    if getattr(db, "dbscale_primary", lambda: None)() is not None:
+        return
+    if isinstance(sql, str):
+        text: str | None = sql
+    else:  # psycopg.sql.Composed and friends
+        try:
+            text = sql.as_string(cursor)
+        except Exception:
+            text = None
+    tables = written_tables(text) if text is not None else UNKNOWN
+    if not tables:
+        return
+    with events.operation():  # several tables, one statement: subscribers act once
+        if tables is UNKNOWN:
+            events.statement_wrote.send(sender=type(db), connection=db, table=None, dims=None)
+            return
+        assert isinstance(tables, frozenset)
+        for table in sorted(tables):
+            events.statement_wrote.send(sender=type(db), connection=db, table=table, dims=None)
 
 
 def _connection_broken(db: Any) -> bool:
@@ -74,13 +106,13 @@ class _DBScaleCursorMixin:
                 raise
             result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
         if is_write(sql, _statusmessage(self.cursor)):
-            _note_write(self.db)
+            _note_write(self.db, sql, self.cursor)
         return result
 
     def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
         result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
         if is_write(sql, _statusmessage(self.cursor)):
-            _note_write(self.db)
+            _note_write(self.db, sql, self.cursor)
         return result
 
     @contextmanager
@@ -90,7 +122,7 @@ class _DBScaleCursorMixin:
             yield copy
         text = statement if isinstance(statement, str) else repr(statement)
         if "FROM STDIN" in " ".join(text.upper().split()):
-            _note_write(self.db)
+            _note_write(self.db, statement, self.cursor)
 
     def _fail_over(self, sql: Any) -> bool:
         """Point this cursor at the primary if a replica's connection broke under a read.

@@ -154,10 +154,15 @@ class SQLInsertCompiler(compiler.SQLInsertCompiler):
     """Django's INSERT compiler; publishes the table and the inserted dimension values."""
 
     def execute_sql(self, returning_fields: Any = None) -> Any:  # type: ignore[override]
-        rows = super().execute_sql(returning_fields)
         analysis = _publishing()
-        if analysis is not None:
-            self._dbscale_publish(analysis)
+        if analysis is None:
+            return super().execute_sql(returning_fields)
+        token = events.self_described.set(True)
+        try:
+            rows = super().execute_sql(returning_fields)
+        finally:
+            events.self_described.reset(token)
+        self._dbscale_publish(analysis)
         return rows
 
     def _dbscale_publish(self, analysis: events.WriteAnalysis) -> None:
@@ -187,6 +192,15 @@ class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
         analysis = _publishing()
         if analysis is None:
             return super().execute_sql(result_type, *args, **kwargs)
+        token = events.self_described.set(True)
+        try:
+            return self._dbscale_execute(analysis, result_type, *args, **kwargs)
+        finally:
+            events.self_described.reset(token)
+
+    def _dbscale_execute(
+        self, analysis: events.WriteAnalysis, result_type: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         fields = analysis.fields(self.query.model)
         table = self.query.get_meta().db_table
         if not fields:
@@ -234,6 +248,13 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             return super().execute_sql(result_type)
         # A multi-table child's update() also updates its parents' tables, in statements
         # of their own: one operation, so subscribers can act once for all of them.
+        token = events.self_described.set(True)
+        try:
+            return self._dbscale_execute_all(result_type, analysis)
+        finally:
+            events.self_described.reset(token)
+
+    def _dbscale_execute_all(self, result_type: Any, analysis: events.WriteAnalysis) -> Any:
         with events.operation():
             row_count = self._dbscale_execute_main(result_type, analysis)
             is_empty = row_count is None
