@@ -40,7 +40,7 @@ from typing import Any
 
 import django
 from django.apps import apps
-from django.db.models import Field, Model, Q
+from django.db.models import Field, Model, Prefetch, Q
 
 from django_dbscale.conf import on_settings_changed
 
@@ -129,6 +129,16 @@ def freeze(value: Any, shape: bool = False) -> Any:
                 ]
             ),
         )
+    if isinstance(value, Prefetch):
+        # The lookup, where it stores its rows, and its queryset's own key: two Prefetch
+        # objects that could fetch different rows never freeze alike.
+        return (
+            "Pf",
+            value.prefetch_through,
+            value.prefetch_to,
+            value.to_attr,
+            None if value.queryset is None else _freeze_queryset(value.queryset, shape),
+        )
     recipe = getattr(value, "_dbscale_recipe", None)
     if recipe is not None:
         return recipe(shape)
@@ -154,6 +164,34 @@ def freeze(value: Any, shape: bool = False) -> Any:
             plain = base(value)
             return type(plain).__name__ if shape else plain
     raise Unkeyable(f"cannot derive a cache key from {kind.__qualname__} value {value!r}")
+
+
+def _freeze_queryset(queryset: Any, shape: bool) -> Any:
+    """Freeze a ``Prefetch`` queryset: its recipe if it keeps one, else its compiled SQL.
+
+    A plain ``QuerySet`` is compiled for PostgreSQL without choosing a database (the SQL is
+    the same on every alias); with *shape* its parameters are left out.
+    """
+    recipe = getattr(queryset, "_dbscale_recipe", None)
+    if recipe is not None and queryset.__dict__.get("_dbscale_q") is None:
+        return recipe(shape)
+    query = queryset.query
+    if query.select_for_update:
+        raise Unkeyable("a Prefetch queryset with select_for_update()")
+    try:
+        sql, params = query.sql_with_params()
+    except Exception as exc:  # EmptyResultSet (.none()) and friends: key by the query
+        raise Unkeyable(f"a Prefetch queryset that does not compile: {exc!r}") from exc
+    iterable = queryset._iterable_class
+    return (
+        "QSsql",
+        queryset.model._meta.label,
+        queryset._db,
+        f"{iterable.__module__}.{iterable.__qualname__}",
+        sql,
+        "*" if shape else freeze(tuple(params)),
+        freeze(tuple(queryset._prefetch_related_lookups), shape),
+    )
 
 
 def digest(text: str) -> str:

@@ -23,6 +23,7 @@ Reads never use the cache inside ``get_or_create()``/``update_or_create()``, for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from django_dbscale.cache.explain import Explanation
 
 __all__ = ["CachedManager", "CachedModel", "CachedQuerySet", "CacheManagerMixin"]
+
+logger = logging.getLogger("django_dbscale.cache")
 
 _M = TypeVar("_M", bound=Model, covariant=True)
 
@@ -103,6 +106,28 @@ def _validate_timeout(timeout: Any, where: str) -> int | None:
             f"DBSCALE['CACHE']['TIMEOUT'], not {timeout!r}."
         )
     return timeout
+
+
+_warned_unkeyable: set[tuple[str, str]] = set()
+
+
+def _note_unkeyable(model: type[Model], exc: Unkeyable) -> None:
+    """Count a read the cache cannot key (never silent); in DEBUG, warn once per cause."""
+    from django.conf import settings
+
+    from django_dbscale.cache import stats
+
+    label = model._meta.label
+    stats.incr(label, "bypass")
+    cause = str(exc).split(":", 1)[0]
+    if settings.DEBUG and (label, cause) not in _warned_unkeyable:
+        _warned_unkeyable.add((label, cause))
+        logger.warning(
+            "A %s read through .cache() is not cached: %s. explain_cache() says the same; "
+            "this is logged once per cause in DEBUG.",
+            label,
+            exc,
+        )
 
 
 class CachedQuerySet(QuerySet[_M], Generic[_M]):
@@ -512,7 +537,8 @@ class CachedQuerySet(QuerySet[_M], Generic[_M]):
                     tuple(self._prefetch_related_lookups),
                 )
             )
-        except Unkeyable:
+        except Unkeyable as exc:
+            _note_unkeyable(self.model, exc)
             return None
         return planning.plan_for_query(self.model, alias, kind, described, query)
 
