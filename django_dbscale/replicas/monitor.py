@@ -75,6 +75,11 @@ class ReplicaStatus:
     #: when the primary position was read in the latest round whose position this replica
     #: had replayed: it holds every write committed before that moment
     caught_up_as_of: float = -math.inf
+    #: the primary did not answer the latest round (down, restarting, failing over)
+    primary_unreachable: bool = False
+    #: ``time.monotonic()`` of the latest round in which the primary answered while this
+    #: replica streamed within the lag budget: the start of an outage's grace period
+    in_budget_with_primary_at: float = -math.inf
 
     def quarantined(self, now: float) -> bool:
         return now < self.quarantined_until
@@ -87,11 +92,31 @@ class ReplicaStatus:
             return True
         return self.lag_bytes is not None and max_bytes is not None and self.lag_bytes <= max_bytes
 
-    def assess(self) -> None:
-        """Recompute :attr:`eligible` from the measurements (after each probe)."""
+    def assess(self, now: float | None = None) -> None:
+        """Recompute :attr:`eligible` from the measurements (after each probe).
+
+        While the primary does not answer (a restart, a crash, a failover) the replica's
+        WAL receiver cannot stream, its time lag grows with the idle clock and its byte lag
+        cannot be measured, yet it holds what the primary had up to the outage (minus what
+        it had not replayed): it stays eligible if it was within the budget the last time
+        the primary answered, for at most ``MAX_REPLICA_LAG`` seconds from then. Reads that
+        need nothing newer than it has replayed keep working; reads that need the primary
+        (a write's position not yet known, a transaction) fail as the primary does.
+        """
+        if self.primary_unreachable:
+            now = time.monotonic() if now is None else now
+            grace = dbscale_settings.max_replica_lag
+            self.eligible = (
+                self.healthy
+                and self.in_recovery
+                and now - self.in_budget_with_primary_at <= grace
+            )
+            return
         self.eligible = (
             self.healthy and self.in_recovery and self.receiver_streaming and self.within_budget()
         )
+        if self.eligible:
+            self.in_budget_with_primary_at = time.monotonic() if now is None else now
 
     def usable(self, now: float) -> bool:
         """Eligible, fresh and not quarantined (ignoring read-your-writes).
@@ -773,6 +798,7 @@ class ReplicaMonitor:
             status.last_error = ""
             status.in_recovery = bool(in_recovery)
             status.receiver_streaming = receiver == "streaming"
+            status.primary_unreachable = primary_job.row is None
             if replay_lsn is not None:
                 self.note_replayed(alias, replay_lsn)
             status.lag_seconds = None if lag_s is None else max(0.0, float(lag_s))

@@ -1,0 +1,78 @@
+"""While the primary is down, reads a replica can serve are served; writes fail fast.
+
+The primary server is really stopped (``pg_ctl stop -m fast``) and started again; its
+streaming replica stays up, in recovery, with its WAL receiver disconnected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connections
+
+from django_dbscale import consistency, consistency_context, read_at_least, replicas
+from django_dbscale.testing.harness import Services
+from tests.testapp.models import Note
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+@pytest.fixture
+def primary_down(services: Services) -> Iterator[Note]:
+    """A note every server has, then the primary stopped (started again afterwards)."""
+    note = Note.objects.create(title="before the outage")
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.refresh()
+    assert replicas.monitor.status("default_replica").eligible
+    connections.close_all()
+    services.pg1.stop()
+    try:
+        replicas.monitor.refresh()  # the primary does not answer this round
+        yield note
+    finally:
+        connections.close_all()
+        services.pg1.start()
+        services.pg1_replica.wait_for_streaming()
+        replicas.monitor.refresh()
+
+
+def test_tokenless_reads_are_served_by_the_replica_while_the_primary_is_down(
+    primary_down: Note, services: Services
+) -> None:
+    status = replicas.monitor.status("default_replica")
+    assert status.primary_unreachable and not status.receiver_streaming
+    with consistency_context():
+        got = Note.objects.get(pk=primary_down.pk)
+    assert (got.title, got._state.db) == ("before the outage", "default_replica")
+    assert services.pg1_replica.execute(
+        "SELECT title FROM testapp_note WHERE id = %s", (primary_down.pk,), dbname="dbscale"
+    ) == [("before the outage",)]
+
+
+def test_a_token_the_replica_has_replayed_is_served_by_it(
+    primary_down: Note, services: Services
+) -> None:
+    replayed = replicas.replayed_lsn("default_replica")
+    assert replayed is not None
+    with consistency_context() as state:
+        state.merge_positions({"default": replayed})
+        token = consistency.consistency_token()
+    with read_at_least(token):
+        got = Note.objects.get(pk=primary_down.pk)
+    assert got._state.db == "default_replica"
+
+
+def test_writes_fail_fast_with_the_primary_down(primary_down: Note) -> None:
+    started = time.monotonic()
+    with pytest.raises(OperationalError):
+        Note.objects.create(title="lost?")
+    assert time.monotonic() - started < 3
+
+
+def test_the_grace_period_ends_after_max_replica_lag(primary_down: Note, settings: Any) -> None:
+    status = replicas.monitor.status("default_replica")
+    status.assess(now=status.in_budget_with_primary_at + settings.DBSCALE["MAX_REPLICA_LAG"] + 1)
+    assert not status.eligible  # beyond the budget: no longer trusted to be current enough
