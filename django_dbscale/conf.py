@@ -62,6 +62,7 @@ CACHE_DEFAULTS: dict[str, Any] = {
     "DIMENSIONS": {},
     "VERSION_TIMEOUT": 7 * 24 * 60 * 60,
     "OUTBOX_POLL_INTERVAL": None,
+    "CAPTURE": False,
 }
 
 SELECTIONS = ("random", "round_robin")

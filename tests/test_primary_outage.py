@@ -6,11 +6,13 @@ streaming replica stays up, in recovery, with its WAL receiver disconnected.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections
 
 from django_dbscale import consistency, consistency_context, read_at_least, replicas
@@ -34,6 +36,9 @@ def primary_down(services: Services) -> Iterator[Note]:
         yield note
     finally:
         connections.close_all()
+        # Code run by sync_to_async outside any async_to_sync (asgiref's one shared
+        # thread-sensitive thread) has connections of its own: the restart killed them too.
+        asyncio.run(sync_to_async(connections.close_all)())
         services.pg1.start()
         services.pg1_replica.wait_for_streaming()
         replicas.monitor.refresh()

@@ -39,6 +39,7 @@ class CacheOptions:
     dimensions: Mapping[str, tuple[str, ...]]
     version_timeout: int
     outbox_poll_interval: float | None
+    capture: bool
 
 
 def _error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
@@ -161,7 +162,13 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
             f"must be None (off) or a number > 0 (seconds), not {poll!r}",
             "Example: 'OUTBOX_POLL_INTERVAL': 10.",
         )
+    capture = raw["CAPTURE"]
+    if not isinstance(capture, bool):
+        raise _error(
+            "CAPTURE", f"must be True or False, not {capture!r}", "Example: 'CAPTURE': True."
+        )
     return CacheOptions(
+        capture=capture,
         alias=alias,
         timeout=timeout,
         prefix=prefix,

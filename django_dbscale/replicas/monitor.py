@@ -107,9 +107,7 @@ class ReplicaStatus:
             now = time.monotonic() if now is None else now
             grace = dbscale_settings.max_replica_lag
             self.eligible = (
-                self.healthy
-                and self.in_recovery
-                and now - self.in_budget_with_primary_at <= grace
+                self.healthy and self.in_recovery and now - self.in_budget_with_primary_at <= grace
             )
             return
         self.eligible = (

@@ -201,6 +201,23 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
         )
         consistency.note_transaction(self.alias, in_transaction)
 
+    def get_connection_params(self) -> dict[str, Any]:
+        """Django's parameters, plus ``dbscale.origin=django`` when change capture is on.
+
+        The capture triggers (``manage.py dbscale cache capture``) skip sessions that carry
+        it: this backend describes its own writes, so they are not captured twice. A startup
+        option costs no round trip. Behind a pooler that rejects startup options, leave
+        ``CACHE["CAPTURE"]`` off: the triggers then also capture Django's writes (correct,
+        one outbox row more per statement).
+        """
+        params: dict[str, Any] = super().get_connection_params()
+        cache = dbscale_settings.cache if dbscale_settings.cache_declared else {}
+        if cache.get("CAPTURE") is True:
+            tag = "-c dbscale.origin=django"
+            given = params.get("options")
+            params["options"] = f"{given} {tag}" if given else tag
+        return params
+
     def dbscale_primary(self) -> str | None:
         """Return this alias's primary if this alias is a configured replica."""
         return dbscale_settings.primary_of.get(self.alias)

@@ -7,6 +7,9 @@
     manage.py dbscale cache invalidate shop.Order [--database default]
     manage.py dbscale cache invalidate --all [--database default]
     manage.py dbscale cache clear                # delete every key under CACHE["PREFIX"]
+    manage.py dbscale cache capture [--database default]   # install the capture triggers
+    manage.py dbscale cache capture --remove [--database default]
+    manage.py dbscale cache relay                # drain captured external writes (service)
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "action",
         nargs="?",
         default="stats",
-        choices=["stats", "invalidate", "clear"],
-        help="stats (default), invalidate MODEL... or --all, clear.",
+        choices=["stats", "invalidate", "clear", "capture", "relay"],
+        help="stats (default), invalidate MODEL... or --all, clear, capture, relay.",
+    )
+    parser.add_argument("--remove", action="store_true", help="capture: drop the triggers.")
+    parser.add_argument(
+        "--poll", type=float, default=1.0, help="relay: seconds between outbox checks."
     )
     parser.add_argument("models", nargs="*", help="Model labels for 'invalidate'.")
     parser.add_argument("--all", action="store_true", help="Invalidate every table.")
@@ -72,6 +79,9 @@ def handle(command: BaseCommand, **options: Any) -> None:
     from django_dbscale.cache.options import options as cache_options
 
     action = options["action"]
+    if action in ("capture", "relay"):
+        _capture_or_relay(command, action, options)
+        return
     if action == "stats":
         _stats(command, bool(options.get("json")))
         return
@@ -105,3 +115,42 @@ def handle(command: BaseCommand, **options: Any) -> None:
     except (RedisUnavailable, RedisError, OSError) as exc:
         raise CommandError(f"Redis is unreachable: {exc}") from exc
     command.stdout.write(f"deleted {deleted} keys under {prefix!r}")
+
+
+def _primaries(database: str | None) -> list[str]:
+    from django_dbscale.cache.outbox import outbox_aliases
+
+    aliases = outbox_aliases()
+    if database is not None:
+        if database not in aliases:
+            raise CommandError(
+                f"--database {database!r} is not a primary using the dbscale ENGINE "
+                f"(primaries: {aliases})."
+            )
+        return [database]
+    return aliases
+
+
+def _capture_or_relay(command: BaseCommand, action: str, options: dict[str, Any]) -> None:
+    import threading
+
+    from django_dbscale.cache import capture
+
+    aliases = _primaries(options["database"])
+    if action == "capture":
+        for alias in aliases:
+            if options["remove"]:
+                tables = capture.remove(alias)
+                command.stdout.write(f"{alias}: capture removed from {len(tables)} tables")
+            else:
+                tables = capture.install(alias)
+                command.stdout.write(f"{alias}: capturing writes to {len(tables)} tables")
+        return
+    if options["poll"] <= 0:
+        raise CommandError("--poll must be a number of seconds > 0.")
+    stop = threading.Event()
+    command.stdout.write(f"relaying captured writes of {aliases} (Ctrl-C stops)")
+    try:
+        capture.relay(aliases, stop, poll=options["poll"])
+    except KeyboardInterrupt:
+        stop.set()
