@@ -73,8 +73,7 @@ def relay_process(services: Services) -> Iterator[subprocess.Popen[str]]:
         "PYTHONPATH": str(ROOT),
     }
     process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "django", "dbscale", "cache", "relay", "--database", "default",
-         "--poll", "0.5"],
+        [sys.executable, "-u", "-m", "django", "dbscale", "cache", "relay", "--poll", "0.5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert process.stdout is not None
@@ -84,11 +83,27 @@ def relay_process(services: Services) -> Iterator[subprocess.Popen[str]]:
         if "relaying captured writes" in line or len(seen) > 50:
             break
     assert "relaying captured writes" in seen[-1], "".join(seen)
+    _wait_for_heartbeats()
     try:
         yield process
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _wait_for_heartbeats() -> None:
+    """Wait until the relay's heartbeats are up and this process trusts every database."""
+    from django_dbscale.cache import continuity
+    from django_dbscale.cache.client import gateway
+    from django_dbscale.cache.options import options
+
+    served = [a for a in outbox.outbox_aliases() if a != "default_replica_direct"]  # a standby
+    keys = [continuity.relay_key(options().prefix, a) for a in served]
+    deadline = time.monotonic() + 10
+    while None in gateway().client.mget(keys):
+        assert time.monotonic() < deadline, "the relay never beat"
+        time.sleep(0.02)
+    assert continuity.wait_until_verified()
 
 
 def test_triggers_are_installed_on_every_table_of_the_database_and_removed(
@@ -131,6 +146,9 @@ def test_the_relay_invalidates_external_writes_within_a_bound(
             assert time.monotonic() - started < 5, "not invalidated within 5 s"
             time.sleep(0.002)
         delays.append(time.monotonic() - started)
+    deadline = time.monotonic() + 2  # the relay bumps, then deletes the drained rows
+    while outbox_rows(services) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert outbox_rows(services) == 0  # drained, nothing left behind
     print(
         f"external write -> fresh read: median {statistics.median(delays) * 1000:.1f} ms, "
@@ -167,3 +185,49 @@ def test_external_writes_made_while_no_relay_runs_are_kept_and_delivered_later(
     assert drained == [{"default"}]
     assert outbox_rows(services) == 0
     assert cached(row.pk) == (9, ["miss"])
+
+
+def test_without_a_relay_every_process_drains_external_writes_itself_within_seconds(
+    captured: None, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django_dbscale.cache import continuity
+
+    continuity._relay_missing.clear()  # warned about afresh in this test
+    continuity._arm_poll()  # as after this process's verification, with CAPTURE on
+    row = CCounter.objects.create(name="c", value=1)
+    assert cached(row.pk)[0] == 1
+    external(services, f"UPDATE {TABLE} SET value = 5 WHERE id = %s", (row.pk,))
+    started = time.monotonic()
+    while outbox_rows(services):  # this process notices the missing relay and drains it
+        assert time.monotonic() - started < 2 * continuity.RELAY_CHECK_INTERVAL + 1
+        time.sleep(0.05)
+    assert continuity.wait_until_verified()
+    assert cached(row.pk) == (5, ["miss"])
+    assert any("No change-capture relay serves 'default'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_running_relay_keeps_its_heartbeat_so_processes_do_not_drain(
+    captured: None, services: Services
+) -> None:
+    import threading
+
+    from django_dbscale.cache import continuity
+    from django_dbscale.cache.client import gateway
+    from django_dbscale.cache.options import options
+
+    stop = threading.Event()
+    worker = threading.Thread(target=capture.relay, args=(["default"], stop), kwargs={"poll": 0.2})
+    worker.start()
+    try:
+        key = continuity.relay_key(options().prefix, "default")
+        deadline = time.monotonic() + 5
+        while gateway().client.get(key) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        continuity._relay_missing.discard("default")
+        continuity._check_relay(["default"])
+        assert "default" not in continuity._relay_missing
+        assert 0 < gateway().client.ttl(key) <= 3
+    finally:
+        stop.set()
+        worker.join(5)

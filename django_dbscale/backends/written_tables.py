@@ -151,6 +151,12 @@ _PURE_FUNCTIONS = frozenset(
         "to_timestamp", "make_interval", "extract", "cast", "array_length", "unnest",
         "generate_series", "row_number", "rank", "dense_rank", "lag", "lead",
         "nextval", "setval", "currval", "pg_get_serial_sequence", "pg_sleep",
+        "uuid_generate_v1", "uuid_generate_v4", "md5", "encode", "decode", "digest",
+        "crypt", "gen_salt", "to_tsvector", "to_tsquery", "setweight", "jsonb_set",
+        "jsonb_build_array", "json_build_array", "jsonb_strip_nulls", "array_append",
+        "array_remove", "array_cat", "array_position", "age", "left", "right", "position",
+        "split_part", "format", "concat_ws", "regexp_replace", "date", "make_date",
+        "make_timestamp", "make_timestamptz", "localtimestamp", "current_date",
     }
 )  # fmt: skip
 

@@ -144,6 +144,20 @@ def installed_tables(own: Any) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+def _heartbeat(aliases: list[str], ttl: int) -> None:
+    """Tell every process that a relay serves *aliases* (they drain by themselves if not)."""
+    from django_dbscale.cache.client import gateway
+
+    prefix = options().prefix
+    try:
+        pipe = gateway().client.pipeline(transaction=False)
+        for alias in aliases:
+            pipe.set(continuity.relay_key(prefix, alias), "1", ex=ttl)
+        pipe.execute()
+    except Exception as exc:  # Redis down or cut: the processes drain by themselves
+        logger.warning("The relay could not refresh its heartbeat: %s", exc)
+
+
 def relay(
     aliases: Iterable[str],
     stop: threading.Event,
@@ -158,15 +172,23 @@ def relay(
     Notifications that arrive while a drain runs are coalesced into the next one. Returns
     when *stop* is set.
     """
-    names = sorted({primary_alias(alias) for alias in aliases})
-    listeners = {alias: outbox.connect(alias) for alias in names}
+    listeners: dict[str, Any] = {}
+    for alias in sorted({primary_alias(alias) for alias in aliases}):
+        own = outbox.connect(alias)
+        if outbox.in_recovery(own):  # a standby under an alias of its own: no writes there
+            own.close()
+            continue
+        listeners[alias] = own
+    names = sorted(listeners)
     selector = selectors.DefaultSelector()
     try:
         for alias, own in listeners.items():
             own.execute(f"LISTEN {CHANNEL}")
             selector.register(own.fileno(), selectors.EVENT_READ, alias)
         next_check = 0.0
+        beat_ttl = max(3, int(3 * poll) + 1)
         while not stop.is_set():
+            _heartbeat(names, beat_ttl)
             due: set[str] = set()
             for key, _ in selector.select(timeout=min(poll, 0.5)):
                 alias = key.data

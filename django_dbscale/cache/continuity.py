@@ -351,36 +351,93 @@ class _Abandoned(Exception):
     """Something happened during a round (an error, another server, a new outbox row)."""
 
 
+#: Seconds between checks of the change-capture relay's heartbeat (``CACHE["CAPTURE"]``).
+RELAY_CHECK_INTERVAL = 1.0
+#: Databases whose relay heartbeat was missing at the last check (warned about once).
+_relay_missing: set[str] = set()
+#: Aliases found to reach a standby: no relay serves them, and nothing is written there.
+_standbys: set[str] = set()
+
+
+def relay_key(prefix: str, alias: str) -> str:
+    """Return the Redis key the change-capture relay refreshes while it serves *alias*."""
+    return f"{prefix}:relay:{alias}"
+
+
 def _arm_poll() -> None:
-    """Check the outboxes every ``OUTBOX_POLL_INTERVAL`` seconds, if set.
+    """Check the outboxes every ``OUTBOX_POLL_INTERVAL`` seconds, and the relay, if set.
 
     For what no Redis error reveals: another process's owed invalidation while this one's
     connections stayed up (a black hole, or an outage only the writer saw). A database with
-    rows becomes untrusted, and the verifying thread drains it.
+    rows becomes untrusted, and the verifying thread drains it. With ``CACHE["CAPTURE"]``,
+    every ``RELAY_CHECK_INTERVAL`` seconds: a database whose relay heartbeat is missing is
+    untrusted and drained by this process itself, so writes from outside Django are never
+    served stale for longer than that while the relay is down.
     """
-    interval = options().outbox_poll_interval
-    if interval is None:
+    opts = options()
+    intervals = [opts.outbox_poll_interval] if opts.outbox_poll_interval is not None else []
+    if opts.capture:
+        intervals.append(RELAY_CHECK_INTERVAL)
+    if not intervals:
         return
     with _lock:
         if _poll:
             return
-        timer = threading.Timer(interval, _poll_outboxes)
+        timer = threading.Timer(min(intervals), _poll_outboxes)
         timer.daemon = True
         _poll.append(timer)
     timer.start()
+
+
+def _check_relay(aliases: list[str]) -> None:
+    """Untrust the databases whose change-capture relay is not running (heartbeat gone)."""
+    from django_dbscale.cache.client import gateway
+
+    prefix = options().prefix
+    try:
+        beats = gateway().client.mget([relay_key(prefix, alias) for alias in aliases])
+    except Exception:  # Redis unreachable: the breaker and verification deal with that
+        return
+    for alias, beat in zip(aliases, beats, strict=True):
+        if beat is not None:
+            if alias in _relay_missing:
+                _relay_missing.discard(alias)
+                logger.warning("The cache's change-capture relay for %r is back.", alias)
+            continue
+        if alias not in _relay_missing:
+            _relay_missing.add(alias)
+            logger.warning(
+                "No change-capture relay serves %r (`manage.py dbscale cache relay`): this "
+                "process drains its outbox itself every %.0f s meanwhile.",
+                alias,
+                RELAY_CHECK_INTERVAL,
+            )
+        if alias not in untrusted and ALL not in untrusted and alias not in _standbys:
+            owe(alias)
+
+
+_last_outbox_poll = [0.0]
 
 
 def _poll_outboxes() -> None:
     with _lock:
         _poll.clear()
     try:
-        for alias in outbox.outbox_aliases():
-            if alias in untrusted or ALL in untrusted:
-                continue
-            with outbox.connect(alias) as own:
-                if outbox.has_rows(own) and not outbox.in_recovery(own):
-                    logger.warning("%r's cache outbox has rows: draining them.", alias)
-                    owe(alias)
+        opts = options()
+        aliases = outbox.outbox_aliases()
+        if opts.capture:
+            _check_relay(aliases)
+        interval = opts.outbox_poll_interval
+        now = time.monotonic()
+        if interval is not None and now - _last_outbox_poll[0] >= interval * 0.99:
+            _last_outbox_poll[0] = now
+            for alias in aliases:
+                if alias in untrusted or ALL in untrusted:
+                    continue
+                with outbox.connect(alias) as own:
+                    if outbox.has_rows(own) and not outbox.in_recovery(own):
+                        logger.warning("%r's cache outbox has rows: draining them.", alias)
+                        owe(alias)
     except Exception as exc:
         logger.warning("Polling the cache outboxes failed: %s", exc)
     with contextlib.suppress(Exception):
@@ -532,6 +589,7 @@ def _settle(connection: Any, alias: str, epoch: int) -> None:
         return
     with outbox.connect(alias) as own:
         if outbox.in_recovery(own):  # a standby under an alias not declared a replica
+            _standbys.add(alias)  # no relay serves it: the relay check leaves it alone
             if owed:
                 bump_generation(0)
             return
