@@ -1,4 +1,4 @@
-"""Prometheus metrics for django_dbscale (``pip install 'django-dbscale[metrics]'``).
+"""Prometheus metrics for django_dbscale (the ``metrics`` extra: ``pip install -e '.[metrics]'``).
 
 Register the collector once, e.g. in your ``AppConfig.ready()``::
 
