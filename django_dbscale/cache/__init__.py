@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from django_dbscale.cache.continuity import wait_until_verified
     from django_dbscale.cache.decorators import cached_queryset
     from django_dbscale.cache.explain import Explanation
+    from django_dbscale.cache.fragments import cached_as
     from django_dbscale.cache.hooks import (
         connect,
         install,
@@ -48,6 +49,7 @@ __all__ = [
     "cache_invalidated",
     "cache_read",
     "cache_stats",
+    "cached_as",
     "cached_queryset",
     "connect",
     "install",
@@ -62,6 +64,7 @@ __all__ = [
 _LAZY = {
     "wait_until_verified": "continuity",
     "cached_queryset": "decorators",
+    "cached_as": "fragments",
     "Explanation": "explain",
     "connect": "hooks",
     "install": "hooks",
