@@ -25,14 +25,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from django.apps import apps
-from django.db import router
 from django.db.models import Model
 
-from django_dbscale import consistency
 from django_dbscale.cache import engine, planning, stats
 from django_dbscale.cache.invalidation import model_tables
 from django_dbscale.cache.keys import Unkeyable, freeze
-from django_dbscale.cache.options import options
+from django_dbscale.cache.options import database_for, options
 
 __all__ = ["cached_queryset"]
 
@@ -105,17 +103,9 @@ def cached_queryset(
             except Unkeyable:
                 stats.incr(label, "bypass")
                 return func(*args, **kwargs)
-            from django_dbscale.cache.options import primary_alias
-
-            token = consistency.naming_database.set(True)  # which database, not a read
-            try:
-                tables = {
-                    (primary_alias(router.db_for_read(model) or "default"), table)
-                    for model in resolved
-                    for table in model_tables(model)
-                }
-            finally:
-                consistency.naming_database.reset(token)
+            tables = {
+                (database_for(model), table) for model in resolved for table in model_tables(model)
+            }
             plan = planning.plan_for_function(label, frozen, tables)
             return engine.read_through(plan, lambda: func(*args, **kwargs), timeout or opts.timeout)
 

@@ -27,27 +27,17 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
-from django.db import router
 from django.db.models import Model, QuerySet
 
-from django_dbscale import consistency
 from django_dbscale.cache import engine, planning, stats
 from django_dbscale.cache.decorators import _resolve
 from django_dbscale.cache.invalidation import model_tables
 from django_dbscale.cache.keys import Unkeyable, _freeze_queryset, freeze
-from django_dbscale.cache.options import options, primary_alias
+from django_dbscale.cache.options import database_for, options, primary_alias
 
 __all__ = ["cached_as", "read_through_dependencies", "resolve_dependencies"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _database_of(model: type[Model], hints: dict[str, Any] | None = None) -> str:
-    token = consistency.naming_database.set(True)  # which database, not a read
-    try:
-        return primary_alias(router.db_for_read(model, **(hints or {})) or "default")
-    finally:
-        consistency.naming_database.reset(token)
 
 
 def dependency(item: Any, where: str) -> tuple[frozenset[tuple[str, str]], Any]:
@@ -55,18 +45,18 @@ def dependency(item: Any, where: str) -> tuple[frozenset[tuple[str, str]], Any]:
     if isinstance(item, QuerySet):
         queryset: Any = item  # Django's private _db and _hints (not in django-stubs)
         db, hints = queryset._db, queryset._hints
-        alias = primary_alias(db) if db else _database_of(item.model, hints)
+        alias = primary_alias(db) if db else database_for(item.model, hints)
         shape = planning.discover(item.query, alias)
         if shape.reason is not None:
             raise Unkeyable(shape.reason)
         return shape.tables, ("qs", alias, _freeze_queryset(item, False))
     if isinstance(item, Model):
         model = type(item)
-        alias = primary_alias(item._state.db) if item._state.db else _database_of(model)
+        alias = primary_alias(item._state.db) if item._state.db else database_for(model)
         tables = frozenset((alias, t) for t in model_tables(model))
         return tables, ("obj", model._meta.label, freeze(item.pk))
     model = _resolve(item, where)
-    alias = _database_of(model)
+    alias = database_for(model)
     return frozenset((alias, t) for t in model_tables(model)), ("model", model._meta.label)
 
 

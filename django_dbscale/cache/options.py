@@ -14,10 +14,12 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, router
 
+from django_dbscale import consistency
 from django_dbscale.conf import dbscale_settings, on_settings_changed
 
-__all__ = ["CacheOptions", "min_version_ttl", "options", "primary_alias"]
+__all__ = ["CacheOptions", "database_for", "min_version_ttl", "options", "primary_alias"]
 
 logger = logging.getLogger("django_dbscale.cache")
 
@@ -64,6 +66,13 @@ def _positive_number(raw: Mapping[str, Any], key: str, *, allow_zero: bool = Fal
             key, f"must be a number {bound} (seconds), not {value!r}", f"Example: {key!r}: 0.5."
         )
     return float(value)
+
+
+def _boolean(raw: Mapping[str, Any], key: str) -> bool:
+    value = raw[key]
+    if not isinstance(value, bool):
+        raise _error(key, f"must be True or False, not {value!r}", "Example: True (or False).")
+    return value
 
 
 def _label(value: Any, key: str) -> str:
@@ -121,11 +130,7 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
             f"must be a positive int (bytes), not {max_bytes!r}",
             "Example: 1_048_576 (1 MiB).",
         )
-    enabled = raw["ENABLED"]
-    if not isinstance(enabled, bool):
-        raise _error(
-            "ENABLED", f"must be True or False, not {enabled!r}", "Example: True (or False)."
-        )
+    enabled = _boolean(raw, "ENABLED")
     dims_raw = raw["DIMENSIONS"]
     if not isinstance(dims_raw, Mapping):
         raise _error(
@@ -162,13 +167,8 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
             f"must be None (off) or a number > 0 (seconds), not {poll!r}",
             "Example: 'OUTBOX_POLL_INTERVAL': 10.",
         )
-    capture = raw["CAPTURE"]
-    if not isinstance(capture, bool):
-        raise _error(
-            "CAPTURE", f"must be True or False, not {capture!r}", "Example: 'CAPTURE': True."
-        )
     return CacheOptions(
-        capture=capture,
+        capture=_boolean(raw, "CAPTURE"),
         alias=alias,
         timeout=timeout,
         prefix=prefix,
@@ -223,6 +223,20 @@ def _reset() -> None:
 def min_version_ttl(opts: CacheOptions) -> int:
     """Return the time-to-live of a new or bumped version key (fills extend theirs)."""
     return int(min(opts.timeout + 60, opts.version_timeout))
+
+
+def database_for(model: Any, hints: Mapping[str, Any] | None = None) -> str:
+    """Return the name (:func:`primary_alias`) of the database the routers read *model* from.
+
+    Asks ``router.db_for_read`` in naming mode (``consistency.naming_database``): the
+    dbscale routers answer with the primary and choose no replica, pin nothing and count
+    nothing, so naming a key's database has no routing side effects.
+    """
+    token = consistency.naming_database.set(True)
+    try:
+        return primary_alias(router.db_for_read(model, **(hints or {})) or DEFAULT_DB_ALIAS)
+    finally:
+        consistency.naming_database.reset(token)
 
 
 def primary_alias(alias: str) -> str:

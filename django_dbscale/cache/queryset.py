@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, models, router
+from django.db import models
 from django.db.models import Model, QuerySet, prefetch_related_objects
 from django.db.models.manager import BaseManager
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable
@@ -36,7 +36,7 @@ from django.db.models.query import MAX_GET_RESULTS, ModelIterable
 from django_dbscale import consistency
 from django_dbscale.cache import engine, planning
 from django_dbscale.cache.keys import _ATOMS, Unkeyable, freeze
-from django_dbscale.cache.options import options, primary_alias
+from django_dbscale.cache.options import database_for, options, primary_alias
 
 if TYPE_CHECKING:
     from django_dbscale.cache.explain import Explanation
@@ -491,25 +491,24 @@ class CachedQuerySet(QuerySet[_M], Generic[_M]):
         """Return the database the keys and versions name (no replica is chosen).
 
         The routers decide, as for any read, but are asked only which database holds the
-        rows (``consistency.naming_database``): the dbscale routers then answer with the
-        primary, pin nothing and count nothing. A fill asks them again, for real.
+        rows (:func:`~django_dbscale.cache.options.database_for`): the dbscale routers then
+        answer with the primary, pin nothing and count nothing. A fill asks them again,
+        for real.
         """
         db = self._db
         if db is not None:
             return primary_alias(db)
+        cls = type(self)
+        plain = _plain_db.get(cls)
+        if plain is None:
+            plain = _plain_db[cls] = getattr(cls, "db", None) is _QUERYSET_DB
+        if plain:
+            return database_for(self.model, self._hints)
         token = consistency.naming_database.set(True)
         try:
-            cls = type(self)
-            plain = _plain_db.get(cls)
-            if plain is None:
-                plain = _plain_db[cls] = getattr(cls, "db", None) is _QUERYSET_DB
-            if plain:
-                alias = router.db_for_read(self.model, **self._hints) or DEFAULT_DB_ALIAS
-            else:
-                alias = self.db  # a sharded queryset maps its key, then asks the routers
+            return primary_alias(self.db)  # a sharded queryset maps its key, then asks
         finally:
             consistency.naming_database.reset(token)
-        return primary_alias(alias)
 
     def _dbscale_plan(self, kind: str, extra: Any = None) -> engine.Plan | None:
         """Return the cache plan for evaluating this queryset as *kind*, or ``None``."""
