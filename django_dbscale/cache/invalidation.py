@@ -30,11 +30,10 @@ connection's transaction (Django keeps connections per thread and per async task
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,7 +215,7 @@ def _on_statement_wrote(
 
     stats.incr(f"db:{primary_alias(connection.alias)}", "unknown_write")
     tables = sorted({m._meta.db_table for m in apps.get_models(include_auto_created=True)})
-    with batched():
+    with events.operation():
         for name in tables:
             record_write(connection, name, None)
 
@@ -256,32 +255,12 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
     pending_tables.add(table)
 
 
-#: Autocommitted writes of one multi-statement operation, delivered together.
+#: Autocommitted writes of the running operation (``events.operation()``: an ORM call of
+#: several statements, a raw statement writing several tables, ``invalidate_tables``),
+#: opened by its first write and delivered together when it ends.
 _batch: ContextVar[dict[str, tuple[set[str], set[str]]] | None] = ContextVar(
     "dbscale_cache_batch", default=None
 )
-
-
-@contextlib.contextmanager
-def batched() -> Iterator[None]:
-    """Deliver the autocommitted writes of the block in one round trip, at its end.
-
-    For operations Django runs as several autocommitted statements (an ``update()`` of a
-    multi-table child updates its parents' tables too): one WAL position query and one
-    Redis round trip instead of one per statement. Delivered even if a later statement
-    fails, since the earlier ones have committed.
-    """
-    if _batch.get() is not None:
-        yield
-        return
-    buffered: dict[str, tuple[set[str], set[str]]] = {}
-    token = _batch.set(buffered)
-    try:
-        yield
-    finally:
-        _batch.reset(token)
-        if buffered:
-            deliver(buffered)
 
 
 def invalidate_tables(alias: str, tables: Iterable[tuple[str, Iterable[str] | None]]) -> None:
@@ -291,7 +270,7 @@ def invalidate_tables(alias: str, tables: Iterable[tuple[str, Iterable[str] | No
     round trip, however many tables (``invalidate_all`` names every installed table).
     """
     connection = connections[alias]
-    with batched():
+    with events.operation():  # record_write delivers the whole operation at its end
         for table, dims in tables:
             record_write(connection, table, dims)
 
