@@ -80,8 +80,7 @@ class ShardRouter:
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         """Reads of a sharded model go to (a replica of) its key's shard, or raise."""
-        # A sharded queryset or fan-out names the shard it mapped its key to: the hot path.
-        primary = hints.get("shard") or shard_routing.primary_for_read(model, hints)
+        primary = shard_routing.primary_for_read(model, hints)
         if primary is None or consistency.naming_database.get():
             return primary
         return replicas.read_alias(primary)

@@ -212,13 +212,14 @@ def read_through(plan: Plan, run: Callable[[], T], timeout: int) -> T:
     open_aliases = consistency.open_transactions.get()
     if open_aliases:
         for alias in open_aliases:  # connections in a transaction, by any alias
-            if primary_alias(alias) not in plan.aliases:
+            name = primary_alias(alias)
+            if name not in plan.aliases:
                 continue
             # atomic() and set_autocommit(False) alike: never serve or store this
             # transaction's uncommitted rows, nor a snapshot older than the header.
             in_transaction.append(alias)
             dirty = invalidation.dirty_tables(alias)
-            if dirty and any(t in dirty for a, t in plan.tables if a == primary_alias(alias)):
+            if dirty and any(t in dirty for a, t in plan.tables if a == name):
                 return _bypass(plan, run, "table written in this transaction")
             configured = getattr(connections[alias], "isolation_level", None)
             if configured is not None and int(configured) >= 3:

@@ -342,15 +342,15 @@ def primary_for_read(model: type[Model], hints: dict[str, Any]) -> str | None:
     keeps them off the shards), so a project whose reference tables live elsewhere must
     route them with a router listed *before* ``ShardRouter``.
     """
+    shard = hints.get(SHARD_HINT)
+    if shard is not None:  # first: every key-routed read and fan-out comes this way
+        return str(shard)  # the sharded queryset already mapped its key (ring verified)
     spec = shard_spec(model)
     instance = hints.get("instance")
     if spec is None:
         if instance is not None and shard_spec(type(instance)) is not None:
             return DEFAULT_DB_ALIAS
         return None
-    shard = hints.get(SHARD_HINT)
-    if shard is not None:
-        return str(shard)  # the sharded queryset already mapped its key (ring verified)
     if instance is not None:
         primary = _shard_of_related(instance, spec.group, model)
         if primary is not None:
