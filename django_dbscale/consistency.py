@@ -256,14 +256,12 @@ def count_route(alias: str, reason: str) -> None:
         route_counts[(alias, reason)] += 1
 
 
-def read_from_primary(
-    primary: str, reason: str | None = None, state: ConsistencyState | None = None
-) -> None:
+def read_from_primary(primary: str, reason: str, state: ConsistencyState | None = None) -> None:
     """Record that this context is reading *primary* itself, now: its newest state.
 
     The context is pinned to *primary*: a later read of its data goes to a replica only
     once a probe shows a replica that had replayed everything *primary* had at this moment
-    (monotonic reads). *reason*, if given, is counted in ``route_counts``. Call it for
+    (monotonic reads). *reason* is counted in ``route_counts``. Call it for
     every read that ends up on a primary for whatever cause (routing, a cache fill moved
     off a lagging replica, a failover), so the floor is raised in one way only.
     """
@@ -271,8 +269,7 @@ def read_from_primary(
         state = current_state()
     state.pinned[primary] = primary
     state.pinned_at[primary] = time.monotonic()
-    if reason is not None:
-        count_route(primary, reason)
+    count_route(primary, reason)
 
 
 def raise_floor(positions: Mapping[str, int]) -> None:

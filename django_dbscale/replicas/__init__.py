@@ -155,15 +155,6 @@ def check_not_quarantined(alias: str) -> None:
             raise ReplicaQuarantined(status, now)
 
 
-def read_quarantined_from_primary(replica: str, primary: str) -> None:
-    """Record that a read of quarantined *replica*'s alias runs on *primary*, undialled.
-
-    Counted once as ``(primary, "quarantined")`` and pinned there like every move of a
-    read to a primary; not a new failure (the quarantine is not extended).
-    """
-    consistency.read_from_primary(primary, QUARANTINED)
-
-
 def _route(alias: str, reason: str) -> str:
     consistency.count_route(alias, reason)
     return alias

@@ -306,7 +306,9 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
         from django_dbscale import replicas
 
         if reason == replicas.QUARANTINED:
-            replicas.read_quarantined_from_primary(self.alias, primary_alias)
+            # Counted once and pinned, like every move of a read to a primary; not a new
+            # failure: the quarantine is not extended by its own users.
+            consistency.read_from_primary(primary_alias, replicas.QUARANTINED)
             logger.debug("Replica %r is quarantined; reading from %r.", self.alias, primary_alias)
         else:
             replicas.failed_over(self.alias, primary_alias, reason)
