@@ -33,6 +33,7 @@ from django.db import connections
 from django_dbscale.backends import events
 from django_dbscale.cache.keys import wide_version_key
 from django_dbscale.conf import dbscale_settings
+from django_dbscale.own_connections import connect
 
 __all__ = [
     "TABLE",
@@ -138,27 +139,6 @@ def _log_failure(alias: str, exc: Exception) -> None:
         exc,
         hint,
     )
-
-
-def connect(alias: str) -> psycopg.Connection[Any]:
-    """Return a new autocommit connection to *alias*, independent of Django's.
-
-    Used where Django's connection may be inside the caller's transaction (or outside
-    autocommit mode right after a COMMIT), so the outbox never joins a transaction that
-    could roll it back.
-    """
-    params = connections[alias].get_connection_params()
-    for key in ("cursor_factory", "context", "prepare_threshold", "client_encoding"):
-        params.pop(key, None)
-    params.setdefault("connect_timeout", 3)
-    # A server that stops answering mid-statement (a network black hole) must not hold the
-    # verifying thread for the kernel's retransmission timeout (minutes).
-    params.setdefault("tcp_user_timeout", 5000)
-    params.setdefault("keepalives", 1)
-    params.setdefault("keepalives_idle", 5)
-    params.setdefault("keepalives_interval", 2)
-    params.setdefault("keepalives_count", 2)
-    return psycopg.connect(**params, autocommit=True)
 
 
 def _bounded(own: psycopg.Connection[Any], sql: str, params: Any = None) -> list[Any]:

@@ -1,0 +1,36 @@
+"""Connections the library opens for itself, independent of Django's per-thread ones.
+
+Used where Django's connection may be inside the caller's transaction (or counted by the
+caller's ``assertNumQueries``): the cache outbox and relays, the shard map's version check,
+and the resharding engine, which streams rows between databases while the site writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from django.db import connections
+
+__all__ = ["connect"]
+
+
+def connect(alias: str, *, autocommit: bool = True, **overrides: Any) -> psycopg.Connection[Any]:
+    """Return a new psycopg connection to Django database *alias* (the caller closes it).
+
+    Keeps the alias's ``OPTIONS`` (TLS, service files) and adds short network timeouts: a
+    server that stops answering mid-statement (a network black hole) must not hold the
+    caller for the kernel's retransmission timeout (minutes). *overrides* replace any
+    connection parameter (``connect_timeout``, ``options``, ``application_name``).
+    """
+    params = connections[alias].get_connection_params()
+    for key in ("cursor_factory", "context", "prepare_threshold", "client_encoding"):
+        params.pop(key, None)
+    params.setdefault("connect_timeout", 3)
+    params.setdefault("tcp_user_timeout", 5000)
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 5)
+    params.setdefault("keepalives_interval", 2)
+    params.setdefault("keepalives_count", 2)
+    params.update(overrides)
+    return psycopg.connect(**params, autocommit=autocommit)
