@@ -26,7 +26,7 @@ E001 = "dbscale.E001"  # replica alias missing from DATABASES
 E002 = "dbscale.E002"  # replicas listed for a primary that is not in DATABASES
 E003 = "dbscale.E003"  # a replica listed twice, or a replica that is also a primary
 E004 = "dbscale.E004"  # empty shard group
-E005 = "dbscale.E005"  # shard alias missing from DATABASES, or in two groups
+E005 = "dbscale.E005"  # shard alias missing from DATABASES
 E006 = "dbscale.E006"  # DBSCALE["CACHE"] declared, but its CACHES alias is missing
 E008 = "dbscale.E008"  # the cache's CACHES alias is not a django-redis backend
 E009 = "dbscale.E009"  # SAME_DATABASE names an alias that is not in DATABASES
@@ -101,7 +101,7 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                 )
             seen[spec.alias] = primary
 
-    group_of: dict[str, str] = {}
+    sharded: set[str] = set()
     for group in groups.values():
         if not group.shards:
             errors.append(
@@ -120,15 +120,8 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                         id=E005,
                     )
                 )
-            if alias in group_of:
-                errors.append(
-                    checks.Error(
-                        f"Shard {alias!r} is in groups {group_of[alias]!r} and {group.name!r}.",
-                        hint="A database belongs to one shard group.",
-                        id=E005,
-                    )
-                )
-            group_of[alias] = group.name
+            # A database may be a shard of several groups (each table on its own group's).
+            sharded.add(alias)
 
     if cache["ENABLED"] and dbscale_settings.cache_declared:
         alias = cache["ALIAS"]
@@ -175,7 +168,7 @@ def check_dbscale_settings(app_configs: Any = None, **kwargs: Any) -> list[check
             )
         )
 
-    managed = set(replicas) | set(seen) | set(group_of)
+    managed = set(replicas) | set(seen) | sharded
     for alias in sorted(managed & set(databases)):
         engine = databases[alias].get("ENGINE")
         if engine != ENGINE:

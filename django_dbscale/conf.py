@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     # Sharding.
     "SHARD_GROUPS": {},
     "SHARD_VNODES": 8,
+    "SHARD_MAP_CHECK_INTERVAL": 1.0,
     # Queryset cache.
     "CACHE": {},
 }
@@ -439,13 +440,32 @@ class DBScaleSettings:
         return self._derived("shard_groups", build)  # type: ignore[no-any-return]
 
     @property
-    def group_of_shard(self) -> dict[str, str]:
-        """Shard alias -> the group it belongs to."""
+    def shard_map_check_interval(self) -> float:
+        """Seconds a process trusts its copy of the shard map before re-reading its version."""
+        return float(
+            self._derived(
+                "shard_map_interval",
+                lambda raw: _as_positive_number(raw, "SHARD_MAP_CHECK_INTERVAL", minimum=0.01),
+            )
+        )
 
-        def build(_raw: dict[str, Any]) -> dict[str, str]:
-            return {alias: g.name for g in self.shard_groups.values() for alias in g.shards}
+    @property
+    def groups_of_shard(self) -> dict[str, tuple[str, ...]]:
+        """Shard alias -> the groups listing it, in ``SHARD_GROUPS`` order.
 
-        return self._derived("group_of_shard", build)  # type: ignore[no-any-return]
+        A database may be a shard of several groups (``customers`` and ``tenants`` on the
+        same servers): each group's tables live on its own shards only, and the database
+        numbers its IDs and keeps its ring stamp per group.
+        """
+
+        def build(_raw: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+            groups: dict[str, tuple[str, ...]] = {}
+            for spec in self.shard_groups.values():
+                for alias in spec.shards:
+                    groups[alias] = (*groups.get(alias, ()), spec.name)
+            return groups
+
+        return self._derived("groups_of_shard", build)  # type: ignore[no-any-return]
 
     # -- queryset cache ----------------------------------------------------------------
     @property

@@ -60,7 +60,9 @@ __all__ = [
     "at_least",
     "block_floor",
     "naming_database",
+    "placement_floor",
     "raise_floor",
+    "set_placement_floors",
     "read_at_least",
     "read_from_primary",
     "route_counts",
@@ -281,6 +283,24 @@ def raise_floor(positions: Mapping[str, int]) -> None:
     """
     if positions:
         current_state().merge_positions(positions)
+
+
+#: Primary alias -> the WAL position every read of it must see, in every context: the
+#: position at which a resharding placed rows on it (its cutover). Process-wide, not
+#: per-context: it is derived from the shared shard map, and a replica that has not
+#: replayed a cutover lacks the moved rows altogether. Replaced whole by the shard map.
+_placement_floors: Mapping[str, int] = {}
+
+
+def set_placement_floors(floors: Mapping[str, int]) -> None:
+    """Replace the process-wide placement floors (called by the shard map on refresh)."""
+    global _placement_floors
+    _placement_floors = dict(floors)
+
+
+def placement_floor(primary: str) -> int | None:
+    """Return the position every read of *primary* must see (a cutover), or ``None``."""
+    return _placement_floors.get(primary)
 
 
 #: A position no replica can have replayed: only the primary serves a read that needs it.

@@ -89,3 +89,25 @@ def fast_breaker() -> Iterator[None]:
     cache = {**settings.DBSCALE["CACHE"], "CIRCUIT_BREAKER": (2, COOLDOWN), "SOCKET_TIMEOUT": 0.1}
     with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
         yield
+
+
+@pytest.fixture
+def no_shard_map() -> Iterator[None]:
+    """Route every group by its ``SHARD_GROUPS`` entry (no shard map rows) during the test.
+
+    For tests of what settings changes do to a group routed by its settings (the behaviour
+    before ``migrate`` seeds the map). The rows come back from the settings afterwards.
+    """
+    from django_dbscale.own_connections import connect
+    from django_dbscale.sharding import shardmap
+
+    with connect("default") as conn:
+        conn.execute(f"DELETE FROM {shardmap.TABLE}")
+    shardmap.refresh()
+    try:
+        yield
+    finally:
+        with connect("default") as conn:
+            conn.execute(f"DELETE FROM {shardmap.TABLE}")
+            shardmap.seed(conn)
+        shardmap.refresh()

@@ -87,7 +87,7 @@ class TestModelChecks:
         messages = run_checks(isolated)
         assert ids_of(messages) == ["dbscale.E100", "dbscale.E101", "dbscale.E106"]
         text = " ".join(m.msg for m in messages)
-        assert "'nope' is not a group" in text and "['customers']" in text
+        assert "'nope' is not a group" in text and "(configured: ['customers', " in text
         assert "'missing' is not a field" in text
 
     def test_auto_increment_primary_keys_are_refused(self, isolated: Any) -> None:
@@ -278,7 +278,7 @@ def test_router_has_no_opinion_on_unsharded_models_and_refuses_keyless_writes() 
         primary_for_write(ShardOrder, {})
     assert allow_relation(Note(), ShardProduct()) is None
     assert allow_relation(ShardOrder(customer_id=1), ShardProduct()) is True
-    assert dbscale_settings.group_of_shard["shard1"] == "customers"
+    assert dbscale_settings.groups_of_shard["shard1"] == ("customers", "tenants")
 
 
 def test_allow_migrate_recognises_deleted_sharded_models_by_their_history(isolated: Any) -> None:
@@ -301,11 +301,13 @@ def test_allow_migrate_recognises_deleted_sharded_models_by_their_history(isolat
         def __str__(self) -> str:
             return "note"
 
-    for db in ("shard0", "shard1", "shard2"):
-        assert allow_migrate(db, "testapp", "oldorder", OldOrder) is True
-        assert allow_migrate(db, "testapp", "oldnote", OldNote) is False
-    assert allow_migrate("default", "testapp", "oldorder", OldOrder) is False
-    assert allow_migrate("default", "testapp", "oldnote", OldNote) is None
+    one = {"customers": ["shard0", "shard1", "shard2"]}
+    with override_settings(DBSCALE={"SHARD_GROUPS": one}):
+        for db in ("shard0", "shard1", "shard2"):
+            assert allow_migrate(db, "testapp", "oldorder", OldOrder) is True
+            assert allow_migrate(db, "testapp", "oldnote", OldNote) is False
+        assert allow_migrate("default", "testapp", "oldorder", OldOrder) is False
+        assert allow_migrate("default", "testapp", "oldnote", OldNote) is None
     two = {"customers": ["shard0", "shard1"], "regions": ["shard2"]}
     with override_settings(DBSCALE={"SHARD_GROUPS": two}):
         # Which group it was in is unknown: no opinion on shards, never on default.

@@ -167,7 +167,7 @@ def test_changing_vnodes_moves_most_keys_and_the_fingerprint() -> None:
     assert KetamaRing(THREE, {"shard0": 2}, 8).fingerprint != eight.fingerprint
 
 
-def test_group_ring_comes_from_settings_and_follows_changes() -> None:
+def test_group_ring_comes_from_settings_and_follows_changes(no_shard_map: None) -> None:
     ring = get_ring("customers")
     assert ring.nodes == THREE and ring.vnodes == 8
     groups = {"customers": {"SHARDS": {"shard0": 1, "shard1": 1, "shard2": 2}, "VNODES": 4}}
@@ -179,7 +179,9 @@ def test_group_ring_comes_from_settings_and_follows_changes() -> None:
 
 
 def test_unknown_group_names_the_configured_ones() -> None:
-    with pytest.raises(UnknownShardGroup, match=r"'nope' is not in .*\['customers'\]"):
+    with pytest.raises(
+        UnknownShardGroup, match=r"'nope' is not in .*\['customers', 'ledgers', 'tenants'\]"
+    ):
         get_ring("nope")
 
 

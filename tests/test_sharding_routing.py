@@ -698,7 +698,9 @@ def test_key_change_is_refused_after_only_defer_and_bulk_create(services: Servic
     assert sql(services, "shard0", "SELECT status FROM testapp_shardorder") == [("kept",)]
 
 
-def test_a_row_read_before_the_ring_changed_is_not_written_elsewhere(services: Services) -> None:
+def test_a_row_read_before_the_ring_changed_is_not_written_elsewhere(
+    services: Services, no_shard_map: None
+) -> None:
     keys = [k for shard in SHARDS for k in keys_on(shard, 4)]
     ShardCustomer.objects.bulk_create([ShardCustomer(id=k, name="c") for k in keys])
     rows = {c.pk: c for c in ShardCustomer.objects.all_shards()}

@@ -74,6 +74,7 @@ from django_dbscale.replicas.reasons import (
     QUARANTINED,
     READ_YOUR_WRITES,
     REPLICA,
+    RESHARDED,
     STALE,
     UNKNOWN,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "QUARANTINED",
     "READ_YOUR_WRITES",
     "REPLICA",
+    "RESHARDED",
     "STALE",
     "UNKNOWN",
     "ReplicaMonitor",
@@ -306,6 +308,10 @@ def read_alias(primary: str) -> str:
             required, behind = need, CACHE_FILL
             if need >= consistency.UNKNOWN_POSITION:
                 return _to_primary(primary, CACHE_FILL, state)
+
+    placed = consistency.placement_floor(primary)
+    if placed is not None and (required is None or placed > required):
+        required, behind = placed, RESHARDED  # applies even to use_replica(): rows, not lag
 
     if pinned is not None:
         status = monitor.status(pinned)

@@ -14,6 +14,7 @@ __all__ = [
     "QUARANTINED",
     "READ_YOUR_WRITES",
     "REPLICA",
+    "RESHARDED",
     "STALE",
     "UNKNOWN",
 ]
@@ -31,3 +32,5 @@ FAILOVER = "failover"
 STALE = "stale"
 QUARANTINED = "quarantined"
 CACHE_FILL = "cache_fill"
+#: The replica has not replayed the resharding cutover that placed rows on its primary.
+RESHARDED = "resharded"

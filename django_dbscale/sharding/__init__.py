@@ -23,6 +23,7 @@ from django_dbscale.sharding.exceptions import (
     ShardKeyMissing,
     ShardKeyRequired,
     ShardMismatch,
+    ShardMoved,
     UnknownShard,
     UnknownShardGroup,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ShardKeyMissing",
     "ShardKeyRequired",
     "ShardMismatch",
+    "ShardMoved",
     "ShardRing",
     "ShardedManager",
     "ShardedModel",

@@ -2,9 +2,13 @@
 
 Model checks run with ``manage.py check``; the ring-stamp checks touch the shard databases
 and run only with ``check --database <alias>`` (or ``--database``-less ``migrate``), as
-Django does for every check tagged ``database``. Importing this module also connects the
-``pre_migrate`` receiver that installs the ID function on every shard
-(:mod:`django_dbscale.sharding.ids`).
+Django does for every check tagged ``database``.
+
+``migrate --skip-checks`` (and ``call_command("migrate")``, which skips checks) would
+otherwise create tables on the wrong databases from an invalid configuration, so importing
+this module also connects a ``pre_migrate`` receiver that first refuses to migrate while
+the configuration has sharding errors (:func:`migrate_blockers`), then installs the ID
+functions and ring stamps on a shard (:mod:`django_dbscale.sharding.ids`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, cast
 from django.apps import apps as live_apps
 from django.core import checks
 from django.core.checks import Tags, register
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import (
     DO_NOTHING,
@@ -25,11 +31,19 @@ from django.db.models import (
     Model,
     SmallAutoField,
 )
+from django.db.models.signals import pre_migrate
+from django.dispatch import receiver
 
 from django_dbscale.conf import dbscale_settings
-from django_dbscale.sharding import ids  # noqa: F401 - connects the pre_migrate receiver
 from django_dbscale.sharding.exceptions import ShardingError
-from django_dbscale.sharding.ids import ShardedIDField, is_populated, read_stamp, stamp_problems
+from django_dbscale.sharding.ids import (
+    ShardedIDField,
+    install_on_pre_migrate,
+    is_populated,
+    read_stamps,
+    stamp_for,
+    stamp_problems,
+)
 from django_dbscale.sharding.ring import get_ring
 from django_dbscale.sharding.routing import ShardSpec, shard_spec
 
@@ -46,11 +60,12 @@ E107 = "dbscale.E107"  # ShardedIDField layout cannot number the group's shards
 E108 = "dbscale.E108"  # ShardedIDField on an unsharded model
 E109 = "dbscale.E109"  # "default" listed as a shard
 E110 = "dbscale.E110"  # populated shard stamped with another VNODES / group / shard number
+E111 = "dbscale.E111"  # one table for sharded models of two groups sharing a shard
 W100 = "dbscale.W100"  # populated shard stamped with another ring fingerprint
 W101 = "dbscale.W101"  # colocated models of one group with shard keys of different types
 W102 = "dbscale.W102"  # a sharded model's default manager does not return ShardedQuerySet
 
-ALL_IDS = (E100, E101, E102, E103, E104, E105, E106, E107, E108, E109, E110, W100, W101, W102)
+ALL_IDS = (E100, E101, E102, E103, E104, E105, E106, E107, E108, E109, E110, E111, W100, W101, W102)
 
 
 def _concrete_models(app_configs: Sequence[Any] | None) -> Iterable[type[Model]]:
@@ -115,16 +130,18 @@ def check_sharded_models(
         groups = dbscale_settings.shard_groups
     except Exception:
         return []  # the foundation's dbscale.E000 reports an unparsable DBSCALE
-    if DEFAULT_DB_ALIAS in dbscale_settings.group_of_shard:
+    default_groups = dbscale_settings.groups_of_shard.get(DEFAULT_DB_ALIAS, ())
+    if default_groups:
         errors.append(
             checks.Error(
-                f"{DEFAULT_DB_ALIAS!r} is listed as a shard of group "
-                f"{dbscale_settings.group_of_shard[DEFAULT_DB_ALIAS]!r}.",
+                f"{DEFAULT_DB_ALIAS!r} is listed as a shard of group(s) "
+                f"{', '.join(repr(g) for g in default_groups)}.",
                 hint="Unsharded models live on 'default'; give the shard its own alias.",
                 id=E109,
             )
         )
     key_types: dict[str, dict[str, list[str]]] = {}
+    tables: dict[str, dict[str, list[str]]] = {}  # db_table -> group -> model labels
     for model in _concrete_models(app_configs):
         label = model._meta.label
         pk = model._meta.pk
@@ -173,6 +190,10 @@ def check_sharded_models(
             )
             continue
         key_types.setdefault(spec.group, {}).setdefault(_key_type(spec), []).append(label)
+        for table_model in [model, *_auto_created_links(model)]:
+            tables.setdefault(table_model._meta.db_table, {}).setdefault(spec.group, []).append(
+                table_model._meta.label
+            )
         manager = model._default_manager
         if not isinstance(manager.get_queryset(), ShardedQuerySet):
             errors.append(
@@ -263,6 +284,7 @@ def check_sharded_models(
                         id=E103,
                     )
                 )
+    errors.extend(_shared_table_errors(tables, groups))
     for group, by_type in key_types.items():
         if len(by_type) > 1:
             errors.append(
@@ -286,35 +308,132 @@ def check_shard_stamps(
         return []
     messages: list[checks.CheckMessage] = []
     for alias in databases:
-        group = dbscale_settings.group_of_shard.get(alias)
-        if group is None or alias not in connections:
+        groups = dbscale_settings.groups_of_shard.get(alias, ())
+        if not groups or alias not in connections:
             continue
         connection = connections[alias]
-        stamp = read_stamp(connection)
-        if stamp is None:
-            continue
-        populated = is_populated(connection, group, stamp)
-        problems = stamp_problems(alias, stamp, populated)
-        if problems:
-            messages.append(
-                checks.Error(
-                    f"Shard {alias!r} of group {group!r} is populated and "
-                    + "; ".join(problems)
-                    + ".",
-                    hint="Restore the previous setting, or reshard and then run "
-                    "`manage.py dbscale shards --stamp --force`.",
-                    id=E110,
-                )
-            )
-        elif populated and stamp.fingerprint != get_ring(group).fingerprint:
-            messages.append(
-                checks.Warning(
-                    f"Shard {alias!r} of group {group!r} holds rows placed by ring "
-                    f"{stamp.fingerprint}, but the configured ring is "
-                    f"{get_ring(group).fingerprint} (shards or weights changed): some rows "
-                    "are now on a shard their key no longer maps to.",
-                    hint="Move the rows (reshard), then run `manage.py dbscale shards --stamp`.",
-                    id=W100,
-                )
-            )
+        stamps = read_stamps(connection)
+        for group in groups:
+            messages.extend(_stamp_messages(connection, alias, group, stamps))
     return messages
+
+
+def _stamp_messages(
+    connection: Any, alias: str, group: str, stamps: dict[str, Any]
+) -> list[checks.CheckMessage]:
+    stamp = stamp_for(stamps, alias, group)
+    if stamp is None:
+        return []
+    populated = is_populated(connection, group, stamp)
+    problems = stamp_problems(alias, stamp, populated, group=group)
+    if problems:
+        return [
+            checks.Error(
+                f"Shard {alias!r} of group {group!r} is populated and " + "; ".join(problems) + ".",
+                hint="Restore the previous setting, or reshard and then run "
+                "`manage.py dbscale shards --stamp --force`.",
+                id=E110,
+            )
+        ]
+    fingerprint = get_ring(group).fingerprint
+    if populated and stamp.fingerprint != fingerprint:
+        return [
+            checks.Warning(
+                f"Shard {alias!r} of group {group!r} holds rows placed by ring "
+                f"{stamp.fingerprint}, but the configured ring is {fingerprint} (shards or "
+                "weights changed): some rows are now on a shard their key no longer maps to.",
+                hint="Move the rows (reshard), then run `manage.py dbscale shards --stamp`.",
+                id=W100,
+            )
+        ]
+    return []
+
+
+def _auto_created_links(model: type[Model]) -> list[type[Model]]:
+    """Return the auto-created many-to-many tables *model* declares (they live with it)."""
+    links = []
+    for field in model._meta.local_many_to_many:
+        through = cast(Any, field.remote_field).through
+        if isinstance(through, type) and issubclass(through, Model) and through._meta.auto_created:
+            links.append(through)
+    return links
+
+
+def _shared_table_errors(
+    tables: dict[str, dict[str, list[str]]], groups: dict[str, Any]
+) -> list[checks.CheckMessage]:
+    """Return ``dbscale.E111`` for tables that sharded models of two groups would share."""
+    errors: list[checks.CheckMessage] = []
+    for table, by_group in sorted(tables.items()):
+        names = sorted(g for g in by_group if g in groups)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                shared = sorted(set(groups[first].shards) & set(groups[second].shards))
+                if not shared:
+                    continue  # different databases: each group has its own table
+                errors.append(
+                    checks.Error(
+                        f"Table {table!r} belongs to {sorted(by_group[first])} of shard group "
+                        f"{first!r} and to {sorted(by_group[second])} of group {second!r}, "
+                        f"whose shards {shared} overlap: both groups' rows would land in one "
+                        "table on those databases.",
+                        hint="Give the models different db_table names (or keep the groups "
+                        "on different databases).",
+                        id=E111,
+                    )
+                )
+    return errors
+
+
+#: Check ids of configuration errors that make ``migrate`` create tables in the wrong
+#: places (or not at all): it refuses to run while any is reported.
+MIGRATE_BLOCKING_SETTINGS_IDS = ("dbscale.E000", "dbscale.E004", "dbscale.E005")
+
+
+def migrate_blockers() -> list[checks.CheckMessage]:
+    """Return the sharding configuration errors that ``migrate`` refuses to run with.
+
+    ``DBSCALE`` that does not parse (``dbscale.E000``), shard groups naming unknown or no
+    aliases (``E004``, ``E005``), ``ShardRouter`` missing or misplaced (``E007``), and
+    every sharded-model error (``dbscale.E1xx``).
+    """
+    from django_dbscale import checks as settings_checks
+
+    try:
+        dbscale_settings.validate()
+    except ImproperlyConfigured as exc:
+        return [
+            checks.Error(
+                str(exc),
+                hint="docs/settings.md lists every DBSCALE key with its type and default.",
+                id="dbscale.E000",
+            )
+        ]
+    found = [
+        m
+        for m in settings_checks.check_dbscale_settings()
+        if m.id in MIGRATE_BLOCKING_SETTINGS_IDS and m.is_serious()
+    ]
+    if dbscale_settings.shard_groups:
+        # Only the router problems that misplace sharded tables (not ReplicaRouter's).
+        found += [m for m in settings_checks._check_routers(False, True) if m.is_serious()]
+    found += [m for m in check_sharded_models() if m.is_serious()]
+    return found
+
+
+@receiver(pre_migrate, dispatch_uid="django_dbscale.sharding.pre_migrate")
+def _refuse_invalid_configuration_then_install(*, using: str, **kwargs: Any) -> None:
+    # Sent once per migrated app, before migrate creates any table (django_migrations
+    # included), also with --skip-checks. Both steps are cheap and idempotent.
+    blockers = migrate_blockers()
+    if blockers:
+        lines = "\n".join(
+            f"  {m.id}: {m.msg}" + (f"\n    HINT: {m.hint}" if m.hint else "") for m in blockers
+        )
+        raise CommandError(
+            f"Refusing to migrate database {using!r}: the sharding configuration has "
+            f"{len(blockers)} error(s), and migrating now would create tables on the wrong "
+            f"databases.\n{lines}\nFix them (`manage.py check` lists them too) and run "
+            "migrate again."
+        )
+    install_on_pre_migrate(using)

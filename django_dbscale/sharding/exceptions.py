@@ -13,6 +13,7 @@ __all__ = [
     "ShardKeyMissing",
     "ShardKeyRequired",
     "ShardMismatch",
+    "ShardMoved",
     "ShardDeclarationError",
     "ShardingError",
     "UnknownShard",
@@ -81,3 +82,14 @@ class FanoutNotSupported(ShardingError):
 
 class RingChangeRefused(ShardingError):
     """A populated shard was stamped with another ring layout (vnodes, shard numbers)."""
+
+
+class ShardMoved(ShardingError):
+    """A write reached a shard its key has been moved away from by a resharding.
+
+    Raised when a row read before the cutover is saved or deleted afterwards, and when the
+    old shard itself refuses a write (a process that had not re-read the shard map yet).
+    The shard map is re-read when this is raised: re-read the row and write it again, as
+    after a serialization failure. An insert outside a transaction is retried once on the
+    new shard by the library itself.
+    """

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
-from django.db import models, router
+from django.db import DatabaseError, connections, models, router
 from django.db.models import prefetch_related_objects
 from django.db.models.expressions import Col
 from django.db.models.lookups import Exact, In
@@ -77,6 +77,7 @@ from django_dbscale.sharding.routing import (
     check_write_target,
     key_required,
     shard_for_instance,
+    shard_moved_from,
     shard_spec,
 )
 
@@ -426,7 +427,7 @@ class ShardedQuerySet(models.QuerySet[_M], Generic[_M]):
                     if is_in is None:
                         continue
                     if not is_in and spec.int_key and type(value) is int:
-                        found: Any = ((spec._ring or spec.ring).node_for(str(value)),)
+                        found: Any = (spec.ring.node_for(str(value)),)
                     else:
                         found = _kwarg_shards(spec, value, is_in)
                         if found is _UNKNOWN:
@@ -687,7 +688,26 @@ class ShardedQuerySet(models.QuerySet[_M], Generic[_M]):
     def update(self, **kwargs: Any) -> int:
         """Update rows on the query's shard; the shard key itself can never be updated."""
         self._check_not_key(kwargs, "update()")
-        return super().update(**kwargs)
+        try:
+            return super().update(**kwargs)
+        except DatabaseError as exc:
+            moved = shard_moved_from(exc)
+            if moved is None:
+                raise
+            raise moved from exc
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        """Delete the rows; a shard that refuses moved keys raises :class:`ShardMoved`."""
+        try:
+            return super().delete()
+        except DatabaseError as exc:
+            moved = shard_moved_from(exc)
+            if moved is None:
+                raise
+            raise moved from exc
+
+    delete.alters_data = True  # type: ignore[attr-defined]
+    delete.queryset_only = True  # type: ignore[attr-defined]
 
     def bulk_create(self, objs: Iterable[_M], *args: Any, **kwargs: Any) -> list[_M]:
         """Insert *objs*, each on its key's shard (one ``bulk_create`` per shard).
@@ -807,6 +827,31 @@ class ShardedModel(models.Model):
         abstract = True
         base_manager_name = "_dbscale_base_manager"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save on the key's shard.
+
+        A shard that refuses the write because a resharding moved the key away (this
+        process had not re-read the shard map yet) raises :class:`ShardMoved`, except for
+        an insert outside any transaction, which is retried once on the new shard.
+        """
+        try:
+            super().save(*args, **kwargs)
+        except DatabaseError as exc:
+            moved = shard_moved_from(exc)
+            if moved is None:
+                raise
+            explicit = kwargs.get("using") or (args[2] if len(args) > 2 else None)
+            retry = (
+                self._state.adding
+                and explicit is None
+                and not any(c.in_atomic_block for c in connections.all(initialized_only=True))
+            )
+            if not retry:
+                raise moved from exc
+            super().save(*args, **kwargs)
+
+    save.alters_data = True  # type: ignore[attr-defined]
+
     @classmethod
     def from_db(cls, db: str | None, field_names: Any, values: Any, **kwargs: Any) -> Self:
         instance = super().from_db(db, field_names, values, **kwargs)
@@ -835,18 +880,24 @@ class ShardedModel(models.Model):
         if refreshed and spec.key_attname in self.__dict__:
             self.__dict__["_dbscale_loaded_key"] = self.__dict__[spec.key_attname]
 
-    @property
-    def shard_alias(self) -> str:
-        """The primary alias of the shard this row belongs on (from its key)."""
-        return shard_for_instance(self)
-
     def delete(
         self, using: str | None = None, keep_parents: bool = False
     ) -> tuple[int, dict[str, int]]:
         """Delete the row from its shard (refused if its shard key was changed)."""
         using = using or router.db_for_write(self.__class__, instance=self)
         check_write_target(self, using, deleting=True)
-        return super().delete(using=using, keep_parents=keep_parents)
+        try:
+            return super().delete(using=using, keep_parents=keep_parents)
+        except DatabaseError as exc:
+            moved = shard_moved_from(exc)
+            if moved is None:
+                raise
+            raise moved from exc
+
+    @property
+    def shard_alias(self) -> str:
+        """The primary alias of the shard this row belongs on (from its key)."""
+        return shard_for_instance(self)
 
     def _own_shard(self) -> AbstractContextManager[Any]:
         spec = shard_spec(type(self))

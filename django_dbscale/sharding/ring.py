@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from bisect import bisect
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -40,12 +41,14 @@ from typing import Protocol, runtime_checkable
 from hashring import HashRing
 
 from django_dbscale.conf import ShardGroupSpec, dbscale_settings, on_settings_changed
+from django_dbscale.sharding import shardmap
 from django_dbscale.sharding.exceptions import UnknownShardGroup
 
 __all__ = [
     "KetamaRing",
     "ShardRing",
     "build_ring",
+    "configured_ring",
     "get_ring",
     "set_ring_factory",
     "vnode_name",
@@ -149,6 +152,20 @@ class KetamaRing:
         memo[ring_key] = alias
         return alias
 
+    def segments(self) -> list[tuple[int, str]]:
+        """Return the ring as ``(point, owner)`` pairs in point order.
+
+        A key whose point ``p`` satisfies ``points[i-1] <= p < points[i]`` belongs to
+        ``owners[i]`` (and ``p >= points[-1]`` wraps to ``owners[0]``), exactly as
+        :meth:`node_for` decides.
+        """
+        return list(zip(self._points, self._owners, strict=True))
+
+    def owner_of_point(self, point: int) -> str:
+        """Return the alias owning ring point *point* (``0 <= point < 2**32``)."""
+        pos = bisect(self._points, point)
+        return self._owners[pos if pos < self._count else 0]
+
     def points_of(self, alias: str) -> int:
         """Return how many ring points *alias* owns."""
         return self._owners.count(alias)
@@ -187,15 +204,25 @@ def build_ring(spec: ShardGroupSpec) -> ShardRing:
 
 
 def get_ring(group: str) -> ShardRing:
-    """Return the (cached) ring of shard group *group*.
+    """Return the (cached) active ring of shard group *group*.
 
-    Raises :class:`UnknownShardGroup` naming the configured groups. The cache is dropped
-    when ``DBSCALE`` or ``DATABASES`` change.
+    The active ring is the group's row of the shard map when it has one
+    (:mod:`~django_dbscale.sharding.shardmap`, re-read at most every
+    ``SHARD_MAP_CHECK_INTERVAL``), else the group's ``SHARD_GROUPS`` entry. Raises
+    :class:`UnknownShardGroup` naming the configured groups. The cache is dropped when the
+    map changes and when ``DBSCALE`` or ``DATABASES`` change.
     """
+    if time.monotonic() >= shardmap._cache.next_check:
+        shardmap.refresh(wait=False)
     ring = _rings.get(group)
     if ring is not None:
         return ring
-    spec = dbscale_settings.shard_groups.get(group)
+    return _build_active(group)
+
+
+def _build_active(group: str) -> ShardRing:
+    mapped = shardmap._cache.rings.get(group)
+    spec = mapped.spec if mapped is not None else dbscale_settings.shard_groups.get(group)
     if spec is None:
         raise UnknownShardGroup(
             f"Shard group {group!r} is not in DBSCALE['SHARD_GROUPS'] "
@@ -211,6 +238,14 @@ def get_ring(group: str) -> ShardRing:
     return ring
 
 
+def configured_ring(group: str) -> ShardRing:
+    """Return the ring ``SHARD_GROUPS`` declares for *group* (the target of a resharding)."""
+    spec = dbscale_settings.shard_groups.get(group)
+    if spec is None or not spec.shards:
+        return get_ring(group)  # raises the same error for an unknown or empty group
+    return build_ring(spec)
+
+
 def set_ring_factory(factory: RingFactory | None) -> None:
     """Use *factory* (spec -> :class:`ShardRing`) for every group; ``None`` restores ketama.
 
@@ -222,6 +257,7 @@ def set_ring_factory(factory: RingFactory | None) -> None:
 
 
 @on_settings_changed
+@shardmap.on_change
 def clear_rings() -> None:
-    """Drop every cached ring (called when the settings change)."""
+    """Drop every cached ring (called when the settings or the shard map change)."""
     _rings.clear()

@@ -24,8 +24,8 @@ from django.apps import apps as live_apps
 from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Field, Model
 
-from django_dbscale.conf import dbscale_settings, on_settings_changed
-from django_dbscale.sharding import keys
+from django_dbscale.conf import dbscale_settings
+from django_dbscale.sharding import keys, shardmap
 from django_dbscale.sharding.context import current_shard
 from django_dbscale.sharding.exceptions import (
     CrossShardRelation,
@@ -34,6 +34,7 @@ from django_dbscale.sharding.exceptions import (
     ShardKeyMissing,
     ShardKeyRequired,
     ShardMismatch,
+    ShardMoved,
 )
 from django_dbscale.sharding.ids import ShardedIDField, verify_ring_once
 from django_dbscale.sharding.ring import ShardRing, get_ring
@@ -48,6 +49,7 @@ __all__ = [
     "primary_for_read",
     "primary_for_write",
     "shard_for_instance",
+    "shard_moved_from",
     "shard_spec",
 ]
 
@@ -59,12 +61,11 @@ class ShardSpec:
     many-to-many table, whose rows follow the model that declares the relation: ``owner``).
     Everything routing reads on every query is precomputed here: the key's attribute name
     and column, the ``filter()`` keyword names that constrain the key (``key_lookups``,
-    name -> whether it is an ``__in``), and the group's ring (dropped when the settings
-    change).
+    name -> whether it is an ``__in``). The ring is looked up on each use (a dict lookup):
+    the shard map may change it at any moment.
     """
 
     __slots__ = (
-        "_ring",
         "_target_attname",
         "group",
         "int_key",
@@ -97,18 +98,14 @@ class ShardSpec:
         self._target_attname: str | None = None
         if key_field is not None and key_field.is_relation and target is not None:
             self._target_attname = str(target.attname)
-        self._ring: ShardRing | None = None
 
     def __repr__(self) -> str:
         return f"<ShardSpec {self.model._meta.label} group={self.group!r} key={self.key_attname}>"
 
     @property
     def ring(self) -> ShardRing:
-        """The ring of the model's group (kept until the settings change)."""
-        ring = self._ring
-        if ring is None:
-            ring = self._ring = get_ring(self.group)
-        return ring
+        """The active ring of the model's group (the shard map's, else the settings')."""
+        return get_ring(self.group)
 
     def ring_key(self, value: Any) -> str:
         """Return the canonical ring string of a key *value* of this model."""
@@ -213,13 +210,6 @@ def shard_spec(model: type[Model]) -> ShardSpec | None:
         return spec
 
 
-@on_settings_changed
-def _forget_spec_rings() -> None:
-    for spec in list(_specs.values()):
-        if spec is not None:
-            spec._ring = None
-
-
 def is_sharded(model: type[Model]) -> bool:
     """Return whether *model* (a class) is sharded."""
     return shard_spec(model) is not None
@@ -247,6 +237,33 @@ def shard_for_instance(instance: Model, spec: ShardSpec | None = None) -> str:
             "saving, deleting or following relations."
         )
     return spec.shard_of(value)
+
+
+def _is_shard(alias: str, group: str) -> bool:
+    """Return whether *alias* is (or was) a shard of *group*: in its settings or its ring."""
+    spec = dbscale_settings.shard_groups.get(group)
+    return alias in get_ring(group).nodes or (spec is not None and alias in spec.shards)
+
+
+def shard_moved_from(exc: BaseException) -> ShardMoved | None:
+    """Return a :class:`ShardMoved` if *exc* is a shard's refusal of a moved key, else None.
+
+    The refusal comes from the guard a resharding leaves on the old shard (SQLSTATE
+    ``DBSM1``); the shard map is re-read at once so the next attempt routes to the new shard.
+    """
+    from django_dbscale.sharding import moves
+
+    cause: BaseException | None = exc
+    while cause is not None and getattr(cause, "sqlstate", None) != moves.MOVED_SQLSTATE:
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    shardmap.refresh()
+    detail = str(getattr(getattr(cause, "diag", None), "message_primary", "") or cause)
+    return ShardMoved(
+        f"{detail.removeprefix('dbscale: ')}. The shard map was re-read: re-read the row "
+        "and write it again (the key's new shard serves it)."
+    )
 
 
 def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | None:
@@ -430,6 +447,19 @@ def check_write_target(instance: Model, using: str, *, deleting: bool = False) -
             )
         home = _primary(instance._state.db)
         ring = spec.ring
+        if (
+            known
+            and home is not None
+            and home != target
+            and _is_shard(home, spec.group)
+            and shardmap.active(spec.group) is not None  # moved by a resharding, not edited
+        ):
+            raise ShardMoved(
+                f"Cannot {verb} {instance!r}: it was read from shard {home!r}, but the key "
+                f"{spec.describe_key()}={current_value!r} now lives on shard {target!r} "
+                f"(group {spec.group!r} was resharded, ring {ring.fingerprint}). Re-read the "
+                "row and write it again: its current version is on the new shard."
+            )
         if home in ring.nodes and home != target:
             cause = (
                 f"the ring of group {spec.group!r} changed (now fingerprint "
@@ -508,7 +538,8 @@ def allow_migrate(
 ) -> bool | None:
     """Put sharded tables on every shard of their group and unsharded ones off the shards.
 
-    Sharded model: ``True`` on its group's shard aliases, ``False`` anywhere else.
+    Sharded model: ``True`` on its group's shard aliases, ``False`` anywhere else (also on
+    the shards of other groups, even where a database is a shard of several groups).
     Unsharded model on a shard alias: ``False``, except this library's own models, which
     every primary holds (``None``). An operation without a model (RunSQL,
     RunPython) on a shard alias: ``False`` for apps without sharded models, else no
@@ -524,18 +555,19 @@ def allow_migrate(
     """
     if app_label == "django_dbscale":
         return None  # the library's own outbox lives on every primary, shards included
-    shard_group = dbscale_settings.group_of_shard.get(db)
+    # A database may be a shard of several groups; each table goes to its own group's.
+    groups = dbscale_settings.groups_of_shard.get(db, ())
     live = _live_model(app_label, model_name, model)
     spec = shard_spec(live) if live is not None else None
     if spec is not None:
-        return shard_group == spec.group
+        return spec.group in groups
     if live is None and model is not None:
         historical = _sharded_by_history(model)
         if historical is not None:
-            if shard_group is None:
+            if not groups:
                 return False
-            return None if historical == "" else shard_group == historical
-    if shard_group is None:
+            return None if historical == "" else historical in groups
+    if not groups:
         return None
     if live is None and model_name is None and _app_has_sharded_models(app_label):
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import models
 
 from tests.testapp.models_cache import *  # noqa: F403
+from tests.testapp.models_reshard import *  # noqa: F403
 from tests.testapp.models_sharding import *  # noqa: F403
 
 

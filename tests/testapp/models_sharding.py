@@ -2,6 +2,8 @@
 
 ``ShardCustomer``, ``ShardOrder``, ``ShardOrderLine``, ``ShardTicket`` and ``ShardCoupon`` are
 colocated by customer id; ``ShardProduct`` is an unsharded reference table on ``default``.
+``TenantDocument`` and ``TenantEvent`` are in group ``tenants``, whose shards (shard2,
+shard1) are also shards of ``customers``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ __all__ = [
     "ShardProduct",
     "ShardTag",
     "ShardTicket",
+    "TenantDocument",
+    "TenantEvent",
 ]
 
 
@@ -139,3 +143,31 @@ class ShardCoupon(ShardedModel):
                 Lower("label"), name="testapp_shardcoupon_label_ci", condition=~Q(label="")
             ),
         ]
+
+
+class TenantDocument(ShardedModel):
+    """Group ``tenants``: lives on shard2 and shard1 only (shard numbers 0 and 1)."""
+
+    shard_group = "tenants"
+    shard_key = "tenant_id"
+
+    id = ShardedIDField(primary_key=True)
+    tenant_id = models.BigIntegerField()
+    title = models.CharField(max_length=100, db_collation="C")
+
+    class Meta:
+        app_label = "testapp"
+
+
+class TenantEvent(ShardedModel):
+    """Group ``tenants`` with 53-bit IDs."""
+
+    shard_group = "tenants"
+    shard_key = "tenant_id"
+
+    id = ShardedIDField(primary_key=True, js_safe=True)
+    tenant_id = models.BigIntegerField()
+    kind = models.CharField(max_length=20, db_collation="C")
+
+    class Meta:
+        app_label = "testapp"

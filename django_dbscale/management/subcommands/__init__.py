@@ -12,4 +12,5 @@ SUBCOMMANDS: dict[str, str] = {
     "migrate": "django_dbscale.management.subcommands.migrate",
     "drift": "django_dbscale.management.subcommands.drift",
     "cache": "django_dbscale.management.subcommands.cache",
+    "reshard": "django_dbscale.management.subcommands.reshard",
 }

@@ -2,7 +2,9 @@
 
 For every shard group, each shard's applied migrations (``django_migrations``) and schema
 (tables and columns with types, nullability and defaults; indexes; constraints; in the
-connection's current schema) are read and compared with what most shards of the group have.
+connection's current schema) are read and compared with what most shards of the group have;
+tables of other groups' sharded models (a database may be a shard of several groups) are
+left out.
 A shard is reported with what it lacks and what it has extra; the command fails when any
 shard drifts, so CI can run it after deployments.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,9 +93,30 @@ def _majority(sets: list[set[str]]) -> set[str]:
     return {item for item, n in counts.items() if n * 2 > len(sets)}
 
 
+def _table_of(item: str) -> str:
+    """Return the table a schema object of :func:`read_state` belongs to."""
+    kind, _, rest = item.partition(" ")
+    if kind == "index":
+        match = re.search(r" ON (?:ONLY )?(?:\S+\.)?\"?([^\s\"]+)\"? ", rest)
+        return match.group(1) if match else ""
+    first = rest.split(" ", 1)[0]
+    return first.split(".", 1)[0] if kind == "column" else first
+
+
+def _other_groups_tables(group: str) -> set[str]:
+    """Return the tables of sharded models of other groups (a shard may serve several)."""
+    from django_dbscale.sharding.routing import sharded_models
+
+    own = {spec.model._meta.db_table for spec in sharded_models(group)}
+    return {spec.model._meta.db_table for spec in sharded_models()} - own
+
+
 def compare(group: str) -> list[dict[str, Any]]:
     """Return one report per shard of *group*: missing/extra migrations and schema objects."""
     states = [read_state(alias) for alias in dbscale_settings.shard_groups[group].shards]
+    others = _other_groups_tables(group)
+    for state in states:
+        state.schema = {item for item in state.schema if _table_of(item) not in others}
     readable = [s for s in states if not s.error]
     base_migrations = _majority([s.migrations for s in readable])
     base_schema = _majority([s.schema for s in readable])

@@ -108,8 +108,8 @@ def migrate_one(alias: str, options: dict[str, Any]) -> Outcome:
 
 def migrate_all(aliases: list[str], options: dict[str, Any]) -> list[Outcome]:
     """Migrate non-shard *aliases* in order, then the shard ones concurrently."""
-    shards = [a for a in aliases if a in dbscale_settings.group_of_shard]
-    others = [a for a in aliases if a not in dbscale_settings.group_of_shard]
+    shards = [a for a in aliases if a in dbscale_settings.groups_of_shard]
+    others = [a for a in aliases if a not in dbscale_settings.groups_of_shard]
     outcomes = [migrate_one(alias, options) for alias in others]
     if shards:
         workers = options.get("parallel") or len(shards)
@@ -131,7 +131,7 @@ def handle(command: BaseCommand, **options: Any) -> None:
     outcomes = migrate_all(wanted, options)
     width = max(len(o.alias) for o in outcomes)
     for o in outcomes:
-        role = "shard" if o.alias in dbscale_settings.group_of_shard else "db"
+        role = "shard" if o.alias in dbscale_settings.groups_of_shard else "db"
         status = command.style.SUCCESS("ok") if o.ok else command.style.ERROR("FAILED")
         applied = f"{len(o.applied)} applied" if o.applied else "up to date"
         command.stdout.write(

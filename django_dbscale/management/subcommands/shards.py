@@ -15,7 +15,8 @@ from django_dbscale.sharding.exceptions import ShardingError
 from django_dbscale.sharding.ids import (
     install_shard_functions,
     is_populated,
-    read_stamp,
+    read_stamps,
+    stamp_for,
     stamp_problems,
 )
 from django_dbscale.sharding.keys import ring_key
@@ -56,11 +57,11 @@ def _server(alias: str) -> str:
 def _stamp_state(alias: str, group: str) -> str:
     connection = connections[alias]
     try:
-        stamp = read_stamp(connection)
+        stamp = stamp_for(read_stamps(connection), alias, group)
         if stamp is None:
             return "not stamped (run migrate)"
         populated = is_populated(connection, group, stamp)
-        problems = stamp_problems(alias, stamp, populated)
+        problems = stamp_problems(alias, stamp, populated, group=group)
     finally:
         connection.close()
     if problems:
@@ -124,7 +125,7 @@ def handle(command: BaseCommand, **options: Any) -> None:
             for alias in spec.shards:
                 try:
                     stamp = install_shard_functions(
-                        alias, restamp=True, force=bool(options.get("force"))
+                        alias, group=name, restamp=True, force=bool(options.get("force"))
                     )
                 except ShardingError as exc:
                     raise CommandError(str(exc)) from exc

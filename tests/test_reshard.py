@@ -1,0 +1,482 @@
+"""Online resharding of the ``ledgers`` group, grown from grow0+grow1 to grow0+grow1+grow2.
+
+Real PostgreSQL: grow0 and grow2 on one server, grow1 on another. Every assertion on
+placement reads each shard with direct SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.db.models import F
+from django.test import override_settings
+
+from django_dbscale import consistency, replicas
+from django_dbscale.conf import ShardGroupSpec
+from django_dbscale.consistency import read_at_least
+from django_dbscale.own_connections import connect
+from django_dbscale.sharding import ShardMoved, shardmap
+from django_dbscale.sharding import moves as mv
+from django_dbscale.sharding import reshard as reshard_mod
+from django_dbscale.sharding.keys import ring_key
+from django_dbscale.sharding.ring import build_ring, get_ring
+from django_dbscale.testing.harness import Services, get_services
+from tests.testapp.models_reshard import LedgerAccount, LedgerEntry, LedgerLabel
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP = "ledgers"
+OLD = ShardGroupSpec(GROUP, ("grow0", "grow1"), {}, 8)
+NEW = ShardGroupSpec(GROUP, ("grow0", "grow1", "grow2"), {}, 8)
+SHARDS = ("grow0", "grow1", "grow2")
+TABLES = ("testapp_ledgeraccount", "testapp_ledgerentry", "testapp_ledgerlabel")
+
+
+def place_map(spec: ShardGroupSpec) -> None:
+    """Make *spec* the group's active ring (as migrate did before SHARDS was edited)."""
+    with connect("default") as conn:
+        conn.execute(f'DELETE FROM {shardmap.TABLE} WHERE "group" = %s', [GROUP])
+        shardmap.seed(conn, {GROUP: spec})
+    shardmap.refresh()
+
+
+def clear_guards() -> None:
+    for alias in SHARDS:
+        with connect(alias) as conn:
+            for table in TABLES:
+                conn.execute(f"DROP TRIGGER IF EXISTS dbscale_moving_guard ON {table}")
+            for table in ("dbscale_moving", "dbscale_moving_changes"):
+                conn.execute(
+                    "DO $$ BEGIN IF to_regclass(%s) IS NOT NULL THEN "
+                    f"EXECUTE 'TRUNCATE {table}'; END IF; END $$".replace("%s", f"'{table}'")
+                )
+
+
+@pytest.fixture
+def ledgers() -> Iterator[None]:
+    clear_guards()
+    place_map(OLD)
+    yield
+    clear_guards()
+    place_map(NEW)
+
+
+def rows_by_shard(table: str, column: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for alias in SHARDS:
+        with connect(alias) as conn:
+            out[alias] = [r[0] for r in conn.execute(f"SELECT {column} FROM {table} ORDER BY 1")]
+    return out
+
+
+def reshard(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``manage.py dbscale reshard`` in its own process, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "django", "dbscale", "reshard", GROUP, *args],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            **get_services().env(),
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def populate(accounts: int = 300) -> dict[int, tuple[int, list[int]]]:
+    """Create accounts 0..n-1 (balance n) with one entry each; return number -> state."""
+    for n in range(accounts):
+        account = LedgerAccount.objects.create(number=n, balance=n)
+        LedgerEntry.objects.create(account=account, amount=n, writer_seq=-n - 1)
+    return snapshot()
+
+
+def snapshot() -> dict[int, tuple[int, list[int]]]:
+    """Read every shard directly: number -> (balance, sorted entry writer_seqs).
+
+    Fails if a row exists twice or lives on a shard the active ring does not name for it.
+    """
+    ring = get_ring(GROUP)
+    state: dict[int, tuple[int, list[int]]] = {}
+    entries: dict[int, list[int]] = {}
+    seen_entries: set[int] = set()
+    for alias in SHARDS:
+        with connect(alias) as conn:
+            for number, balance in conn.execute(
+                "SELECT number, balance FROM testapp_ledgeraccount"
+            ):
+                assert number not in state, f"account {number} twice (again on {alias})"
+                assert ring.node_for(str(number)) == alias, f"account {number} on {alias}"
+                state[number] = (balance, [])
+            for entry_id, number, seq in conn.execute(
+                "SELECT id, account_number, writer_seq FROM testapp_ledgerentry"
+            ):
+                assert entry_id not in seen_entries, f"entry {entry_id} twice"
+                seen_entries.add(entry_id)
+                assert ring.node_for(str(number)) == alias, f"entry of {number} on {alias}"
+                entries.setdefault(number, []).append(seq)
+    return {n: (b, sorted(entries.get(n, []))) for n, (b, _) in state.items()}
+
+
+def placement() -> dict[str, int]:
+    """Rows per shard (accounts)."""
+    return {
+        alias: len(numbers)
+        for alias, numbers in rows_by_shard("testapp_ledgeraccount", "number").items()
+    }
+
+
+def test_adding_a_shard_moves_its_keys_and_routing_follows(ledgers: None) -> None:
+    assert get_ring(GROUP).nodes == ("grow0", "grow1")
+    before = populate()
+    moved = next(n for n in range(300) if build_ring(NEW).node_for(str(n)) == "grow2")
+    LedgerLabel.objects.create(account_number=moved, name="bond")
+    assert placement()["grow2"] == 0
+
+    result = reshard("--add", "grow2", "--batch-size", "50")
+    assert result.returncode == 0, result.stderr + result.stdout
+    out = result.stdout
+    for phase in ("preflight", "copy", "catchup", "verify", "cutover", "settle", "cleanup", "done"):
+        assert f"phase {phase}" in out or phase == "preflight", out
+    assert "rows/s" in out and "ETA" in out and "held back" in out
+
+    shardmap.refresh()
+    assert get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint
+    assert snapshot() == before  # every row once, on its new owner, unchanged
+    counts = placement()
+    assert 0 < counts["grow2"] < 300
+    account = LedgerAccount.objects.get(number=moved)
+    assert account.balance == moved and account._state.db in ("grow2", "grow2_replica")
+    assert [e.amount for e in account.entries.all()] == [moved]
+    labels = rows_by_shard("testapp_ledgerlabel", "account_number")
+    assert labels[build_ring(NEW).node_for(str(moved))] == [moved]
+    assert sum(len(v) for v in labels.values()) == 1
+    assert LedgerLabel.objects.get(account_number=moved).name == "bond"
+    # A rerun of the same command finds nothing left to do.
+    again = reshard("--add", "grow2")
+    assert again.returncode != 0 and "already a shard" in again.stderr
+    again = reshard()
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+
+
+def test_reshard_while_another_process_writes_loses_nothing(ledgers: None, tmp_path: Path) -> None:
+    before = populate(200)
+    log, stop = tmp_path / "writer.log", tmp_path / "stop"
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.reshard_writer", str(log), str(stop), "200", "7"],
+        cwd=ROOT,
+        env={**os.environ, **get_services().env(), "DJANGO_SETTINGS_MODULE": "tests.settings"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            not log.exists() or log.read_text().count("\n") < 50
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = reshard("--add", "grow2", "--batch-size", "40")
+        assert result.returncode == 0, result.stderr + result.stdout
+        time.sleep(0.5)  # the writer keeps writing after the move, on the new placement
+    finally:
+        stop.touch()
+        writer.wait(timeout=30)
+    assert writer.returncode == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    summary = records[-1]
+    assert summary["op"] == "summary" and summary["writes"] > 100, summary
+    expected = {n: [b, list(seqs)] for n, (b, seqs) in before.items()}
+    for record in records:
+        if record["op"] == "entry":
+            expected[record["account"]][1].append(record["seq"])
+        elif record["op"] == "balance":
+            expected[record["account"]][0] += record["delta"]
+    shardmap.refresh()
+    assert get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint
+    after = snapshot()
+    assert after == {n: (b, sorted(seqs)) for n, (b, seqs) in expected.items()}
+    assert placement()["grow2"] > 0
+    # Writes of moving keys were held back briefly at cutover, not failed.
+    assert summary["max_seconds"] < 5, summary
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    ["preflight", "copy:2", "catchup", "verify", "cutover", "cutover:1", "settle", "cleanup:1"],
+)
+def test_a_killed_reshard_finishes_when_run_again(ledgers: None, crash_at: str) -> None:
+    before = populate(200)
+    killed = reshard(
+        "--add", "grow2", "--batch-size", "20", env={"DBSCALE_RESHARD_CRASH_AT": crash_at}
+    )
+    assert killed.returncode == 70, killed.stderr + killed.stdout
+    status = reshard("--status")
+    assert "UNFINISHED" in status.stdout, status.stdout
+    again = reshard("--add", "grow2", "--batch-size", "20")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "resuming job" in again.stdout
+    shardmap.refresh()
+    assert get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint
+    assert snapshot() == before
+    assert placement()["grow2"] > 0
+
+
+@pytest.mark.parametrize("crash_at", ["copy:2", "verify", "settle"])
+def test_rollback_before_cleanup_restores_the_old_placement(ledgers: None, crash_at: str) -> None:
+    before = populate(200)
+    killed = reshard(
+        "--add", "grow2", "--batch-size", "20", env={"DBSCALE_RESHARD_CRASH_AT": crash_at}
+    )
+    assert killed.returncode == 70, killed.stderr + killed.stdout
+    flipped = crash_at == "settle"
+    shardmap.refresh()
+    assert (get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint) is flipped
+    if flipped:  # written on the new placement after cutover: must come back
+        moved = next(n for n in range(200) if build_ring(NEW).node_for(str(n)) == "grow2")
+        LedgerAccount.objects.filter(number=moved).update(balance=10_000)
+        LedgerEntry.objects.create(account_id=moved, amount=5, writer_seq=99)
+        before[moved] = (10_000, sorted([*before[moved][1], 99]))
+    result = reshard("--rollback")
+    assert result.returncode == 0, result.stderr + result.stdout
+    shardmap.refresh()
+    assert get_ring(GROUP).fingerprint == build_ring(OLD).fingerprint
+    assert snapshot() == before
+    assert placement()["grow2"] == 0
+    # Rolled back for good: the group can be resharded again from scratch.
+    assert reshard("--status").stdout.count("UNFINISHED") == 0
+
+
+def test_a_process_holding_the_old_map_cannot_write_a_moved_key_to_its_old_shard(
+    ledgers: None,
+) -> None:
+    populate(100)
+    moved = next(n for n in range(100) if build_ring(NEW).node_for(str(n)) == "grow2")
+    old_home = build_ring(OLD).node_for(str(moved))
+    stale = LedgerAccount.objects.get(number=moved)
+    assert stale._state.db in (old_home, f"{old_home}_replica")
+    shardmap._cache.next_check = float("inf")  # this process stops re-reading the map
+    try:
+        # Stopped right after cutover, before the old copies are deleted: the window in
+        # which a process that has not re-read the map still finds the row on its old shard.
+        killed = reshard("--add", "grow2", env={"DBSCALE_RESHARD_CRASH_AT": "settle"})
+        assert killed.returncode == 70, killed.stderr + killed.stdout
+        assert get_ring(GROUP).nodes == ("grow0", "grow1")  # still the old map here
+        # The old shard itself refuses the moved key, whoever asks.
+        with connect(old_home) as conn, pytest.raises(psycopg.Error) as refused:
+            conn.execute("UPDATE testapp_ledgeraccount SET balance = 1 WHERE number = %s", [moved])
+        assert refused.value.sqlstate == "DBSM1"
+        assert "shard moved" in str(refused.value) and "grow2" in str(refused.value)
+        with pytest.raises(ShardMoved, match="now lives on shard grow2"):
+            LedgerAccount.objects.filter(number=moved).update(balance=1)
+    finally:
+        shardmap._cache.next_check = 0.0
+    # The refusal re-read the map: the row read before the move is refused too, by name.
+    assert get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint
+    stale.balance = 2
+    with pytest.raises(ShardMoved, match="Re-read the row"):
+        stale.save()
+    LedgerAccount.objects.filter(number=moved).update(balance=3)
+    assert reshard("--add", "grow2").returncode == 0  # finishes the job
+    with connect("grow2") as conn:
+        assert conn.execute(
+            "SELECT balance FROM testapp_ledgeraccount WHERE number = %s", [moved]
+        ).fetchone() == (3,)
+    with connect(old_home) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM testapp_ledgeraccount WHERE number = %s", [moved]
+        ).fetchone() == (0,)
+        # After cleanup the guard stays: an insert of the moved key is still refused there.
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(
+                "INSERT INTO testapp_ledgeraccount (id, number, balance) VALUES (1, %s, 0)",
+                [moved],
+            )
+        assert refused.value.sqlstate == "DBSM1"
+
+
+def test_an_insert_racing_the_cutover_is_retried_on_the_new_shard(ledgers: None) -> None:
+    populate(50)
+    moved = next(n for n in range(1000, 2000) if build_ring(NEW).node_for(str(n)) == "grow2")
+    shardmap._cache.next_check = float("inf")
+    try:
+        assert reshard("--add", "grow2").returncode == 0
+        account = LedgerAccount.objects.create(number=moved, balance=1)  # old map: old shard
+    finally:
+        shardmap._cache.next_check = 0.0
+    assert account._state.db == "grow2"
+    with connect("grow2") as conn:
+        assert conn.execute(
+            "SELECT balance FROM testapp_ledgeraccount WHERE number = %s", [moved]
+        ).fetchone() == (1,)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+def test_adding_one_shard_to_n_moves_about_one_in_n_plus_one(n: int) -> None:
+    old = ShardGroupSpec(GROUP, tuple(f"s{i}" for i in range(n)), {}, 8)
+    new = ShardGroupSpec(GROUP, tuple(f"s{i}" for i in range(n + 1)), {}, 8)
+    moves = mv.moved_ranges(build_ring(old), build_ring(new))
+    ideal = 1 / (n + 1)
+    assert {target for _, target in moves} == {f"s{n}"}  # keys only move to the new shard
+    assert abs(mv.moved_fraction(moves) - ideal) <= 0.2 * ideal
+    # The ranges agree with the rings key by key.
+    old_ring, new_ring = build_ring(old), build_ring(new)
+    keys = [str(k) for k in range(20_000)]
+    moved = [k for k in keys if old_ring.node_for(k) != new_ring.node_for(k)]
+    assert abs(len(moved) / len(keys) - ideal) <= 0.2 * ideal
+    for key in moved[:500]:
+        point = int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "little")
+        pair = (old_ring.node_for(key), new_ring.node_for(key))
+        assert any(lo <= point < hi for lo, hi in moves[pair])
+
+
+def test_the_database_computes_the_same_ring_point_as_python() -> None:
+    samples: list[Any] = [0, 7, -3, 2**62, "007", "+5", "-0", "Acme", "ÉCOLE", "a b", "42x"]
+    samples += [uuid.UUID(int=i * 7919) for i in range(5)]
+    samples += [str(uuid.UUID(int=12345)).upper(), "{" + str(uuid.UUID(int=99)) + "}"]
+    samples += [str(uuid.UUID(int=5)).replace("-", ""), f"urn:uuid:{uuid.UUID(int=8)}"]
+    with connect("grow0") as conn:
+        conn.execute(mv.INSTALL_SQL)
+        for value in samples:
+            key = ring_key(value)
+            expected = int.from_bytes(hashlib.md5(key.encode()).digest()[:4], "little")
+            kind = "int" if isinstance(value, int) else "text"
+            row = conn.execute(
+                "SELECT dbscale_ring_point(CASE WHEN %s = 'int' THEN %s::text "
+                "ELSE dbscale_ring_key(%s::text) END)",
+                [kind, str(value), str(value)],
+            ).fetchone()
+            assert row == (expected,), (value, key)
+
+
+def test_bad_input_is_refused_with_nothing_moved(ledgers: None) -> None:
+    before = populate(30)
+    cases = {
+        ("--add", "nosuchdb"): "'nosuchdb' is not in DATABASES",
+        ("--remove", "grow9"): "'grow9' is not a shard of group 'ledgers'",
+        ("--remove", "grow0", "--remove", "grow1"): "Cannot remove the last shard",
+        ("--weight", "grow0"): "write ALIAS=N",
+        ("--weight", "grow0=0"): "weights are integers >= 1",
+        ("--add", "shard0"): "has no table 'testapp_ledgeraccount'",
+    }
+    for args, message in cases.items():
+        result = reshard(*args)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "django", "dbscale", "reshard", "nosuchgroup", "--add", "grow2"],
+        cwd=ROOT,
+        env={**os.environ, **get_services().env(), "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert unknown.returncode == 1 and "'nosuchgroup' is not in" in unknown.stderr
+    assert snapshot() == before and placement()["grow2"] == 0
+    assert get_ring(GROUP).nodes == ("grow0", "grow1")
+    with connect("grow0") as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'dbscale_moving_guard'"
+        ).fetchone() == (0,)
+
+
+def test_a_second_reshard_of_the_group_is_refused_while_one_is_unfinished(ledgers: None) -> None:
+    populate(30)
+    killed = reshard("--add", "grow2", env={"DBSCALE_RESHARD_CRASH_AT": "verify"})
+    assert killed.returncode == 70
+    other = reshard("--weight", "grow0=3")
+    assert other.returncode == 1
+    assert "unfinished resharding (job #" in other.stderr and "--rollback" in other.stderr
+    # While a command runs, a second one is refused (the job lock on default).
+    resharder = reshard_mod.Resharder(GROUP)
+    with resharder.running():
+        busy = reshard("--add", "grow2")
+    assert (
+        busy.returncode == 1 and "Another resharding of group 'ledgers' is running" in busy.stderr
+    )
+    assert reshard("--add", "grow2").returncode == 0
+
+
+def test_plan_shows_what_moves_and_changes_nothing(ledgers: None) -> None:
+    populate(120)
+    result = reshard("--add", "grow2", "--plan", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    expected = sum(
+        1
+        for n in range(120)
+        if build_ring(NEW).node_for(str(n)) != build_ring(OLD).node_for(str(n))
+    )
+    accounts = sum(r["rows"] for r in plan["rows"] if r["model"] == "testapp.LedgerAccount")
+    assert accounts == expected and plan["total_rows"] == 2 * expected
+    assert {m["to"] for m in plan["moves"]} == {"grow2"}
+    assert abs(plan["key_space_moved"] - 1 / 3) < 1 / 15
+    text = reshard("--add", "grow2", "--plan")
+    assert "rows to move" in text.stdout and "copy takes about" in text.stdout
+    assert placement()["grow2"] == 0 and get_ring(GROUP).nodes == ("grow0", "grow1")
+
+
+def test_replicas_of_the_new_shard_serve_moved_keys_only_after_the_cutover(
+    ledgers: None, services: Services, paused: Any
+) -> None:
+    populate(60)
+    moved = next(n for n in range(60) if build_ring(NEW).node_for(str(n)) == "grow2")
+    with consistency.consistency_context():
+        LedgerAccount.objects.filter(number=moved).update(balance=-5)
+        token = consistency.consistency_token()  # taken before the move, on the old shard
+    paused(services.pg1_replica)  # grow2's replica stops replaying: it misses the copy
+    assert reshard("--add", "grow2").returncode == 0
+    shardmap.refresh()
+    floor = shardmap.active(GROUP).floors["grow2"]  # type: ignore[union-attr]
+    assert consistency.placement_floor("grow2") == consistency.parse_lsn(floor)
+    with consistency.consistency_context():
+        replicas.route_counts.clear()
+        account = LedgerAccount.objects.get(number=moved)
+        assert (account.balance, account._state.db) == (-5, "grow2")
+        assert replicas.route_counts[("grow2", "resharded")] == 1
+    with read_at_least(token):  # a token from before the move is still honoured
+        assert LedgerAccount.objects.get(number=moved).balance == -5
+    services.pg1_replica.resume_replay()
+    services.pg1_replica.wait_for_replay()
+    replicas.monitor.reset()
+    with consistency.consistency_context():
+        account = LedgerAccount.objects.get(number=moved)
+        assert (account.balance, account._state.db) == (-5, "grow2_replica")
+
+
+def test_no_cached_result_from_before_the_move_is_served(ledgers: None) -> None:
+    populate(60)
+    moved = next(n for n in range(60) if build_ring(NEW).node_for(str(n)) == "grow2")
+    cache = {**settings.DBSCALE["CACHE"], "MODELS": ["testapp.LedgerAccount"]}
+    with override_settings(DBSCALE={**settings.DBSCALE, "CACHE": cache}):
+        place_map(OLD)
+        query = LedgerAccount.objects.cache().filter(number=moved)
+        assert [a.balance for a in query.all()] == [moved]
+        assert [a.balance for a in query.all()] == [moved]  # a hit, on the old shard
+        assert reshard("--add", "grow2").returncode == 0
+        shardmap.refresh()
+        with connect("grow2") as conn:  # a write the ORM of this process did not see
+            conn.execute(
+                "UPDATE testapp_ledgeraccount SET balance = 1234 WHERE number = %s", [moved]
+            )
+        # Not the entry filled on the old shard before the move: the row on its new shard.
+        assert [a.balance for a in query.all()] == [1234]
+        LedgerAccount.objects.filter(number=moved).update(balance=F("balance") + 1)
+        assert [a.balance for a in query.all()] == [1235]
+        assert [a.balance for a in LedgerAccount.objects.cache().filter(number=moved)] == [1235]
