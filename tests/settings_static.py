@@ -43,7 +43,6 @@ DBSCALE: dict[str, Any] = {
         "shard0": ["shard0_replica"],
         "shard1": ["shard1_replica"],
         "shard2": ["shard2_replica"],
-        "grow2": ["grow2_replica"],
     },
     "MAX_REPLICA_LAG": 2.0,
     "MAX_REPLICA_LAG_BYTES": 1024 * 1024,
@@ -56,9 +55,9 @@ DBSCALE: dict[str, Any] = {
         # Overlaps "customers" on shard1 and shard2, in another order: a database is shard
         # number 2 of customers and 0 of tenants (tests/test_sharding_overlap.py).
         "tenants": {"SHARDS": ["shard2", "shard1"]},
-        # Resharded by tests/test_reshard.py: placed on grow0 and grow1 (the shard map), with
-        # grow2 declared here as the target.
-        "ledgers": {"SHARDS": ["grow0", "grow1", "grow2"]},
+        # Resharded by tests/test_reshard.py: placed on shard0 and shard1 (the shard map),
+        # with shard2 declared here as the target.
+        "ledgers": {"SHARDS": ["shard0", "shard1", "shard2"]},
     },
     "CACHE": {"ALIAS": "dbscale", "PREFIX": "dbscale-test"},
 }

@@ -134,10 +134,6 @@ def test_databases_settings(services: Services) -> None:
         "shard1_replica",
         "shard2",
         "shard2_replica",
-        "grow0",
-        "grow1",
-        "grow2",
-        "grow2_replica",
     }
     assert {d["ENGINE"] for d in dbs.values()} == {BACKEND_ENGINE}
     assert {d["USER"] for d in dbs.values()} == {"postgres"}
@@ -151,7 +147,6 @@ def test_databases_settings(services: Services) -> None:
         ("shard0_replica", "shard0", "pg1_replica"),
         ("shard1_replica", "shard1", "pg2_replica"),
         ("shard2_replica", "shard2", "pg2_replica"),
-        ("grow2_replica", "grow2", "pg1_replica"),
     ]:
         assert dbs[alias]["TEST"] == {"MIRROR": mirror}
         assert dbs[alias]["OPTIONS"] == {"connect_timeout": 2}

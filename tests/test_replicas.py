@@ -554,7 +554,7 @@ def test_status_command_reports_health_and_lag(services: Services, paused: Any) 
     report = json.loads(buffer.getvalue())
     assert set(report) == {"primaries", "routes", "cache", "cache_continuity"}
     rows = {row["primary"]: row for row in report["primaries"]}
-    assert set(rows) == {"default", "shard0", "shard1", "shard2", "grow2"}
+    assert set(rows) == {"default", "shard0", "shard1", "shard2"}
     default = rows["default"]
     assert default["reads_go_to"] == "default_replica"
     (replica,) = default["replicas"]

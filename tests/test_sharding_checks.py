@@ -278,7 +278,7 @@ def test_router_has_no_opinion_on_unsharded_models_and_refuses_keyless_writes() 
         primary_for_write(ShardOrder, {})
     assert allow_relation(Note(), ShardProduct()) is None
     assert allow_relation(ShardOrder(customer_id=1), ShardProduct()) is True
-    assert dbscale_settings.groups_of_shard["shard1"] == ("customers", "tenants")
+    assert dbscale_settings.groups_of_shard["shard1"] == ("customers", "tenants", "ledgers")
 
 
 def test_allow_migrate_recognises_deleted_sharded_models_by_their_history(isolated: Any) -> None:

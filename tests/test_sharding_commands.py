@@ -76,7 +76,7 @@ def test_shards_prints_group_fingerprint_nodes_weights_and_keys(no_shard_map: No
 def test_migrate_reports_every_primary_database(services: Services) -> None:
     out = dbscale("migrate", "--run-syncdb")
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert set(lines) == {"default", *SHARDS, "grow0", "grow1", "grow2"}
+    assert set(lines) == {"default", *SHARDS}
     assert all(" ok " in line and "up to date" in line for line in lines.values())
     assert all(" shard " in lines[s] for s in SHARDS) and " db " in lines["default"]
     assert "not primary aliases" in dbscale_fails("migrate", "--database", "shard0_replica")[1]
@@ -95,7 +95,8 @@ def test_migrate_repairs_a_shard_and_drift_reports_it_first(services: Services) 
     try:
         out, error = dbscale_fails("drift")
         assert (
-            "Drift found on ['customers/shard0', 'customers/shard1', 'customers/shard2']" in error
+            "Drift found on ['customers/shard0', 'customers/shard1', 'customers/shard2', "
+            "'ledgers/shard0']" in error
         )
         report = {line.split(":")[0]: line for line in out.splitlines() if not line.startswith(" ")}
         assert "DRIFT" in report["customers/shard1"]

@@ -99,9 +99,9 @@ def restamp() -> Iterator[None]:
 def test_each_group_has_its_tables_on_its_own_shards_only(services: Services) -> None:
     groups_of_shard = dbscale_settings.groups_of_shard
     assert {alias: groups_of_shard[alias] for alias in SHARDS} == {
-        "shard0": ("customers",),
-        "shard1": ("customers", "tenants"),
-        "shard2": ("customers", "tenants"),
+        "shard0": ("customers", "ledgers"),
+        "shard1": ("customers", "tenants", "ledgers"),
+        "shard2": ("customers", "tenants", "ledgers"),
     }
     assert "default" not in groups_of_shard
     for alias in ("default", *SHARDS):
@@ -301,6 +301,7 @@ def test_a_one_row_stamp_table_is_upgraded_in_place_and_old_defaults_keep_workin
         assert rows == [
             ("customers", "shard2", 2, 8, fingerprint.fingerprint),
             ("tenants", "shard2", 0, 8, get_ring("tenants").fingerprint),
+            ("ledgers", "shard2", 2, 8, get_ring("ledgers").fingerprint),
         ]
         (legacy_id,) = sql(
             services, "shard2", "INSERT INTO dbscale_test_legacy (note) VALUES ('x') RETURNING id"

@@ -848,7 +848,13 @@ class ShardedModel(models.Model):
             )
             if not retry:
                 raise moved from exc
-            super().save(*args, **kwargs)
+            try:
+                super().save(*args, **kwargs)
+            except DatabaseError as again:
+                refused = shard_moved_from(again)
+                if refused is None:
+                    raise
+                raise refused from again  # a cutover still under way: the caller retries
 
     save.alters_data = True  # type: ignore[attr-defined]
 

@@ -148,6 +148,17 @@ def target_spec(
                 f"and to DBSCALE['SHARD_GROUPS'][{group!r}]['SHARDS'], run "
                 f"`manage.py migrate --database {alias}`, then reshard."
             )
+        if alias == DEFAULT_DB_ALIAS:
+            raise ReshardError(
+                f"--add {alias}: unsharded models live on {alias!r}; give the new shard a "
+                "database alias of its own."
+            )
+        if alias in dbscale_settings.primary_of:
+            raise ReshardError(
+                f"--add {alias}: {alias!r} is a replica of "
+                f"{dbscale_settings.primary_of[alias]!r}; add a primary (its replicas follow "
+                "through DBSCALE['REPLICAS'])."
+            )
         if alias in shards:
             raise ReshardError(f"--add {alias}: {alias!r} is already a shard of group {group!r}.")
         shards.append(alias)
@@ -737,26 +748,7 @@ class Resharder:
             for tbl, pk in changes:
                 by_table.setdefault(str(tbl), set()).add(str(pk))
             for table in (t for t in tables.values() if t.table in by_table):
-                pks = sorted(by_table[table.table])
-                cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
-                _, _, found = self._transfer(
-                    src,
-                    dst,
-                    table,
-                    f"SELECT {cols} FROM {table.q(table.table)} t "
-                    f"WHERE t.{table.q(table.pk)} = ANY(%s::text[]::{table.pk_type}[])",
-                    [pks],
-                )
-                gone = sorted(set(pks) - found)
-                if gone:
-                    dst.execute(
-                        sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::text[]::{}[])").format(
-                            sql.Identifier(table.table),
-                            sql.Identifier(table.pk),
-                            sql.SQL(table.pk_type),
-                        ),
-                        [gone],
-                    )
+                self._copy_keys(src, dst, table, sorted(by_table[table.table]))
             dst.commit()
             if not in_snapshot:
                 src.commit()
@@ -834,7 +826,7 @@ class Resharder:
 
     def verify(self) -> None:
         report = self.job.progress.setdefault("verify", {})
-        checked = 0
+        checked = fixed = 0
         for (source, target), ranges in self.moves.items():
             literal = mv.multirange(ranges)
             with (
@@ -854,56 +846,112 @@ class Resharder:
                         ).fetchall()
                     ]
                     src.commit()
-                    bad: list[int] = []
-                    for attempt in range(4):
-                        self._apply_changes(src, dst, source, target, limit=None)
-                        a = self._chunk_sums(src, table, literal, bounds)
-                        src.commit()
-                        b = self._chunk_sums(dst, table, literal, bounds)
-                        dst.commit()
-                        bad = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
-                        if not bad:
-                            break
-                        if attempt == 2:
-                            self._repair(src, dst, table, literal, bounds, bad)
-                    if bad:
-                        raise ReshardError(
-                            f"Verification of {table.label} ({source} -> {target}) still differs "
-                            f"in {len(bad)} chunk(s) after repair. The job stays in phase "
-                            "verify; rerun the command, or roll back with --rollback."
-                        )
-                    checked += sum(1 for _ in bounds) + 1
+                    self._apply_changes(src, dst, source, target, limit=None)
+                    ours = self._chunk_sums(src, table, literal, bounds)
+                    src.commit()
+                    theirs = self._chunk_sums(dst, table, literal, bounds)
+                    dst.commit()
+                    edges: list[str | None] = [None, *bounds, None]
+                    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+                        if a != b:
+                            fixed += self._reconcile(
+                                src, dst, target, table, literal, edges[index], edges[index + 1]
+                            )
+                    checked += len(ours)
                     report[f"{source}>{target}:{table.table}"] = "ok"
-        self.say(f"verified {checked} chunks: every moved row matches its source")
+        self.job.progress["verify_fixed"] = fixed
+        self.say(
+            f"verified {checked} chunks: every moved row matches its source "
+            f"({fixed} rows re-copied)"
+        )
         _crash_point("verify")
         self._phase("cutover")
 
-    def _repair(
+    def _reconcile(
+        self,
+        src: psycopg.Connection[Any],
+        dst: psycopg.Connection[Any],
+        target: str,
+        table: mv.MovedTable,
+        literal: str,
+        lo: str | None,
+        hi: str | None,
+    ) -> int:
+        """Compare a chunk whose checksums differ row by row; re-copy the rows that are wrong.
+
+        The site keeps writing: a row whose change is still recorded (the catch-up applies
+        it) may differ and is not wrong. The source, then the target, then the recorded
+        changes are read, in that order, so a change committed meanwhile is always seen as
+        recorded. Returns how many rows were re-copied; raises if a re-copied row still
+        differs.
+        """
+        where, params = self._chunk_where(table, literal, lo, hi)
+        cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
+        rows = f"SELECT t.{table.q(table.pk)}::text, md5(ROW({cols})::text) FROM {table.source} "
+        fixed = 0
+        for attempt in range(2):
+            source_rows = dict(src.execute(rows + f"WHERE {where}", params).fetchall())
+            src.commit()
+            target_rows = dict(dst.execute(rows + f"WHERE {where}", params).fetchall())
+            dst.commit()
+            pending = {
+                str(r[0])
+                for r in src.execute(
+                    "SELECT pk FROM dbscale_moving_changes WHERE job = %s AND peer = %s "
+                    "AND tbl = %s",
+                    [self.job.id, target, table.table],
+                ).fetchall()
+            }
+            src.commit()
+            wrong = {
+                str(k)
+                for k in source_rows.keys() | target_rows.keys()
+                if source_rows.get(k) != target_rows.get(k)
+            } - pending
+            if not wrong:
+                return fixed
+            if attempt:
+                raise ReshardError(
+                    f"Verification of {table.label} on {target!r}: {len(wrong)} row(s) still "
+                    f"differ from their source after being re-copied (e.g. primary key "
+                    f"{sorted(wrong)[0]}). The job stays in phase verify; rerun the command, "
+                    "or roll back with --rollback."
+                )
+            self._copy_keys(src, dst, table, sorted(wrong))
+            dst.commit()
+            src.commit()
+            fixed += len(wrong)
+            self.say(f"  re-copied {len(wrong)} rows of {table.label} that differed")
+        return fixed
+
+    def _copy_keys(
         self,
         src: psycopg.Connection[Any],
         dst: psycopg.Connection[Any],
         table: mv.MovedTable,
-        literal: str,
-        bounds: list[str],
-        bad: list[int],
+        pks: list[str],
     ) -> None:
-        """Re-copy the differing chunks: delete the target's rows there, copy the source's."""
-        edges: list[str | None] = [None, *bounds, None]
+        """Make the rows with primary keys *pks* on *dst* what they are on *src* (present or
+        deleted). Leaves both transactions open."""
         cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
-        for index in bad:
-            where, params = self._chunk_where(table, literal, edges[index], edges[index + 1])
-            dst.execute("SET CONSTRAINTS ALL DEFERRED")
+        _, _, found = self._transfer(
+            src,
+            dst,
+            table,
+            f"SELECT {cols} FROM {table.q(table.table)} t "
+            f"WHERE t.{table.q(table.pk)} = ANY(%s::text[]::{table.pk_type}[])",
+            [pks],
+        )
+        gone = sorted(set(pks) - found)
+        if gone:
             dst.execute(
-                f"DELETE FROM {table.q(table.table)} t0 WHERE t0.ctid IN (SELECT t.ctid FROM "
-                f"{table.source} WHERE {where})",
-                params,
+                sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::text[]::{}[])").format(
+                    sql.Identifier(table.table),
+                    sql.Identifier(table.pk),
+                    sql.SQL(table.pk_type),
+                ),
+                [gone],
             )
-            count, _, _ = self._transfer(
-                src, dst, table, f"SELECT {cols} FROM {table.source} WHERE {where}", params
-            )
-            dst.commit()
-            src.commit()
-            self.say(f"  repaired chunk {index} of {table.label}: {count} rows re-copied")
 
     # -- cutover ----------------------------------------------------------------------------
 

@@ -5,8 +5,6 @@ Topology booted by :func:`start_services` (all on free loopback ports, under one
 * ``pg1``: primary holding the databases ``dbscale`` (Django ``default``) and ``dbscale_shard0``;
 * ``pg1_replica``: a real streaming replica of ``pg1`` (``pg_basebackup -R -X stream``);
 * ``pg2``: a second primary holding ``dbscale_shard1`` and ``dbscale_shard2``;
-* the ``grow*`` databases (``grow0`` and ``grow2`` on ``pg1``, ``grow1`` on ``pg2``): a
-  shard group the resharding tests grow from two shards to three;
 * ``pg2_replica``: a streaming replica of ``pg2``;
 * ``redis``: ``redis-server --save '' --appendonly no``, empty at every start (see
   :meth:`RedisServer.start`);
@@ -115,16 +113,12 @@ ALIASES: dict[str, tuple[str, str, str | None]] = {
     "shard1_replica": ("pg2_replica", "dbscale_shard1", "shard1"),
     "shard2": ("pg2", "dbscale_shard2", None),
     "shard2_replica": ("pg2_replica", "dbscale_shard2", "shard2"),
-    "grow0": ("pg1", "dbscale_grow0", None),
-    "grow1": ("pg2", "dbscale_grow1", None),
-    "grow2": ("pg1", "dbscale_grow2", None),
-    "grow2_replica": ("pg1_replica", "dbscale_grow2", "grow2"),
 }
 
 #: Primary server name -> databases created on it.
 PRIMARY_DATABASES: dict[str, tuple[str, ...]] = {
-    "pg1": ("dbscale", "dbscale_shard0", "dbscale_grow0", "dbscale_grow2"),
-    "pg2": ("dbscale_shard1", "dbscale_shard2", "dbscale_grow1"),
+    "pg1": ("dbscale", "dbscale_shard0"),
+    "pg2": ("dbscale_shard1", "dbscale_shard2"),
 }
 
 _PG_PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
