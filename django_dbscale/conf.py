@@ -183,13 +183,20 @@ def _parse_shard_groups(value: Any, default_vnodes: int) -> dict[str, ShardGroup
         if isinstance(shards_raw, Mapping):
             shards = tuple(str(alias) for alias in shards_raw)
             for alias, weight in shards_raw.items():
-                if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
+                if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
                     raise _setting_error(
                         "SHARD_GROUPS",
-                        f"[{name!r}] weight of {alias!r} must be a positive int, not {weight!r}",
-                        "Use a positive integer weight.",
+                        f"[{name!r}] weight of {alias!r} must be an int >= 0, not {weight!r}",
+                        "Use a positive integer weight (0 retires a shard: it owns no keys "
+                        "but keeps its shard number).",
                     )
                 weights[str(alias)] = weight
+            if shards and not any(weights.values()):
+                raise _setting_error(
+                    "SHARD_GROUPS",
+                    f"[{name!r}] gives every shard weight 0",
+                    "Give at least one shard a positive weight.",
+                )
         elif isinstance(shards_raw, list | tuple):
             shards = tuple(str(alias) for alias in shards_raw)
         else:

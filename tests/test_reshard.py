@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from django.conf import settings
+from django.core.checks import run_checks
 from django.core.management import call_command
 from django.db.models import F
 from django.test import override_settings
@@ -457,6 +458,11 @@ def test_plan_shows_what_moves_and_changes_nothing(ledgers: None) -> None:
     assert accounts == expected and plan["total_rows"] == 2 * expected
     assert {m["to"] for m in plan["moves"]} == {"shard2"}
     assert abs(plan["key_space_moved"] - 1 / 3) < 1 / 15
+    # Settings ahead of the map: a warning on the databases' checks (migrate shows it).
+    (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "dbscale.W103"]
+    assert "placed on ['shard0', 'shard1']" in warning.msg
+    assert "declares ['shard0', 'shard1', 'shard2']" in warning.msg
+    assert "manage.py dbscale reshard ledgers" in (warning.hint or "")
     text = reshard("--add", "shard2", "--plan")
     assert "rows to move" in text.stdout and "copy takes about" in text.stdout
     assert placement()["shard2"] == 0 and get_ring(GROUP).nodes == ("shard0", "shard1")
@@ -511,3 +517,38 @@ def test_no_cached_result_from_before_the_move_is_served(ledgers: None) -> None:
         LedgerAccount.objects.filter(number=moved).update(balance=F("balance") + 1)
         assert [a.balance for a in query.all()] == [1235]
         assert [a.balance for a in LedgerAccount.objects.cache().filter(number=moved)] == [1235]
+
+
+def test_removing_a_shard_then_reweighting_moves_rows_between_the_others(ledgers: None) -> None:
+    place_map(NEW)
+    before = populate(150)
+    assert all(placement()[alias] > 0 for alias in SHARDS)
+    removed = reshard("--remove", "shard1")
+    assert removed.returncode == 0, removed.stderr + removed.stdout
+    shardmap.refresh()
+    assert get_ring(GROUP).nodes == ("shard0", "shard2")
+    assert snapshot() == before and placement()["shard1"] == 0
+    # Settings that retire shard1 (weight 0, keeping its shard number) name the same ring.
+    retired = ShardGroupSpec(GROUP, SHARDS, {"shard1": 0}, 8)
+    assert build_ring(retired).fingerprint == get_ring(GROUP).fingerprint
+    weighted = reshard("--weight", "shard0=3")
+    assert weighted.returncode == 0, weighted.stderr + weighted.stdout
+    shardmap.refresh()
+    ring = get_ring(GROUP)
+    assert ring.weights == {"shard0": 3, "shard2": 1}
+    assert snapshot() == before
+    counts = placement()
+    assert counts["shard1"] == 0 and counts["shard0"] > 2 * counts["shard2"]
+    # The second job replaced the first one's guards on the shards it touched; the removed
+    # shard keeps refusing the keys it gave away, whoever writes there.
+    jobs: set[int] = set()
+    for alias in ("shard0", "shard2"):
+        with connect(alias) as conn:
+            jobs |= {r[0] for r in conn.execute("SELECT DISTINCT job FROM dbscale_moving")}
+    assert len(jobs) == 1
+    gone = next(n for n in range(150) if build_ring(NEW).node_for(str(n)) == "shard1")
+    with connect("shard1") as conn, pytest.raises(psycopg.Error) as refused:
+        conn.execute(
+            "INSERT INTO testapp_ledgeraccount (id, number, balance) VALUES (1, %s, 0)", [gone]
+        )
+    assert refused.value.sqlstate == "DBSM1"

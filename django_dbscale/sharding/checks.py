@@ -64,8 +64,26 @@ E111 = "dbscale.E111"  # one table for sharded models of two groups sharing a sh
 W100 = "dbscale.W100"  # populated shard stamped with another ring fingerprint
 W101 = "dbscale.W101"  # colocated models of one group with shard keys of different types
 W102 = "dbscale.W102"  # a sharded model's default manager does not return ShardedQuerySet
+W103 = "dbscale.W103"  # SHARD_GROUPS declares another ring than the shard map's active one
 
-ALL_IDS = (E100, E101, E102, E103, E104, E105, E106, E107, E108, E109, E110, E111, W100, W101, W102)
+ALL_IDS = (
+    E100,
+    E101,
+    E102,
+    E103,
+    E104,
+    E105,
+    E106,
+    E107,
+    E108,
+    E109,
+    E110,
+    E111,
+    W100,
+    W101,
+    W102,
+    W103,
+)
 
 
 def _concrete_models(app_configs: Sequence[Any] | None) -> Iterable[type[Model]]:
@@ -437,3 +455,38 @@ def _refuse_invalid_configuration_then_install(*, using: str, **kwargs: Any) -> 
             "migrate again."
         )
     install_on_pre_migrate(using)
+
+
+@register(Tags.database)
+def check_shard_map(
+    app_configs: Sequence[Any] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Warn when ``SHARD_GROUPS`` declares another ring than the one a group is placed under.
+
+    Routing follows the shard map (the active ring), so this is not an error: it is the
+    state between editing ``SHARDS`` and running the resharding that moves the rows.
+    """
+    if not databases or DEFAULT_DB_ALIAS not in databases:
+        return []
+    from django_dbscale.sharding import shardmap
+    from django_dbscale.sharding.ring import build_ring
+
+    messages: list[checks.CheckMessage] = []
+    for name, spec in dbscale_settings.shard_groups.items():
+        active = shardmap.active(name)
+        if active is None or not spec.shards:
+            continue
+        declared = build_ring(spec).fingerprint
+        if declared != active.fingerprint:
+            messages.append(
+                checks.Warning(
+                    f"Shard group {name!r} is placed on {list(active.spec.shards)} (shard map "
+                    f"version {active.version}, ring {active.fingerprint}), but "
+                    f"DBSCALE['SHARD_GROUPS'] declares {list(spec.shards)} (ring {declared}). "
+                    "Rows are routed by the shard map until a resharding moves them.",
+                    hint=f"Run `manage.py dbscale reshard {name} --plan`, then "
+                    f"`manage.py dbscale reshard {name}`; or restore the previous SHARDS.",
+                    id=W103,
+                )
+            )
+    return messages

@@ -168,8 +168,14 @@ def _position(alias: str, group: str) -> int:
 
 
 def shard_of_id(group: str, value: int, *, js_safe: bool = False) -> str:
-    """Return the shard alias of *group* that generated ID *value*."""
-    shards = get_ring(group).nodes
+    """Return the shard alias of *group* that generated ID *value*.
+
+    Shards are numbered by their position in ``SHARD_GROUPS`` (retired shards, of weight
+    0, keep theirs). After a resharding this names where the row was created, not
+    necessarily where it lives now.
+    """
+    declared = dbscale_settings.shard_groups.get(group)
+    shards = declared.shards if declared is not None else get_ring(group).nodes
     number = decode_id(value, js_safe=js_safe).shard_number
     if number >= len(shards):
         raise UnknownShard(

@@ -190,7 +190,10 @@ RingFactory = Callable[[ShardGroupSpec], ShardRing]
 
 
 def _ketama(spec: ShardGroupSpec) -> ShardRing:
-    return KetamaRing(spec.shards, spec.weights, spec.vnodes)
+    # A shard of weight 0 is retired: it owns no keys (and is not a node of the ring) but
+    # keeps its position in SHARDS, which numbers the shards in IDs.
+    nodes = tuple(alias for alias in spec.shards if spec.weights.get(alias, 1) > 0)
+    return KetamaRing(nodes, {a: w for a, w in spec.weights.items() if w > 0}, spec.vnodes)
 
 
 _factory: RingFactory = _ketama
