@@ -457,6 +457,7 @@ def test_plan_shows_what_moves_and_changes_nothing(ledgers: None) -> None:
     accounts = sum(r["rows"] for r in plan["rows"] if r["model"] == "testapp.LedgerAccount")
     assert accounts == expected and plan["total_rows"] == 2 * expected
     assert {m["to"] for m in plan["moves"]} == {"shard2"}
+    assert plan["estimated_bytes_per_target"]["shard2"] > 0
     assert abs(plan["key_space_moved"] - 1 / 3) < 1 / 15
     # Settings ahead of the map: a warning on the databases' checks (migrate shows it).
     (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "dbscale.W103"]
@@ -465,6 +466,7 @@ def test_plan_shows_what_moves_and_changes_nothing(ledgers: None) -> None:
     assert "manage.py dbscale reshard ledgers" in (warning.hint or "")
     text = reshard("--add", "shard2", "--plan")
     assert "rows to move" in text.stdout and "copy takes about" in text.stdout
+    assert "shard2 receives about" in text.stdout
     assert placement()["shard2"] == 0 and get_ring(GROUP).nodes == ("shard0", "shard1")
 
 

@@ -219,6 +219,8 @@ class Plan:
     fraction: float
     #: (source, target, table label) -> rows to move (filled by :func:`count_rows`).
     rows: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: The same keys -> estimated bytes those rows take on disk (indexes included).
+    bytes: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -245,7 +247,8 @@ def plan(group: str, target: ShardGroupSpec) -> Plan:
 
 
 def count_rows(p: Plan) -> None:
-    """Fill ``p.rows`` by counting the moving rows on each source (one query per table)."""
+    """Fill ``p.rows`` and ``p.bytes``: the moving rows on each source, and their share of
+    the table's size on disk (one scan per table)."""
     for (source, target), ranges in p.moves.items():
         with _connect(source) as conn:
             _install_functions(conn)
@@ -253,11 +256,13 @@ def count_rows(p: Plan) -> None:
                 if not _table_exists(conn, table.table):
                     continue
                 row = conn.execute(
-                    f"SELECT count(*) FROM {table.source} "
-                    f"WHERE {table.point} <@ %s::int8multirange",
-                    [mv.multirange(ranges)],
+                    f"SELECT count(*) FILTER (WHERE {table.point} <@ %s::int8multirange), "
+                    f"count(*), pg_total_relation_size(%s) FROM {table.source}",
+                    [mv.multirange(ranges), f'"{table.table}"'],
                 ).fetchone()
-                p.rows[(source, target, table.label)] = int(row[0]) if row else 0
+                moving, total, size = (int(v) for v in row) if row else (0, 0, 0)
+                p.rows[(source, target, table.label)] = moving
+                p.bytes[(source, target, table.label)] = size * moving // total if total else 0
 
 
 # -- connections ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import time
 from bisect import bisect
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from hashring import HashRing
 
@@ -201,9 +201,21 @@ _rings: dict[str, ShardRing] = {}
 _lock = threading.Lock()
 
 
+#: Rings built per (factory, shards, weights, vnodes): building one costs ~10 ms (hashring
+#: hashes every point), and the shard map, the resharding and ``migrate`` ask for the same
+#: few rings repeatedly. Rings are immutable, so sharing them is safe.
+_built: dict[tuple[Any, ...], ShardRing] = {}
+
+
 def build_ring(spec: ShardGroupSpec) -> ShardRing:
-    """Build the ring of one group spec with the current factory (not cached)."""
-    return _factory(spec)
+    """Build (or reuse) the ring of one group spec with the current factory."""
+    key = (_factory, spec.shards, tuple(sorted(spec.weights.items())), spec.vnodes)
+    ring = _built.get(key)
+    if ring is None:
+        if len(_built) >= 64:
+            _built.clear()
+        ring = _built[key] = _factory(spec)
+    return ring
 
 
 def get_ring(group: str) -> ShardRing:
@@ -256,6 +268,7 @@ def set_ring_factory(factory: RingFactory | None) -> None:
     """
     global _factory
     _factory = factory if factory is not None else _ketama
+    _built.clear()
     clear_rings()
 
 

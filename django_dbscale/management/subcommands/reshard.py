@@ -189,6 +189,10 @@ def _plan(command: BaseCommand, p: Any, *, as_json: bool) -> None:
             for (s, t, label), n in sorted(p.rows.items())
         ],
         "total_rows": p.total_rows,
+        "estimated_bytes_per_target": {
+            t: sum(b for (_, tt, _), b in p.bytes.items() if tt == t)
+            for t in sorted({t for _, t in p.moves})
+        },
         "estimated_copy_seconds": round(p.total_rows / rate, 1),
         "rate_assumed": rate,
     }
@@ -213,6 +217,11 @@ def _plan(command: BaseCommand, p: Any, *, as_json: bool) -> None:
         f"  total {p.total_rows:,} rows; copy takes about {data['estimated_copy_seconds']} s "
         f"at {rate:,} rows/s"
     )
+    for target, size in data["estimated_bytes_per_target"].items():
+        out(
+            f"  {target} receives about {size / 2**20:,.1f} MiB (table and index share): check "
+            "its free disk space, which PostgreSQL does not report to SQL clients"
+        )
 
 
 def _status(command: BaseCommand, resharder: Any, *, as_json: bool) -> None:
