@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.types.json
 import pytest
 from django.conf import settings
 from django.core.checks import run_checks
@@ -28,7 +29,7 @@ from django.db.models import F
 from django.test import override_settings
 
 from django_dbscale import consistency, replicas
-from django_dbscale.conf import ShardGroupSpec
+from django_dbscale.conf import ShardGroupSpec, dbscale_settings
 from django_dbscale.consistency import read_at_least
 from django_dbscale.own_connections import connect
 from django_dbscale.sharding import ShardMoved, shardmap
@@ -554,3 +555,27 @@ def test_removing_a_shard_then_reweighting_moves_rows_between_the_others(ledgers
             "INSERT INTO testapp_ledgeraccount (id, number, balance) VALUES (1, %s, 0)", [gone]
         )
     assert refused.value.sqlstate == "DBSM1"
+
+
+def test_a_process_follows_a_new_map_within_the_check_interval(ledgers: None) -> None:
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    assert get_ring(GROUP).nodes == ("shard0", "shard1")
+    with connect("default") as conn:  # another process's cutover, as far as this one knows
+        conn.execute(
+            f"UPDATE {shardmap.TABLE} SET version = version + 1, shards = %s, fingerprint = %s "
+            'WHERE "group" = %s',
+            [
+                psycopg.types.json.Jsonb(shardmap.spec_to_json(NEW)),
+                build_ring(NEW).fingerprint,
+                GROUP,
+            ],
+        )
+    deadline = time.monotonic() + dbscale_settings.shard_map_check_interval
+    with CaptureQueriesContext(connections["default"]) as queries:
+        while get_ring(GROUP).nodes != NEW.shards:
+            assert time.monotonic() < deadline + 0.1, "the map was not re-read in time"
+            time.sleep(0.01)
+    assert len(queries) == 0  # read on the library's own connection, not the caller's
+    assert shardmap.active(GROUP).version == 2  # type: ignore[union-attr]

@@ -116,6 +116,7 @@ class _MapCache:
         self.conn: psycopg.Connection[Any] | None = None
         self.pid = os.getpid()
         self.listeners: list[Listener] = []
+        self.failing = False
         #: Connections inherited through fork: kept referenced so their finalizer never
         #: closes the parent's socket from the child.
         self.abandoned: list[psycopg.Connection[Any]] = []
@@ -137,6 +138,15 @@ class _MapCache:
 
 
 _cache = _MapCache()
+
+
+def _after_fork_in_child() -> None:
+    # A fork taken while another thread refreshed would leave the lock held forever.
+    _cache.lock = threading.Lock()
+    _cache.next_check = 0.0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def on_change(listener: Listener) -> Listener:
@@ -176,16 +186,20 @@ def refresh(*, wait: bool = True) -> bool:
         try:
             rings = read_map(_cache.connection())
         except psycopg.Error as exc:
-            logger.warning(
+            # Once per outage, not once per interval.
+            log = logger.debug if _cache.failing else logger.warning
+            log(
                 "Could not read the shard map on %r (%s); keeping this process's copy.",
                 DEFAULT_DB_ALIAS,
                 exc,
             )
+            _cache.failing = True
             if _cache.conn is not None and not _cache.conn.closed:
                 _cache.conn.close()
             _cache.next_check = time.monotonic() + interval
             return False
         _cache.next_check = time.monotonic() + interval
+        _cache.failing = False
         return _apply(rings)
     finally:
         _cache.lock.release()
