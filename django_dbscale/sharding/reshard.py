@@ -603,13 +603,14 @@ class Resharder:
                         src, dst, source, target, limit=None, in_snapshot=True, only=begun
                     )
                     state = done.setdefault(table.table, {"after": None, "rows": 0})
-                    while True:
-                        count, last, _ = self._transfer(
-                            src, dst, table, *self._moving_select(table, literal, state["after"])
-                        )
-                        dst.commit()
-                        if not count:
-                            break
+
+                    def batch_done(
+                        count: int,
+                        last: str | None,
+                        state: Any = state,
+                        what: str = f"copy {pair} {table.label}",
+                    ) -> None:
+                        nonlocal copied_now, batches
                         state["after"] = last
                         state["rows"] += count
                         copied_now += count
@@ -617,15 +618,21 @@ class Resharder:
                         self._save()
                         batches += 1
                         self._report(
-                            f"copy {pair} {table.label}",
+                            what,
                             int(totals["copied"]),
                             expected,
                             copied_now,
                             started,
                         )
                         _crash_point("copy", batches)
-                        if count < self.batch:
-                            break
+
+                    self._transfer(
+                        src,
+                        dst,
+                        table,
+                        *self._moving_select(table, literal, state["after"]),
+                        on_batch=batch_done,
+                    )
                     state["complete"] = True
                     self._save()
                 src.commit()
@@ -646,17 +653,14 @@ class Resharder:
     def _moving_select(
         self, table: mv.MovedTable, literal: str, after: str | None
     ) -> tuple[str, list[Any]]:
-        """Return the next copy batch's SELECT: moving rows after primary key *after*."""
+        """Return the SELECT of the moving rows after primary key *after*, in key order."""
         cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
         where = f"{table.point} <@ %s::int8multirange"
         params: list[Any] = [literal]
         if after is not None:
             where += f" AND t.{table.q(table.pk)} > %s::{table.pk_type}"
             params.append(after)
-        query = (
-            f"SELECT {cols} FROM {table.source} WHERE {where} "
-            f"ORDER BY t.{table.q(table.pk)} LIMIT {self.batch}"
-        )
+        query = f"SELECT {cols} FROM {table.source} WHERE {where} ORDER BY t.{table.q(table.pk)}"
         return query, params
 
     def _transfer(
@@ -666,34 +670,22 @@ class Resharder:
         table: mv.MovedTable,
         select: str,
         params: list[Any],
-    ) -> tuple[int, str | None, set[str]]:
+        *,
+        on_batch: Callable[[int, str | None], None] | None = None,
+    ) -> set[str]:
         """Stream the rows *select* returns on *src* into *table* on *dst* (an upsert).
 
-        ``COPY ... TO STDOUT`` on the source feeds ``COPY ... FROM STDIN`` on the target as
-        raw text (no value is parsed in Python), into a temporary staging table that an
-        ``INSERT ... ON CONFLICT (pk) DO UPDATE`` merges. Leaves *dst*'s transaction open.
-        Returns the row count, the last primary key (as text) and the keys transferred.
+        One ``COPY (SELECT ...) TO STDOUT`` on the source (one scan, whatever the size)
+        feeds ``COPY ... FROM STDIN`` on the target as raw text (no value is parsed in
+        Python), through a temporary staging table that ``INSERT ... ON CONFLICT (pk) DO
+        UPDATE`` merges. With *on_batch*, the target commits every ``batch`` rows and
+        ``on_batch(rows, last primary key)`` runs after each commit; without it, one batch,
+        and *dst*'s transaction is left open. Returns the primary keys (as text) of the
+        last batch.
         """
         stage = sql.Identifier("dbscale_stage_" + table.table)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.columns)
         pk = sql.Identifier(table.pk)
-        dst.execute("SET CONSTRAINTS ALL DEFERRED")
-        dst.execute(
-            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
-                stage, sql.Identifier(table.table)
-            )
-        )
-        with (
-            src.cursor().copy(f"COPY ({select}) TO STDOUT", params) as out,
-            dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as into,
-        ):
-            for data in out:
-                into.write(data)
-        rows = dst.execute(
-            sql.SQL("SELECT {}::text FROM {} ORDER BY {}").format(pk, stage, pk)
-        ).fetchall()
-        if not rows:
-            return 0, None, set()
         updates = [c for c in table.columns if c != table.pk]
         conflict = (
             sql.SQL("DO UPDATE SET {}").format(
@@ -705,12 +697,47 @@ class Resharder:
             if updates
             else sql.SQL("DO NOTHING")
         )
-        dst.execute(
-            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-                sql.Identifier(table.table), cols, cols, stage, pk, conflict
+
+        def merge(rows: list[bytes]) -> list[str]:
+            dst.execute("SET CONSTRAINTS ALL DEFERRED")
+            dst.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
+                ).format(stage, sql.Identifier(table.table))
             )
-        )
-        return len(rows), str(rows[-1][0]), {str(r[0]) for r in rows}
+            with dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as into:
+                for row in rows:
+                    into.write(row)
+            keys = [
+                str(r[0])
+                for r in dst.execute(
+                    sql.SQL("SELECT {}::text FROM {} ORDER BY {}").format(pk, stage, pk)
+                ).fetchall()
+            ]
+            if keys:
+                dst.execute(
+                    sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+                        sql.Identifier(table.table), cols, cols, stage, pk, conflict
+                    )
+                )
+            return keys
+
+        pending: list[bytes] = []
+        keys: list[str] = []
+        with src.cursor().copy(f"COPY ({select}) TO STDOUT", params) as out:
+            for data in out:  # one row per message
+                pending.append(bytes(data))
+                if on_batch is not None and len(pending) >= self.batch:
+                    keys = merge(pending)
+                    dst.commit()
+                    pending = []
+                    on_batch(len(keys), keys[-1] if keys else None)
+        if pending or on_batch is None:
+            keys = merge(pending) if pending else []
+            if on_batch is not None:
+                dst.commit()
+                on_batch(len(keys), keys[-1] if keys else None)
+        return set(keys)
 
     def _apply_changes(
         self,
@@ -794,15 +821,15 @@ class Resharder:
     def _chunk_where(
         table: mv.MovedTable, literal: str, lo: str | None, hi: str | None
     ) -> tuple[str, list[Any]]:
-        """Return the WHERE clause (and parameters) of the moving rows with lo < pk <= hi."""
+        """Return the WHERE clause (and parameters) of the moving rows with lo <= pk < hi."""
         pk = f"t.{table.q(table.pk)}"
         where = [f"{table.point} <@ %s::int8multirange"]
         params: list[Any] = [literal]
         if lo is not None:
-            where.append(f"{pk} > %s::{table.pk_type}")
+            where.append(f"{pk} >= %s::{table.pk_type}")
             params.append(lo)
         if hi is not None:
-            where.append(f"{pk} <= %s::{table.pk_type}")
+            where.append(f"{pk} < %s::{table.pk_type}")
             params.append(hi)
         return " AND ".join(where), params
 
@@ -812,22 +839,21 @@ class Resharder:
         table: mv.MovedTable,
         literal: str,
         bounds: list[str],
-    ) -> list[tuple[int, str]]:
-        """Return (count, md5 of the rows' md5s) of the moving rows in each chunk."""
+    ) -> dict[int, tuple[int, str]]:
+        """Return chunk -> (count, md5 of the rows' md5s) of the moving rows, in one scan.
+
+        Chunk ``i`` holds the keys in ``[bounds[i-1], bounds[i])`` (``width_bucket``), the
+        first and last chunks open-ended. Empty chunks are absent.
+        """
         pk = f"t.{table.q(table.pk)}"
         cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
-        edges: list[str | None] = [None, *bounds, None]
-        out = []
-        for lo, hi in zip(edges, edges[1:], strict=False):
-            where, params = self._chunk_where(table, literal, lo, hi)
-            row = conn.execute(
-                f"SELECT count(*), coalesce(md5(string_agg(md5(ROW({cols})::text), '' "
-                f"ORDER BY {pk})), '') FROM {table.source} WHERE {where}",
-                params,
-            ).fetchone()
-            assert row is not None
-            out.append((int(row[0]), str(row[1])))
-        return out
+        rows = conn.execute(
+            f"SELECT width_bucket({pk}, %s::text[]::{table.pk_type}[]) AS chunk, count(*), "
+            f"md5(string_agg(md5(ROW({cols})::text), '' ORDER BY {pk})) FROM {table.source} "
+            f"WHERE {table.point} <@ %s::int8multirange GROUP BY chunk",
+            [bounds, literal],
+        ).fetchall()
+        return {int(chunk): (int(count), str(digest)) for chunk, count, digest in rows}
 
     def verify(self) -> None:
         report = self.job.progress.setdefault("verify", {})
@@ -846,7 +872,7 @@ class Resharder:
                             f"SELECT pk FROM (SELECT {pk} AS pk, row_number() OVER "
                             f"(ORDER BY {pk}) AS n FROM {table.source} "
                             f"WHERE {table.point} <@ %s::int8multirange) s "
-                            f"WHERE n %% {self.batch} = 0",
+                            f"WHERE n > 1 AND (n - 1) %% {self.batch} = 0",
                             [literal],
                         ).fetchall()
                     ]
@@ -857,12 +883,12 @@ class Resharder:
                     theirs = self._chunk_sums(dst, table, literal, bounds)
                     dst.commit()
                     edges: list[str | None] = [None, *bounds, None]
-                    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-                        if a != b:
+                    for index in sorted(ours.keys() | theirs.keys()):
+                        if ours.get(index) != theirs.get(index):
                             fixed += self._reconcile(
                                 src, dst, target, table, literal, edges[index], edges[index + 1]
                             )
-                    checked += len(ours)
+                    checked += len(bounds) + 1
                     report[f"{source}>{target}:{table.table}"] = "ok"
         self.job.progress["verify_fixed"] = fixed
         self.say(
@@ -939,7 +965,7 @@ class Resharder:
         """Make the rows with primary keys *pks* on *dst* what they are on *src* (present or
         deleted). Leaves both transactions open."""
         cols = ", ".join(f"t.{table.q(c)}" for c in table.columns)
-        _, _, found = self._transfer(
+        found = self._transfer(
             src,
             dst,
             table,
@@ -1080,21 +1106,8 @@ class Resharder:
         deleted = 0
         for (source, _target), ranges in self.moves.items():
             literal = mv.multirange(ranges)
-            with _connect(source, autocommit=False) as conn:
-                for table in reversed(self._tables(source)):
-                    while True:
-                        conn.execute("SET CONSTRAINTS ALL DEFERRED")
-                        cur = conn.execute(
-                            f"DELETE FROM {table.q(table.table)} t0 WHERE t0.ctid IN (SELECT "
-                            f"t.ctid FROM {table.source} WHERE {table.point} <@ "
-                            f"%s::int8multirange LIMIT {self.batch})",
-                            [literal],
-                        )
-                        conn.commit()
-                        deleted += cur.rowcount
-                        _crash_point("cleanup", deleted // self.batch + 1)
-                        if cur.rowcount < self.batch:
-                            break
+            for table in reversed(self._tables(source)):
+                deleted += self._delete_moving(source, table, literal)
         for alias in sorted({t for _, t in self.moves}):
             with _connect(alias) as conn:
                 conn.execute(
@@ -1114,6 +1127,39 @@ class Resharder:
             )
         self._save(phase="done", finished_at=dt.datetime.now(dt.UTC))
         self.say("phase done")
+
+    def _delete_moving(self, alias: str, table: mv.MovedTable, literal: str) -> int:
+        """Delete *table*'s rows in the moving ranges on *alias*, a batch per transaction.
+
+        The keys come from one ordered scan (a server-side cursor); each batch is deleted
+        by primary key on a second connection, so the work stays linear in the table size.
+        """
+        deleted = 0
+        with (
+            _connect(alias, autocommit=False) as reader,
+            _connect(alias, autocommit=False) as writer,
+        ):
+            with reader.cursor(name="dbscale_reshard_keys") as keys:
+                keys.execute(
+                    f"SELECT t.{table.q(table.pk)}::text FROM {table.source} "
+                    f"WHERE {table.point} <@ %s::int8multirange",
+                    [literal],
+                )
+                while batch := [str(r[0]) for r in keys.fetchmany(self.batch)]:
+                    writer.execute("SET CONSTRAINTS ALL DEFERRED")
+                    cur = writer.execute(
+                        sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::text[]::{}[])").format(
+                            sql.Identifier(table.table),
+                            sql.Identifier(table.pk),
+                            sql.SQL(table.pk_type),
+                        ),
+                        [batch],
+                    )
+                    writer.commit()
+                    deleted += cur.rowcount
+                    _crash_point("cleanup", deleted // self.batch)
+            reader.commit()
+        return deleted
 
     def _restamp(self) -> None:
         from django_dbscale.sharding import ids
