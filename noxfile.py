@@ -175,6 +175,7 @@ def bench(session: nox.Session) -> None:
         "bench.bench_cache",
         "bench.bench_continuity",
         "bench.bench_capture",
+        "bench.bench_reshard",
     ):
         if (ROOT / (module.replace(".", "/") + ".py")).exists():
             session.run("python", "-m", module, *session.posargs)
