@@ -639,7 +639,7 @@ class Resharder:
         elapsed = max(time.monotonic() - started, 1e-9)
         self.job.progress["copy_rate"] = round(copied_now / elapsed)
         self.say(
-            f"copied {copied_now} rows in {elapsed:.1f} s ({copied_now / elapsed:,.0f} rows/s)"
+            f"copied {copied_now:,} rows in {elapsed:.1f} s ({copied_now / elapsed:,.0f} rows/s)"
         )
         self._phase("catchup")
 
@@ -647,7 +647,7 @@ class Resharder:
         elapsed = max(time.monotonic() - started, 1e-9)
         rate = now / elapsed
         eta = f", ETA {(total - done) / rate:,.0f} s" if total > done and rate > 0 else ""
-        of = f"/{total:,}" if total else ""
+        of = f"/{total:,}" if total >= done else ""  # rows inserted while copying count too
         self.say(f"  {what}: {done:,}{of} rows, {rate:,.0f} rows/s{eta}")
 
     def _moving_select(
@@ -812,7 +812,7 @@ class Resharder:
             _crash_point("catchup")
             if left < CATCHUP_DONE_BELOW:
                 break
-        self.say(f"caught up: {total} changed rows applied in {time.monotonic() - started:.1f} s")
+        self.say(f"caught up: {total:,} changed rows applied in {time.monotonic() - started:.1f} s")
         self._phase("verify")
 
     # -- verify -----------------------------------------------------------------------------
@@ -1119,7 +1119,7 @@ class Resharder:
         self._publish_writes(sorted({a for pair in self.moves for a in pair}))
         misplaced = self.audit(self.target)
         self.job.progress["cleanup"] = {"deleted": deleted, "misplaced": misplaced}
-        self.say(f"deleted {deleted} moved rows from their old shards")
+        self.say(f"deleted {deleted:,} moved rows from their old shards")
         if misplaced:
             self.say(
                 "AUDIT: rows on a shard that does not own them: "

@@ -22,6 +22,7 @@ under before anyone edits ``SHARDS``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -147,6 +148,13 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    conn = _cache.conn
+    if conn is not None and _cache.pid == os.getpid() and not conn.closed:
+        conn.close()
 
 
 def on_change(listener: Listener) -> Listener:

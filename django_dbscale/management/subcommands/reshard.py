@@ -152,9 +152,9 @@ def _summary(resharder: Any) -> str:
     cut = progress.get("cutover", {})
     clean = progress.get("cleanup", {})
     return (
-        f"done: job #{job.id}, {progress.get('rows', {}).get('copied', 0)} rows copied "
+        f"done: job #{job.id}, {progress.get('rows', {}).get('copied', 0):,} rows copied "
         f"({progress.get('copy_rate', 0):,} rows/s), writes of moving keys held back "
-        f"{cut.get('held_back_s', 0) * 1000:.0f} ms at cutover, {clean.get('deleted', 0)} rows "
+        f"{cut.get('held_back_s', 0) * 1000:.0f} ms at cutover, {clean.get('deleted', 0):,} rows "
         f"deleted from old shards, misplaced rows found by the audit: "
         f"{sum(clean.get('misplaced', {}).values())}"
     )

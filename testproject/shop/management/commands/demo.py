@@ -134,7 +134,7 @@ class Command(BaseCommand):
         for (alias, reason), count in sorted(replicas.route_counts.items()):
             out(f"  {alias:<16} {reason:<18} {count}")
 
-        for section in ("demo_sharding", "demo_cache"):
+        for section in ("demo_sharding", "demo_reshard", "demo_cache"):
             try:
                 module = importlib.import_module(section)
             except ModuleNotFoundError as exc:
