@@ -47,7 +47,12 @@ GROUP = "ledgers"
 OLD = ShardGroupSpec(GROUP, ("shard0", "shard1"), {}, 8)
 NEW = ShardGroupSpec(GROUP, ("shard0", "shard1", "shard2"), {}, 8)
 SHARDS = ("shard0", "shard1", "shard2")
-TABLES = ("testapp_ledgeraccount", "testapp_ledgerentry", "testapp_ledgerlabel")
+TABLES = (
+    "testapp_ledgeraccount",
+    "testapp_ledgerentry",
+    "testapp_ledgerlabel",
+    "testapp_ledgerentry_labels",
+)
 
 
 def place_map(spec: ShardGroupSpec) -> None:
@@ -154,7 +159,8 @@ def test_adding_a_shard_moves_its_keys_and_routing_follows(ledgers: None) -> Non
     assert get_ring(GROUP).nodes == ("shard0", "shard1")
     before = populate()
     moved = next(n for n in range(300) if build_ring(NEW).node_for(str(n)) == "shard2")
-    LedgerLabel.objects.create(account_number=moved, name="bond")
+    label = LedgerLabel.objects.create(account_number=moved, name="bond")
+    LedgerEntry.objects.for_key(moved).get(account_id=moved).labels.add(label)
     assert placement()["shard2"] == 0
 
     result = reshard("--add", "shard2", "--batch-size", "50")
@@ -175,7 +181,12 @@ def test_adding_a_shard_moves_its_keys_and_routing_follows(ledgers: None) -> Non
     labels = rows_by_shard("testapp_ledgerlabel", "account_number")
     assert labels[build_ring(NEW).node_for(str(moved))] == [moved]
     assert sum(len(v) for v in labels.values()) == 1
-    assert LedgerLabel.objects.get(account_number=moved).name == "bond"
+    label = LedgerLabel.objects.get(account_number=moved)
+    assert label.name == "bond"
+    # The many-to-many link rows moved with their entries (no key of their own).
+    links = rows_by_shard("testapp_ledgerentry_labels", "ledgerlabel_id")
+    assert links == {"shard0": [], "shard1": [], "shard2": [label.pk]}
+    assert [e.amount for e in label.entries.all()] == [moved]
     # A rerun of the same command finds nothing left to do.
     again = reshard("--add", "shard2")
     assert again.returncode != 0 and "already a shard" in again.stderr
@@ -303,6 +314,15 @@ def test_a_process_holding_the_old_map_cannot_write_a_moved_key_to_its_old_shard
             conn.execute("UPDATE testapp_ledgeraccount SET balance = 1 WHERE number = %s", [moved])
         assert refused.value.sqlstate == "DBSM1"
         assert "shard moved" in str(refused.value) and "shard2" in str(refused.value)
+        # A link row has no key: the guard finds it through its entry, and refuses it too.
+        with connect(old_home) as conn, pytest.raises(psycopg.Error) as link_refused:
+            conn.execute(
+                "INSERT INTO testapp_ledgerentry_labels (ledgerentry_id, ledgerlabel_id) "
+                "SELECT id, 1 FROM testapp_ledgerentry WHERE account_number = %s",
+                [moved],
+            )
+        assert link_refused.value.sqlstate == "DBSM1"
+        assert "testapp_ledgerentry_labels" in str(link_refused.value)
         with pytest.raises(ShardMoved, match="now lives on shard shard2"):
             LedgerAccount.objects.filter(number=moved).update(balance=1)
     finally:

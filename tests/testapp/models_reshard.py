@@ -57,6 +57,8 @@ class LedgerEntry(ShardedModel):
     )
     amount = models.IntegerField()
     writer_seq = models.BigIntegerField(default=0)
+    #: An auto-created link table: its rows carry no key and move with their entry.
+    labels = models.ManyToManyField(LedgerLabel, related_name="entries", blank=True)
 
     shard_group = "ledgers"
     shard_key = "account"
