@@ -35,6 +35,7 @@ from django_dbscale.own_connections import connect
 from django_dbscale.sharding import ShardMoved, shardmap
 from django_dbscale.sharding import moves as mv
 from django_dbscale.sharding import reshard as reshard_mod
+from django_dbscale.sharding.ids import install_shard_functions
 from django_dbscale.sharding.keys import ring_key
 from django_dbscale.sharding.ring import build_ring, get_ring
 from django_dbscale.testing.harness import Services, get_services
@@ -56,11 +57,23 @@ TABLES = (
 
 
 def place_map(spec: ShardGroupSpec) -> None:
-    """Make *spec* the group's active ring (as migrate did before SHARDS was edited)."""
+    """Make *spec* the group's active ring, as ``migrate`` recorded it before ``SHARDS`` was
+    edited: the map's row, and the shards' ring stamps for the group."""
     with connect("default") as conn:
         conn.execute(f'DELETE FROM {shardmap.TABLE} WHERE "group" = %s', [GROUP])
-        shardmap.seed(conn, {GROUP: spec})
+        conn.execute(
+            f'INSERT INTO {shardmap.TABLE} ("group", version, shards, vnodes, fingerprint, '
+            "floors) VALUES (%s, 1, %s, %s, %s, '{}')",
+            [
+                GROUP,
+                psycopg.types.json.Jsonb(shardmap.spec_to_json(spec)),
+                spec.vnodes,
+                build_ring(spec).fingerprint,
+            ],
+        )
     shardmap.refresh()
+    for alias in SHARDS:
+        install_shard_functions(alias, group=GROUP, restamp=True, force=True)
 
 
 def clear_guards() -> None:
@@ -431,7 +444,10 @@ def test_bad_input_is_refused_with_nothing_moved(ledgers: None) -> None:
     assert unknown.returncode == 1 and "'nosuchgroup' is not in" in unknown.stderr
     # A target without the group's tables (nobody ran migrate there for the group).
     with connect("shard2") as conn:
-        conn.execute("DROP TABLE testapp_ledgerentry, testapp_ledgeraccount, testapp_ledgerlabel")
+        conn.execute(
+            "DROP TABLE testapp_ledgerentry_labels, testapp_ledgerentry, testapp_ledgeraccount, "
+            "testapp_ledgerlabel"
+        )
     try:
         missing = reshard("--add", "shard2")
         assert missing.returncode == 1
@@ -599,3 +615,27 @@ def test_a_process_follows_a_new_map_within_the_check_interval(ledgers: None) ->
             time.sleep(0.01)
     assert len(queries) == 0  # read on the library's own connection, not the caller's
     assert shardmap.active(GROUP).version == 2  # type: ignore[union-attr]
+
+
+def test_settings_edited_before_the_map_existed_are_not_recorded_as_the_active_ring(
+    ledgers: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    populate(40)
+    for alias in ("shard0", "shard1"):  # the shards say where their rows were placed: OLD
+        install_shard_functions(alias, group=GROUP, restamp=True, force=True)
+    with connect("default") as conn:  # an install from before the shard map...
+        conn.execute(f'DELETE FROM {shardmap.TABLE} WHERE "group" = %s', [GROUP])
+        # ...whose settings already declare shard2: migrate must not record that ring.
+        assert shardmap.seed(conn, {GROUP: NEW}) == []
+    assert "Not recording shard group 'ledgers'" in caplog.text
+    shardmap.refresh()
+    assert shardmap.active(GROUP) is None
+    refused = reshard()
+    assert refused.returncode == 1
+    assert "has no row in the shard map yet" in refused.stderr
+    assert "Restore the previous SHARDS, run `manage.py migrate`" in refused.stderr
+    with connect("default") as conn:  # the fix: migrate with the old SHARDS records them
+        assert shardmap.seed(conn, {GROUP: OLD}) == [GROUP]
+    assert reshard().returncode == 0
+    shardmap.refresh()
+    assert get_ring(GROUP).fingerprint == build_ring(NEW).fingerprint

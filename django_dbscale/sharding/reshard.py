@@ -401,6 +401,17 @@ class Resharder:
 
     def start(self, target: ShardGroupSpec) -> Any:
         """Create the job (after the checks of :meth:`preflight`) and return it."""
+        if shardmap.active(self.group) is None and self.group in dbscale_settings.shard_groups:
+            problem = shardmap.placed_elsewhere(
+                self.group, dbscale_settings.shard_groups[self.group]
+            )
+            if problem:
+                raise ReshardError(
+                    f"Group {self.group!r} has no row in the shard map yet, and {problem}: "
+                    "SHARD_GROUPS was edited before the map recorded the ring the rows follow. "
+                    "Restore the previous SHARDS, run `manage.py migrate` (it records that "
+                    "ring), then declare the new SHARDS and run this command again."
+                )
         with connect(DEFAULT_DB_ALIAS) as conn:
             shardmap.seed(
                 conn,

@@ -45,6 +45,7 @@ __all__ = [
     "TABLE",
     "ActiveRing",
     "active",
+    "placed_elsewhere",
     "maybe_refresh",
     "on_change",
     "read_map",
@@ -249,15 +250,30 @@ def seed(
 
     Run by ``migrate`` on ``default`` (and by the resharding command), so the map holds the
     ring a group's rows were placed under before anyone edits ``SHARDS``. A group already in
-    the map is never changed here: only a resharding's cutover changes it.
+    the map is never changed here: only a resharding's cutover changes it. A group whose
+    populated shards are stamped with another ring is not recorded (logged as an error:
+    :func:`placed_elsewhere`).
     """
     from django_dbscale.sharding.ring import build_ring
 
     specs = dbscale_settings.shard_groups if groups is None else groups
     seeded = []
     with conn.cursor() as cursor:
+        cursor.execute(f'SELECT "group" FROM {TABLE}')
+        present = {str(r[0]) for r in cursor.fetchall()}
         for name, spec in specs.items():
-            if not spec.shards:
+            if not spec.shards or name in present:
+                continue
+            placed_under = placed_elsewhere(name, spec)
+            if placed_under:
+                logger.error(
+                    "Not recording shard group %r in the shard map: %s. Restore the SHARDS "
+                    "its rows were placed under, run migrate (which records them), then "
+                    "declare the new SHARDS and run `manage.py dbscale reshard %s`.",
+                    name,
+                    placed_under,
+                    name,
+                )
                 continue
             cursor.execute(
                 f'INSERT INTO {TABLE} ("group", version, shards, vnodes, fingerprint, floors) '
@@ -273,6 +289,40 @@ def seed(
             if cursor.fetchone():
                 seeded.append(name)
     return seeded
+
+
+def placed_elsewhere(group: str, spec: ShardGroupSpec) -> str:
+    """Return why *group*'s rows are not placed under *spec*'s ring, or ``""``.
+
+    Read from the ring stamps of the group's populated shards (each records the ring its
+    rows were placed under): the map must never record, as the active ring, a ring the
+    rows do not follow (a project that edited ``SHARDS`` before upgrading to the map).
+    A shard that cannot be read counts as agreeing (its routing check refuses it later).
+    """
+    from django.db import DatabaseError, connections
+
+    from django_dbscale.sharding import ids
+    from django_dbscale.sharding.ring import build_ring
+
+    fingerprint = build_ring(spec).fingerprint
+    for alias in spec.shards:
+        if alias not in connections:
+            continue
+        connection = connections[alias]
+        try:
+            stamp = ids.read_stamp(connection, group)
+            if (
+                stamp is not None
+                and stamp.fingerprint != fingerprint
+                and ids.is_populated(connection, group, stamp)
+            ):
+                return (
+                    f"shard {alias!r} holds rows placed under ring {stamp.fingerprint}, "
+                    f"but SHARD_GROUPS declares ring {fingerprint}"
+                )
+        except DatabaseError:
+            continue
+    return ""
 
 
 @receiver(post_migrate, dispatch_uid="django_dbscale.sharding.seed_shard_map")
