@@ -22,6 +22,29 @@ harness's services, then:
    the commands Redis runs inside Lua scripts, counted separately with ``MONITOR``).
 5. **Dimensions**: the hit rate of a mixed workload (95% reads of one author's books, 5%
    writes to a random book) with ``cache_dimensions = ("author",)`` and without.
+
+Sections 6-9 (issue 12 §4, :mod:`bench._cachecost`) run in two more processes on the same
+services, with databases and Redis reached directly: ``cache`` declares
+``DBSCALE["CACHE"]``, ``plain`` does not (the cache is opt-in: that process runs the ORM as
+a project without the cache). The parent alternates the variants block by block (A B ...,
+then ... B A), each call timed alone with its setup outside the timed region, and quotes
+the median of the per-block ratios.
+
+6. **Miss cost**: a miss (the entry evicted before each call) of the three reads above
+   against the same read uncached in the ``plain`` process, with the hit and ``.nocache()``
+   in the same blocks; and a miss right after a write (``invalidate_model()`` before each
+   call). Target: miss <= 1.3x uncached.
+7. **Write cost**: ``save()`` of an existing row and ``update()`` of a 10-row filter, cache
+   on vs the ``plain`` process. Target: <= 1.2x plain.
+8. **Break-even hit ratio** of the 10-row filter: the h where h*hit + (1-h)*miss = uncached.
+9. **Correctness**: a cached query's rows changed by raw SQL through Django's cursor
+   (autocommit, ``atomic()``, a data-modifying CTE) and by an external connection (without
+   change capture, then with ``manage.py dbscale cache capture`` and a relay): is the next
+   cached read fresh? Then a breakdown of a miss's and a write's time (wrapped functions and
+   SQL statements; ``--profile`` adds cProfile listings).
+
+The targets (and hits <= 1.15x the floor, from section 1) are printed met / NOT MET; like
+every figure here they are reported, not asserted: the exit status is 0 whenever it ran.
 """
 
 from __future__ import annotations
@@ -516,6 +539,11 @@ def main() -> int:
     parser.add_argument("--out")
     parser.add_argument("--no-anchors", action="store_true")
     parser.add_argument("--json", help="Also write all figures to this file.")
+    parser.add_argument(
+        "--costs-only", action="store_true", help="Run only sections 6-9 (miss/write cost)."
+    )
+    parser.add_argument("--no-costs", action="store_true", help="Skip sections 6-9.")
+    parser.add_argument("--profile", action="store_true", help="Add cProfile listings (6-9).")
     args = parser.parse_args()
     if args.anchor:
         anchor_worker(args.anchor, args.out)
@@ -525,12 +553,19 @@ def main() -> int:
 
     services = get_services()
     redis_url = services.redis.direct_url
-    mine = ours(redis_url)
+    mine: dict[str, Any] = {}
     anchors: dict[str, Any] = {}
-    if not args.no_anchors:
-        for name in ANCHORS:
-            anchors[name] = run_anchor(name, services, redis_url)
-    report(mine, anchors)
+    if not args.costs_only:
+        mine = ours(redis_url)
+        if not args.no_anchors:
+            for name in ANCHORS:
+                anchors[name] = run_anchor(name, services, redis_url)
+        report(mine, anchors)
+    if not args.no_costs:
+        from bench import _cachecost
+
+        mine["costs"] = _cachecost.run(services, profile=args.profile)
+        mine["costs"]["verdicts"] = _cachecost.report(mine["costs"], mine.get("hits"))
     if args.json:
         Path(args.json).write_text(json.dumps({"dbscale": mine, "anchors": anchors}, indent=2))
     return 0
