@@ -14,11 +14,12 @@ shows against the real services:
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
+from demo_support import expect, problem, progress, statement_log, wait_for
 from django.conf import settings
 from django.db import connections
 from django.db.models import F
@@ -30,30 +31,9 @@ from django_dbscale.testing.harness import get_services
 
 
 @contextmanager
-def _statements(out: Callable[[str], None], aliases: list[str]) -> Iterator[list[str]]:
-    """Print (and collect) every statement with the alias that ran it."""
-    ran: list[str] = []
-
-    def make(alias: str) -> Callable[..., Any]:
-        def log(
-            execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
-        ) -> Any:
-            if "pg_" not in sql:
-                ran.append(alias)
-                out(f"      [{alias:>15}] {' '.join(sql.split())[:80]}")
-            return execute(sql, params, many, context)
-
-        return log
-
-    with ExitStack() as stack:
-        for alias in aliases:
-            stack.enter_context(connections[alias].execute_wrapper(make(alias)))
-        yield ran
-
-
-@contextmanager
-def _reads(out: Callable[[str], None]) -> Iterator[None]:
+def _reads(out: Callable[[str], None], seen: Counter[str]) -> Iterator[None]:
     def receiver(sender: Any, hit: bool, reason: str, **kwargs: Any) -> None:
+        seen[reason.split(":")[0]] += 1
         out(f"      cache: {reason}")
 
     cache_read.connect(receiver, weak=False)
@@ -63,8 +43,8 @@ def _reads(out: Callable[[str], None]) -> Iterator[None]:
         cache_read.disconnect(receiver)
 
 
-def run(out: Callable[[str], None]) -> None:
-    """Run the cache demo, printing with *out*."""
+def run(out: Callable[[str], None]) -> str:
+    """Run the cache demo, printing with *out*; return its summary line."""
     from shop.models import Article
 
     services = get_services()
@@ -74,14 +54,31 @@ def run(out: Callable[[str], None]) -> None:
         services.pg1_replica.wait_for_replay()
         replicas.monitor.refresh()
         aliases = ["default", "default_replica"]
+        seen: Counter[str] = Counter()
+        committed = [1]  # views as last committed: every read must return it
+        stale = [0]
 
         def read(label: str) -> int:
             out(f"  {label}")
-            with consistency_context(), _reads(out), _statements(out, aliases):
+            bypasses = seen["bypass"]
+            with (
+                consistency_context(),
+                _reads(out, seen),
+                statement_log(out, aliases, "      ", skip=lambda sql: "pg_" in sql),
+            ):
                 (row,) = Article.objects.filter(pk=article.pk)
             views = row.views
             out(f"      -> views = {views}")
+            # A hit, and a fill (from either database), must return the last committed value;
+            # a bypass is an ordinary read, which a replica within the lag budget may serve.
+            if views != committed[0] and seen["bypass"] == bypasses:
+                stale[0] += 1
+                problem(out, f"stale read: views = {views}, but {committed[0]} was committed")
             return views
+
+        def bump() -> None:
+            Article.objects.filter(pk=article.pk).update(views=F("views") + 1)
+            committed[0] += 1
 
         out("\n-- 1. miss, then hits (no SQL on a hit)")
         read("first read:")
@@ -89,7 +86,7 @@ def run(out: Callable[[str], None]) -> None:
         read("third read:")
 
         out("\n-- 2. update() invalidates at once (Django sends no signal for it)")
-        Article.objects.filter(pk=article.pk).update(views=F("views") + 1)
+        bump()
         out("  explain after the write:")
         with consistency_context():
             for line in str(Article.objects.filter(pk=article.pk).explain_cache()).splitlines():
@@ -97,43 +94,45 @@ def run(out: Callable[[str], None]) -> None:
         read("read after the write:")
 
         out("\n-- 3. replica replay paused: the fill reads the primary")
+        progress(out, "pausing pg1_replica's replay")
         services.pg1_replica.pause_replay()
         try:
-            Article.objects.filter(pk=article.pk).update(views=F("views") + 1)
+            bump()
             replicas.monitor.refresh()
             with consistency_context():
                 out(f"  routing for a fresh context says: {replicas.read_alias('default')!r}")
-            stale = services.pg1_replica.execute(
+            behind = services.pg1_replica.execute(
                 "SELECT views FROM shop_article WHERE id = %s", (article.pk,), dbname="dbscale"
             )
-            out(f"  the replica still has views = {stale[0][0]}")
+            out(f"  the replica still has views = {behind[0][0]}")
             read("read while the replica lags:")
             read("and again (a hit):")
         finally:
+            progress(out, "resuming replay; waiting for pg1_replica to catch up")
             services.pg1_replica.resume_replay()
             services.pg1_replica.wait_for_replay()
 
         out("\n-- 4. Redis cut off during a write, then healed")
         proxy = services.proxies["redis"]
-        with proxy.cut_off():
-            Article.objects.filter(pk=article.pk).update(views=F("views") + 1)
-            out("  the write succeeded; its invalidation waits in this process")
-            with connections["default"].cursor() as cursor:
-                cursor.execute("SELECT count(*) FROM dbscale_cache_outbox")
-                (rows,) = cursor.fetchone()
-            out(f"  ... and in default's outbox table, for every process: {rows} row(s)")
-            read("read during the outage:")
         cooldown = settings.DBSCALE.get("CACHE", {}).get("CIRCUIT_BREAKER", (5, 5.0))[1]
-        out(f"  healed; the process re-verifies Redis (retrying every {cooldown}s)")
-        started = time.monotonic()
-        continuity.wait_until_verified(timeout=float(cooldown) * 3)
-        with connections["default"].cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM dbscale_cache_outbox")
-            (rows,) = cursor.fetchone()
-        out(
-            f"  verified after {time.monotonic() - started:.1f}s: outbox drained "
-            f"({rows} row(s) left)"
-        )
+        with expect("django_dbscale.cache", "Redis|cache outbox", "Redis cut off on purpose"):
+            progress(out, "cutting the connections to Redis (a proxy in front of it refuses them)")
+            with proxy.cut_off():
+                bump()
+                out("  the write succeeded; its invalidation waits in this process")
+                out(f"  ... and in default's outbox table, for every process: {_outbox()} row(s)")
+                read("read during the outage:")
+            out(f"  healed; the process re-verifies Redis (retrying every {cooldown}s)")
+            took = wait_for(
+                out,
+                "waiting for the cache to re-verify Redis and drain the outbox",
+                lambda: continuity.wait_until_verified(timeout=0) and not _outbox(),
+                timeout=float(cooldown) * 3,
+            )
+        if took is None:
+            problem(out, f"Redis not re-verified {float(cooldown) * 3:.0f} s after healing")
+        else:
+            out(f"  verified after {took:.1f}s: outbox drained ({_outbox()} row(s) left)")
         read("read after healing (the owed invalidation was delivered first):")
         read("and again (a hit):")
 
@@ -142,3 +141,17 @@ def run(out: Callable[[str], None]) -> None:
             if label.startswith(("shop.", "table:shop")):
                 shown = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
                 out(f"  {label:<24} {shown}")
+        verdict = "no stale read" if not stale[0] else f"{stale[0]} STALE read(s)"
+        return (
+            f"{seen['hit']} hits (no SQL), {seen['miss']} misses, {seen['bypass']} bypass; "
+            f"update() invalidated at once; a lagging replica and a Redis outage: {verdict}; "
+            f"Redis re-verified {took or 0:.1f} s after healing"
+        )
+
+
+def _outbox() -> int:
+    """Rows in ``default``'s cache outbox (undelivered invalidations, for every process)."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM dbscale_cache_outbox")
+        (rows,) = cursor.fetchone()
+    return int(rows)

@@ -29,6 +29,7 @@ writer process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo_support import expected, problem, progress, wrap
 from django.apps import apps
 from django.core.management import call_command
 from django.db import connections, models
@@ -189,7 +191,7 @@ def _writer(log_path: str, stop_path: str, accounts: int, seed: int) -> None:
             thread.start()
         for thread in threads:
             thread.join()
-        log.write(json.dumps({"op": "summary", "writes": writes}) + "\n")
+        log.write(json.dumps({"op": "summary", "writes": writes, "t": time.time()}) + "\n")
     if failed:
         sys.exit(1)
 
@@ -197,9 +199,10 @@ def _writer(log_path: str, stop_path: str, accounts: int, seed: int) -> None:
 # -- the section -------------------------------------------------------------------------------
 
 
-def run(out: Callable[[str], None]) -> None:
-    """Print the resharding demo with *out* (one line per call)."""
+def run(out: Callable[[str], None]) -> str:
+    """Print the resharding demo with *out* (one line per call); return its summary line."""
     problems: list[str] = []
+    summary = ""
     _reset_group()
     try:
         with _installed_models() as (account_model, entry_model):
@@ -207,11 +210,12 @@ def run(out: Callable[[str], None]) -> None:
                 with connections[alias].schema_editor() as editor:
                     editor.create_model(account_model)
                     editor.create_model(entry_model)
-            problems = _show(out, account_model, entry_model)
+            problems, summary = _show(out, account_model, entry_model)
     finally:
         _reset_group()
     if problems:
         raise RuntimeError("resharding demo: " + "; ".join(problems))
+    return summary
 
 
 def _reset_group() -> None:
@@ -283,8 +287,10 @@ def _read_shards(shards: tuple[str, ...]) -> _Shards:
     return found
 
 
-def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> list[str]:
-    """Populate, reshard under writes, verify; return the checks that failed."""
+def _show(
+    out: Callable[[str], None], account_model: Any, entry_model: Any
+) -> tuple[list[str], str]:
+    """Populate, reshard under writes, verify; return the checks that failed and a summary."""
     services = get_services()
     declared = dbscale_settings.shard_groups[GROUP]
     all_shards = declared.shards
@@ -292,12 +298,16 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
     before_ring = shardmap.active(GROUP)
     assert before_ring is not None
     out(
-        f"  group {GROUP!r}: SHARD_GROUPS declares {list(all_shards)}, but its rows are placed "
-        f"on {list(before_ring.spec.shards)}"
+        wrap(
+            f"group {GROUP!r}: SHARD_GROUPS declares {list(all_shards)}, but its rows are placed "
+            f"on {list(before_ring.spec.shards)} (the shard map's active ring, version "
+            f"{before_ring.version}: what migrate recorded before {NEW_SHARD} was added to SHARDS)"
+        )
     )
-    out(
-        f"  (the shard map's active ring, version {before_ring.version}: what migrate recorded "
-        f"before {NEW_SHARD} was added to SHARDS)"
+    progress(
+        out,
+        f"inserting {ACCOUNTS:,} accounts and {ACCOUNTS * ENTRIES_PER_ACCOUNT:,} entries "
+        "(bulk_create, split by shard)",
     )
 
     accounts = [account_model(number=n, balance=n) for n in range(ACCOUNTS)]
@@ -311,16 +321,20 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
     before = _read_shards(all_shards)
     initial = before.state()
     out(
-        f"  inserted {ACCOUNTS:,} accounts and {len(entries):,} entries (bulk_create, split by "
-        "shard): "
-        + ", ".join(
-            f"{a} {len(before.accounts[a]) + len(before.entries[a]):,} rows" for a in all_shards
+        wrap(
+            f"inserted {ACCOUNTS:,} accounts and {len(entries):,} entries: "
+            + ", ".join(
+                f"{a} {len(before.accounts[a]) + len(before.entries[a]):,} rows" for a in all_shards
+            )
         )
     )
 
     _reshard(out, "--status")
     _reshard(out, "--add", NEW_SHARD, "--plan")
 
+    progress(
+        out, "starting the writer process (it boots Django, then writes; waiting for 50 writes)"
+    )
     with tempfile.TemporaryDirectory(prefix="dbscale-demo-") as tmp:
         log_path, stop_path, err_path = (Path(tmp) / n for n in ("writes.log", "stop", "err"))
         with open(err_path, "w") as err:
@@ -354,12 +368,16 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
                     + err_path.read_text()
                 )
             out(
-                f"  writer process {writer.pid} started: random inserts and updates of the "
-                f"{ACCOUNTS:,} accounts through the ORM, each committed write logged"
+                wrap(
+                    f"writer process {writer.pid} started: random inserts and updates of the "
+                    f"{ACCOUNTS:,} accounts through the ORM, each committed write logged"
+                )
             )
             phases = _reshard(out, "--add", NEW_SHARD, "--batch-size", str(BATCH))
             finished = time.time()
         finally:
+            progress(out, "stopping the writer process")
+            stop_requested = time.time()
             stop_path.touch()
             try:
                 writer.wait(timeout=30)
@@ -368,14 +386,19 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
                 writer.wait()
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         writer_output = err_path.read_text().strip()
+        ended = next((r["t"] for r in records if r["op"] == "summary" and "t" in r), None)
+        _writer_records(out, Path(f"{log_path}.records"), ended, stop_requested)
 
     shardmap.refresh()
     after_ring = shardmap.active(GROUP)
     assert after_ring is not None
     ring = get_ring(GROUP)
+    out("")
     out(
-        f"\n  active ring now {list(after_ring.spec.shards)} (ring {after_ring.fingerprint}, "
-        f"version {after_ring.version}); routing in this process: {list(ring.nodes)}"
+        wrap(
+            f"active ring now {list(after_ring.spec.shards)} (ring {after_ring.fingerprint}, "
+            f"version {after_ring.version}); routing in this process: {list(ring.nodes)}"
+        )
     )
     problems: list[str] = []
     if ring.fingerprint != build_ring(declared).fingerprint:
@@ -383,10 +406,15 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
     if writer.returncode != 0:
         problems.append(f"the writer exited with status {writer.returncode}")
     if writer_output:
-        out("  UNEXPECTED output of the writer process:")
+        problem(
+            out,
+            f"output of the writer process (asked to stop at {_clock(stop_requested)}, its "
+            f"threads ended at {_clock(ended) if ended else '?'}):",
+        )
         for line in writer_output.splitlines():
             out(f"    {line}")
 
+    progress(out, "reading every row of both tables on each shard (direct SQL)")
     after = _read_shards(all_shards)
     problems += _prove(out, ring, before, after, initial, records)
     old_ring = build_ring(before_ring.spec)
@@ -395,12 +423,14 @@ def _show(out: Callable[[str], None], account_model: Any, entry_model: Any) -> l
 
     writes = [r for r in records if r["op"] in ("entry", "balance")]
     verdict = "nothing lost or duplicated" if not problems else "PROBLEMS FOUND"
-    out(
-        f"\n  {GROUP}: grown from {len(OLD_SHARDS)} to {len(all_shards)} shards online, "
+    summary = (
+        f"{GROUP} grown from {len(OLD_SHARDS)} to {len(all_shards)} shards online, "
         f"{len(moving):,} of {ACCOUNTS:,} accounts moved with their entries, "
         f"{len(writes):,} writes kept flowing, {verdict}"
     )
-    return problems
+    out("")
+    out(wrap(summary))
+    return problems, summary
 
 
 def _prove(
@@ -525,6 +555,67 @@ def _writes_table(
             out(f"      {line}")
 
 
+class _RecordFile(logging.Handler):
+    """The writer's log handler: each warning/error record as a JSON line in *path*.
+
+    The file is never closed (only flushed): records emitted while the interpreter exits,
+    after ``logging.shutdown``, are kept too.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(logging.WARNING)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open until the process ends
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = {
+            "t": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": self.format(record),
+        }
+        self.file.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self.file.flush()
+        super().close()
+
+
+def _writer_records(
+    out: Callable[[str], None], path: Path, ended: float | None, stop_requested: float
+) -> None:
+    """Print the writer's log records: expected when its exit caused them, else UNEXPECTED."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        record = json.loads(line)
+        where = f"writer process, {_clock(record['t'])}, thread {record['thread']}"
+        exiting = ended is not None and record["t"] >= ended
+        if (
+            exiting
+            and record["logger"].startswith("django_dbscale.cache")
+            and "Redis" in record["message"]
+        ):
+            expected(
+                out,
+                record["level"],
+                "the writer process is exiting: its harness closed its Redis proxy",
+                f"{record['message']} [{where}]",
+            )
+        else:
+            problem(
+                out,
+                f"{record['level']} from {record['logger']} in the {where} (asked to stop at "
+                f"{_clock(stop_requested)}): {record['message']}",
+            )
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
 def _lines(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
@@ -558,4 +649,8 @@ if __name__ == "__main__":
     import django
 
     django.setup()
+    # Warnings and errors go to LOG.records as JSON lines (the demo judges each), not stderr.
+    logging.getLogger("django_dbscale").handlers.clear()
+    logging.getLogger().addHandler(_RecordFile(sys.argv[2] + ".records"))
+    logging.captureWarnings(True)
     _writer(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from demo_support import problem, wrap
 from django.db import connections, models
 from django.db.models import Count, Sum
 from django.test.utils import isolate_apps
@@ -34,8 +35,8 @@ from django_dbscale.testing.harness import get_services
 GROUP = "customers"
 
 
-def run(out: Callable[[str], None]) -> None:
-    """Print the sharding demo with *out* (one line per call)."""
+def run(out: Callable[[str], None]) -> str:
+    """Print the sharding demo with *out* (one line per call); return its summary line."""
     with isolate_apps("shop"):
 
         class DemoCustomer(ShardedModel):
@@ -63,7 +64,7 @@ def run(out: Callable[[str], None]) -> None:
                 editor.create_model(DemoCustomer)
                 editor.create_model(DemoOrder)
         try:
-            _show(out, DemoCustomer, DemoOrder, shards)
+            return _show(out, DemoCustomer, DemoOrder, shards)
         finally:
             for alias in shards:
                 with connections[alias].schema_editor() as editor:
@@ -73,7 +74,7 @@ def run(out: Callable[[str], None]) -> None:
 
 def _show(
     out: Callable[[str], None], customer_model: Any, order_model: Any, shards: tuple[str, ...]
-) -> None:
+) -> str:
     services = get_services()
     ring = get_ring(GROUP)
     out(f"  group {GROUP!r}: ring {ring.fingerprint}, {ring.vnodes} vnodes per shard")
@@ -99,6 +100,7 @@ def _show(
     out("  created 12 customers and 24 orders with bulk_create (split by shard)")
 
     out("  where the rows are, by direct SQL on each server:")
+    misplaced = 0
     for alias in shards:
         server = services.alias_server(alias)
         rows = server.execute(
@@ -107,8 +109,11 @@ def _show(
         )
         keys = [row[0] for row in rows]
         expected = sorted(c.id for c in customers if shard_for_key(GROUP, c.id) == alias)
-        verdict = "as the ring says" if keys == expected else f"MISPLACED (ring says {expected})"
-        out(f"    {alias}: orders of customers {keys} -- {verdict}")
+        if keys == expected:
+            out(f"    {alias}: orders of customers {keys} -- as the ring says")
+        else:
+            misplaced += 1
+            problem(out, f"{alias} holds orders of customers {keys}; the ring says {expected}")
 
     first = orders[0]
     parts = decode_id(first.pk)
@@ -124,8 +129,10 @@ def _show(
     with consistency_context():
         got = list(order_model.objects.filter(customer_id=key))
     out(
-        f"  another context: filter(customer_id={key}) -> {len(got)} orders read from "
-        f"{got[0]._state.db!r} (shard {shard_for_key(GROUP, key)}'s replica)"
+        wrap(
+            f"another context: filter(customer_id={key}) -> {len(got)} orders read from "
+            f"{got[0]._state.db!r} (shard {shard_for_key(GROUP, key)}'s replica)"
+        )
     )
     mine = order_model.objects.create(customer_id=key, total=Decimal("1.00"))
     again = order_model.objects.filter(customer_id=key).get(pk=mine.pk)
@@ -133,7 +140,7 @@ def _show(
 
     fan = order_model.objects.order_by("-total", "id").all_shards()
     top = [(o.customer_id, str(o.total), o._state.db) for o in fan[:4]]
-    out(f"  fan-out top 4 by total over {len(shards)} shards: {top}")
+    out(wrap(f"fan-out top 4 by total over {len(shards)} shards: {top}"))
     totals = order_model.objects.all_shards().aggregate(Sum("total"), n=Count("id"))
     out(f"  fan-out aggregate: {totals['n']} orders, sum {totals['total__sum']}")
 
@@ -141,9 +148,14 @@ def _show(
     rows = list(order_model.objects.filter(customer_id__in=[key, other]).all_shards())
     prefetch_by_shard(rows, "customer")
     out(
-        f"  prefetch_by_shard over {len(rows)} orders of two shards: customers "
-        f"{sorted({(o.customer.id, o.customer._state.db) for o in rows})}"
+        wrap(
+            f"prefetch_by_shard over {len(rows)} orders of two shards: customers "
+            f"{sorted({(o.customer.id, o.customer._state.db) for o in rows})}"
+        )
     )
+    out("  queries the library refuses (raised on purpose; each message says what to do):")
+    attempts = 0
+    refused = 0
     for label, attempt in (
         ("order_model.objects.all()", lambda: list(order_model.objects.all())),
         ("save with customer_id=None", lambda: order_model(total=1).save()),
@@ -157,7 +169,17 @@ def _show(
             lambda: order_model.objects.all_shards().aggregate(models.Avg("total")),
         ),
     ):
+        attempts += 1
         try:
             attempt()
         except ShardingError as exc:
-            out(f"  {label}: {type(exc).__name__}: {str(exc)[:110]}...")
+            refused += 1
+            out(f"    {label}")
+            out(wrap(f"-> {type(exc).__name__}: {exc}", "      ", "         "))
+        else:
+            problem(out, f"{label} was not refused with a ShardingError")
+    placed = "each where the ring says" if not misplaced else f"{misplaced} shard(s) MISPLACED"
+    return (
+        f"{len(customers)} customers and {totals['n']} orders on {len(shards)} shards, {placed} "
+        f"(direct SQL); fan-out sum/count/top-N; {refused} of {attempts} unsafe queries refused"
+    )
