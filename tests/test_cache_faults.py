@@ -250,3 +250,22 @@ def test_undelivered_invalidations_are_retried_in_the_background(services: Servi
     assert continuity.wait_until_verified()
     # What another process sees: the entry's versions were bumped in Redis.
     assert read(row.pk) == (2, ["miss"])
+
+
+def test_redis_failures_while_the_interpreter_exits_are_not_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Services closing under a background thread at exit are not the site's problem."""
+    failure = ConnectionError("Connection closed by server.")
+    gw = gateway()
+    with caplog.at_level("DEBUG", logger="django_dbscale"):
+        gw.failed(failure, "verify")
+        assert [r.levelname for r in caplog.records if "verify failed" in r.message] == ["WARNING"]
+        caplog.clear()
+        continuity._exiting.set()
+        try:
+            gw.failed(failure, "verify")
+        finally:
+            continuity._exiting.clear()
+        assert [r.levelname for r in caplog.records if "verify failed" in r.message] == ["DEBUG"]
+    gw.breaker.success()

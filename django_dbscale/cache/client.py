@@ -183,7 +183,8 @@ class Gateway:
         self.breaker.failure()
         if _lost_contact(exc):
             self.connections_lost()
-        logger.warning("Redis call %s failed: %s", what, exc)
+        log = logger.debug if continuity.exiting() else logger.warning
+        log("Redis call %s failed: %s", what, exc)
 
     def forget_after_fork(self) -> None:
         """Drop (without closing) the parent's sockets: the child must open its own."""

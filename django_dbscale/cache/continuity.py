@@ -48,6 +48,7 @@ within ``BREAKER_COOLDOWN`` of Redis coming back. ``docs/cache.md`` states this.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -68,6 +69,7 @@ from django_dbscale.conf import dbscale_settings, on_settings_changed
 __all__ = [
     "ALL",
     "distrust",
+    "exiting",
     "kick",
     "on_connect",
     "owe",
@@ -105,6 +107,18 @@ _verified: list[str] = []
 _seen_unverified: set[str] = set()
 #: The verifying thread, while one runs.
 _worker: list[threading.Thread] = []
+
+#: Set when the interpreter starts exiting: Redis failures seen by background threads from
+#: then on (services closing under them) are logged at DEBUG, not as warnings.
+_exiting = threading.Event()
+atexit.register(_exiting.set)
+
+
+def exiting() -> bool:
+    """Return whether the interpreter is exiting (its ``atexit`` handlers have begun)."""
+    return _exiting.is_set()
+
+
 #: Databases whose generation a detected restart or failover still requires bumping, and
 #: the run id to record once none is left.
 _owed_generations: set[str] = set()
@@ -320,7 +334,8 @@ def _run() -> None:
                 outcome = _verify_once()
                 delay = options().breaker_cooldown if outcome == "failed" else 0.05
             except Exception as exc:
-                logger.warning("Verifying the cache's Redis failed (%s); retrying.", exc)
+                log = logger.debug if exiting() else logger.warning
+                log("Verifying the cache's Redis failed (%s); retrying.", exc)
                 outcome, delay = "failed", 1.0
                 with _suppress_settings_errors():
                     delay = options().breaker_cooldown
