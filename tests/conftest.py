@@ -92,7 +92,7 @@ def fast_breaker() -> Iterator[None]:
 
 
 @pytest.fixture
-def no_shard_map() -> Iterator[None]:
+def no_shard_map(django_db_blocker: Any) -> Iterator[None]:
     """Route every group by its ``SHARD_GROUPS`` entry (no shard map rows) during the test.
 
     For tests of what settings changes do to a group routed by its settings (the behaviour
@@ -107,7 +107,8 @@ def no_shard_map() -> Iterator[None]:
     try:
         yield
     finally:
-        with connect("default") as conn:
+        # Seeding reads the shards' stamps through Django's connections, like migrate.
+        with django_db_blocker.unblock(), connect("default") as conn:
             conn.execute(f"DELETE FROM {shardmap.TABLE}")
             shardmap.seed(conn)
         shardmap.refresh()

@@ -299,6 +299,7 @@ def placed_elsewhere(group: str, spec: ShardGroupSpec) -> str:
     rows do not follow (a project that edited ``SHARDS`` before upgrading to the map).
     A shard that cannot be read counts as agreeing (its routing check refuses it later).
     """
+    from django.core.exceptions import SynchronousOnlyOperation
     from django.db import DatabaseError, connections
 
     from django_dbscale.sharding import ids
@@ -320,7 +321,7 @@ def placed_elsewhere(group: str, spec: ShardGroupSpec) -> str:
                     f"shard {alias!r} holds rows placed under ring {stamp.fingerprint}, "
                     f"but SHARD_GROUPS declares ring {fingerprint}"
                 )
-        except DatabaseError:
+        except (DatabaseError, SynchronousOnlyOperation):
             continue
     return ""
 
