@@ -139,9 +139,7 @@ class Gateway:
     def close(self) -> None:
         """Disconnect the pool (settings changed, or tests restarting Redis)."""
         client, self._client = self._client, None
-        free, self._free = self._free, deque()
-        for connection in free:
-            connection.disconnect()
+        _disconnect_all(self._take_free())
         if client is not None:
             client.connection_pool.disconnect()
 
@@ -154,12 +152,19 @@ class Gateway:
         other threads go back to the dropped pool and are not reused.
         """
         continuity.distrust()
-        free, self._free = self._free, deque()
-        for connection in free:
-            connection.disconnect()
+        _disconnect_all(self._take_free())
         client, self._client = self._client, None
         if client is not None:
             client.connection_pool.disconnect(inuse_connections=False)
+
+    def _take_free(self) -> deque[Any]:
+        """Swap in an empty deque of idle connections and return the old one.
+
+        A thread still using a connection taken from the old deque may append it back
+        there meanwhile: it is then dropped with the old deque, never reused.
+        """
+        free, self._free = self._free, deque()
+        return free
 
     def open_connection(self) -> Any:
         """Open and return a new connection of the caller's own (the verifying thread's)."""
@@ -338,3 +343,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _disconnect_all(free: deque[Any]) -> None:
+    """Disconnect every connection of *free*, popping them (another thread may append to
+    it meanwhile: iterating would raise "deque mutated during iteration")."""
+    while True:
+        try:
+            connection = free.popleft()
+        except IndexError:
+            return
+        connection.disconnect()
