@@ -38,8 +38,6 @@ WRITES = ("save()", "update() 10 rows")
 BLOCKS = 30
 PER_BLOCK = 100
 WARM_BLOCKS = 2
-AUTHORS = 20
-BOOKS_PER_AUTHOR = 10
 TARGETS = {"miss": 1.3, "write": 1.2, "hit": 1.15}
 
 Workload = tuple[Callable[[], Any] | None, Callable[[], Any]]
@@ -102,6 +100,7 @@ class _Worker:
         """Recreate the rows (cache worker); wait until the replica has replayed them."""
         from django.core.management import call_command
 
+        from bench.bench_cache import seed_books
         from django_dbscale.cache.client import gateway
         from tests.testapp.models_cache import CAuthor, CBook
 
@@ -109,14 +108,7 @@ class _Worker:
         gateway().client.flushdb()
         CBook.objects.all().delete()
         CAuthor.objects.all().delete()
-        authors = [CAuthor.objects.create(name=f"a{i}") for i in range(AUTHORS)]
-        for author in authors:
-            CBook.objects.bulk_create(
-                [
-                    CBook(title=f"{author.name}-{j}", author=author, price=j)
-                    for j in range(BOOKS_PER_AUTHOR)
-                ]
-            )
+        authors = seed_books(CAuthor, CBook)
 
         def first_book(author: Any) -> int:
             return int(CBook.objects.filter(author=author).order_by("id")[0].pk)

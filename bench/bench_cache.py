@@ -76,6 +76,23 @@ BLOCKS = 60
 PER_BLOCK = 200
 
 
+def seed_books(author_model: Any, book_model: Any) -> list[Any]:
+    """Create the benchmark's rows: AUTHORS authors with BOOKS_PER_AUTHOR books each.
+
+    One function for every process that times the cache (ours, the anchors', the cost
+    workers of :mod:`bench._cachecost`), so they all read the same rows. Returns the authors.
+    """
+    authors = [author_model.objects.create(name=f"a{i}") for i in range(AUTHORS)]
+    for author in authors:
+        book_model.objects.bulk_create(
+            [
+                book_model(title=f"{author.name}-{j}", author=author, price=j)
+                for j in range(BOOKS_PER_AUTHOR)
+            ]
+        )
+    return authors
+
+
 def paired(
     a: Callable[[], Any], b: Callable[[], Any], blocks: int, per_block: int
 ) -> dict[str, float]:
@@ -192,14 +209,7 @@ def ours(redis_url: str) -> dict[str, Any]:
     client.flushdb()
     CBook.objects.all().delete()
     CAuthor.objects.all().delete()
-    authors = [CAuthor.objects.create(name=f"a{i}") for i in range(AUTHORS)]
-    for author in authors:
-        CBook.objects.bulk_create(
-            [
-                CBook(title=f"{author.name}-{j}", author=author, price=j)
-                for j in range(BOOKS_PER_AUTHOR)
-            ]
-        )
+    authors = seed_books(CAuthor, CBook)
     book = CBook.objects.order_by("id").first()
     assert book is not None
     author_id = authors[3].pk
@@ -389,14 +399,7 @@ def anchor_worker(name: str, out: str) -> None:
         editor.create_model(BenchBook)
     redis_client = caches["default"].client.get_client(write=True)
     redis_client.flushdb()
-    authors = [BenchAuthor.objects.create(name=f"a{i}") for i in range(AUTHORS)]
-    for author in authors:
-        BenchBook.objects.bulk_create(
-            [
-                BenchBook(title=f"{author.name}-{j}", author=author, price=j)
-                for j in range(BOOKS_PER_AUTHOR)
-            ]
-        )
+    authors = seed_books(BenchAuthor, BenchBook)
     book = BenchBook.objects.order_by("id").first()
     assert book is not None
     author_id = authors[3].pk
