@@ -76,6 +76,7 @@ from django_dbscale.sharding.routing import (
     _specs,
     check_write_target,
     key_required,
+    refusals_as_shard_moved,
     shard_for_instance,
     shard_moved_from,
     shard_spec,
@@ -688,23 +689,13 @@ class ShardedQuerySet(models.QuerySet[_M], Generic[_M]):
     def update(self, **kwargs: Any) -> int:
         """Update rows on the query's shard; the shard key itself can never be updated."""
         self._check_not_key(kwargs, "update()")
-        try:
+        with refusals_as_shard_moved():
             return super().update(**kwargs)
-        except DatabaseError as exc:
-            moved = shard_moved_from(exc)
-            if moved is None:
-                raise
-            raise moved from exc
 
     def delete(self) -> tuple[int, dict[str, int]]:
         """Delete the rows; a shard that refuses moved keys raises :class:`ShardMoved`."""
-        try:
+        with refusals_as_shard_moved():
             return super().delete()
-        except DatabaseError as exc:
-            moved = shard_moved_from(exc)
-            if moved is None:
-                raise
-            raise moved from exc
 
     delete.alters_data = True  # type: ignore[attr-defined]
     delete.queryset_only = True  # type: ignore[attr-defined]
@@ -848,13 +839,8 @@ class ShardedModel(models.Model):
             )
             if not retry:
                 raise moved from exc
-            try:
+            with refusals_as_shard_moved():  # a cutover still under way: the caller retries
                 super().save(*args, **kwargs)
-            except DatabaseError as again:
-                refused = shard_moved_from(again)
-                if refused is None:
-                    raise
-                raise refused from again  # a cutover still under way: the caller retries
 
     save.alters_data = True  # type: ignore[attr-defined]
 
@@ -892,13 +878,8 @@ class ShardedModel(models.Model):
         """Delete the row from its shard (refused if its shard key was changed)."""
         using = using or router.db_for_write(self.__class__, instance=self)
         check_write_target(self, using, deleting=True)
-        try:
+        with refusals_as_shard_moved():
             return super().delete(using=using, keep_parents=keep_parents)
-        except DatabaseError as exc:
-            moved = shard_moved_from(exc)
-            if moved is None:
-                raise
-            raise moved from exc
 
     @property
     def shard_alias(self) -> str:

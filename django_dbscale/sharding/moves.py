@@ -33,8 +33,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import models
-
 from django_dbscale.sharding.exceptions import ShardingError
 from django_dbscale.sharding.ring import KetamaRing, ShardRing
 
@@ -46,6 +44,7 @@ __all__ = [
     "MovedTable",
     "moved_fraction",
     "moved_ranges",
+    "owned_ranges",
     "multirange",
     "tables_of",
 ]
@@ -96,6 +95,25 @@ def moved_ranges(old: ShardRing, new: ShardRing) -> dict[tuple[str, str], list[R
     return moves
 
 
+def owned_ranges(ring: ShardRing) -> dict[str, list[Range]]:
+    """Return ``{alias: [[lo, hi), ...]}``: the key points each node of *ring* owns.
+
+    Ranges are half-open and never wrap (the range past the last ring point is split at
+    0); adjacent ranges of one owner are left unmerged (PostgreSQL's multirange literal
+    merges them).
+    """
+    segments = _segments(ring)
+    owned: dict[str, list[Range]] = {}
+    previous = 0
+    for point, owner in segments:
+        if point > previous:
+            owned.setdefault(owner, []).append((previous, point))
+        previous = point
+    if previous < POINTS:
+        owned.setdefault(segments[0][1], []).append((previous, POINTS))
+    return owned
+
+
 def moved_fraction(moves: dict[tuple[str, str], list[Range]]) -> float:
     """Return the share of the key space that *moves* relocate."""
     return sum(hi - lo for ranges in moves.values() for lo, hi in ranges) / POINTS
@@ -106,24 +124,17 @@ def multirange(ranges: Iterable[Range]) -> str:
     return "{" + ",".join(f"[{lo},{hi})" for lo, hi in ranges) + "}"
 
 
-def _kind(field: Any) -> str:
-    target = getattr(field, "target_field", None) if field.is_relation else field
-    internal = target.get_internal_type() if target is not None else ""
-    if internal in {
-        "AutoField",
-        "BigAutoField",
-        "SmallAutoField",
-        "IntegerField",
-        "BigIntegerField",
-        "SmallIntegerField",
-        "PositiveIntegerField",
-        "PositiveBigIntegerField",
-        "PositiveSmallIntegerField",
-    } or isinstance(field, models.BigIntegerField | models.IntegerField):
+def _kind(spec: Any) -> str:
+    """Return how the SQL side canonicalises *spec*'s key: ``int``, ``uuid`` or ``text``.
+
+    Integer keys come from the routing's own classification (``ShardSpec.int_key``); a
+    ``text`` key goes through ``dbscale_ring_key()``, which normalises as Python does.
+    """
+    if spec.int_key:
         return "int"
-    if internal == "UUIDField":
-        return "uuid"
-    return "text"
+    field = spec.key_field
+    target = getattr(field, "target_field", None) if field.is_relation else field
+    return "uuid" if target is not None and target.get_internal_type() == "UUIDField" else "text"
 
 
 def _point_sql(column: str, kind: str) -> str:
@@ -215,7 +226,7 @@ def tables_of(group: str, connection: Any) -> list[MovedTable]:
                 str(pk.column),
                 str(pk.db_type(connection)),
                 str(spec.key_field.column),
-                _kind(spec.key_field),
+                _kind(spec),
                 columns,
                 deps,
             )
@@ -232,7 +243,7 @@ def tables_of(group: str, connection: Any) -> list[MovedTable]:
             str(pk.column),
             str(pk.db_type(connection)),
             str(link.column),
-            _kind(owner_spec.key_field),
+            _kind(owner_spec),
             columns,
             deps,
             owner._meta.db_table,

@@ -69,7 +69,7 @@ from django_dbscale.own_connections import connect
 from django_dbscale.sharding import moves as mv
 from django_dbscale.sharding import shardmap
 from django_dbscale.sharding.exceptions import ShardingError
-from django_dbscale.sharding.ring import build_ring, get_ring
+from django_dbscale.sharding.ring import build_ring
 
 __all__ = [
     "PHASES",
@@ -226,13 +226,6 @@ class Plan:
     def total_rows(self) -> int:
         return sum(self.rows.values())
 
-    @property
-    def aliases(self) -> list[str]:
-        found = {a for pair in self.moves for a in pair}
-        return [a for a in (*self.source.shards, *self.target.shards) if a in found] + sorted(
-            found - {*self.source.shards, *self.target.shards}
-        )
-
 
 def plan(group: str, target: ShardGroupSpec) -> Plan:
     """Compare the active ring of *group* with *target* (no database is changed)."""
@@ -376,9 +369,8 @@ class Resharder:
 
     @property
     def source(self) -> ShardGroupSpec:
-        return shardmap.spec_from_json(
-            self.group, self.job.source["shards"], self.job.source["vnodes"]
-        )
+        """The ring this job started from."""
+        return self.source_of(self.job)
 
     def target_of(self, job: Any) -> ShardGroupSpec:
         """Return the ring *job* moves to."""
@@ -386,9 +378,8 @@ class Resharder:
 
     @property
     def target(self) -> ShardGroupSpec:
-        return shardmap.spec_from_json(
-            self.group, self.job.target["shards"], self.job.target["vnodes"]
-        )
+        """The ring this job moves to."""
+        return self.target_of(self.job)
 
     @property
     def moves(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
@@ -1182,19 +1173,10 @@ class Resharder:
 
     def audit(self, spec: ShardGroupSpec) -> dict[str, int]:
         """Count, on every shard of *spec*, the rows whose key it does not own."""
-        ring = build_ring(spec)
-        owned: dict[str, list[tuple[int, int]]] = {}
-        segments = mv._segments(ring)
-        previous = 0
-        for point, owner in segments:
-            if point > previous:
-                owned.setdefault(owner, []).append((previous, point))
-            previous = point
-        if previous < mv.POINTS:
-            owned.setdefault(segments[0][1], []).append((previous, mv.POINTS))
+        owned = mv.owned_ranges(build_ring(spec))
         misplaced: dict[str, int] = {}
         for alias in spec.shards:
-            literal = mv.multirange(_merge(owned.get(alias, [])))
+            literal = mv.multirange(owned.get(alias, []))
             with _connect(alias) as conn:
                 _install_functions(conn)
                 for table in self._tables(alias):
@@ -1291,18 +1273,3 @@ class Resharder:
         wait = 2 * dbscale_settings.shard_map_check_interval + 1
         self.say(f"map flipped back; waiting {wait:.1f} s for every process to re-read it")
         time.sleep(wait)
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if merged and merged[-1][1] >= lo:
-            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-def active_ring_fingerprint(group: str) -> str:
-    """Return the fingerprint of the ring *group* is routed by in this process."""
-    return get_ring(group).fingerprint

@@ -17,11 +17,12 @@ per-model metadata is cached by class.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.apps import apps as live_apps
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, DatabaseError
 from django.db.models import Field, Model
 
 from django_dbscale.conf import dbscale_settings
@@ -49,6 +50,7 @@ __all__ = [
     "primary_for_read",
     "primary_for_write",
     "shard_for_instance",
+    "refusals_as_shard_moved",
     "shard_moved_from",
     "shard_spec",
 ]
@@ -264,6 +266,22 @@ def shard_moved_from(exc: BaseException) -> ShardMoved | None:
         f"{detail.removeprefix('dbscale: ')}. The shard map was re-read: re-read the row "
         "and write it again (the key's new shard serves it)."
     )
+
+
+@contextmanager
+def refusals_as_shard_moved() -> Iterator[None]:
+    """Raise :class:`ShardMoved` for a shard's refusal of a moved key inside the block.
+
+    Any other database error propagates unchanged. The map is re-read on a refusal (see
+    :func:`shard_moved_from`).
+    """
+    try:
+        yield
+    except DatabaseError as exc:
+        moved = shard_moved_from(exc)
+        if moved is None:
+            raise
+        raise moved from exc
 
 
 def _shard_of_related(instance: Model, group: str, model: type[Model]) -> str | None:

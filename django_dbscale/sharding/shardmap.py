@@ -222,15 +222,8 @@ def maybe_refresh() -> None:
 
 def active(group: str) -> ActiveRing | None:
     """Return the active ring of *group* from the map, or ``None`` if it has no row."""
-    if time.monotonic() >= _cache.next_check:
-        refresh(wait=False)
-    return _cache.rings.get(group)
-
-
-def active_groups() -> dict[str, ActiveRing]:
-    """Return this process's copy of the whole map (refreshed if due)."""
     maybe_refresh()
-    return dict(_cache.rings)
+    return _cache.rings.get(group)
 
 
 @on_settings_changed
