@@ -481,7 +481,7 @@ def test_a_second_reshard_of_the_group_is_refused_while_one_is_unfinished(ledger
     assert reshard("--add", "shard2").returncode == 0
 
 
-def test_plan_shows_what_moves_and_changes_nothing(ledgers: None) -> None:
+def test_plan_shows_what_moves_and_moves_nothing(ledgers: None) -> None:
     populate(120)
     result = reshard("--add", "shard2", "--plan", "--json")
     assert result.returncode == 0, result.stderr

@@ -87,11 +87,14 @@ def spec_from_json(group: str, shards: Any, vnodes: int) -> ShardGroupSpec:
 def read_map(conn: psycopg.Connection[Any]) -> dict[str, ActiveRing]:
     """Read every row of the map through *conn* (empty when the table does not exist)."""
     with conn.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [TABLE])
-        row = cursor.fetchone()
-        if not row or not row[0]:
+        try:  # one round trip: this runs every check interval in every process
+            cursor.execute(
+                f'SELECT "group", version, shards, vnodes, fingerprint, floors FROM {TABLE}'
+            )
+        except psycopg.errors.UndefinedTable:
+            if not conn.autocommit:
+                conn.rollback()
             return {}
-        cursor.execute(f'SELECT "group", version, shards, vnodes, fingerprint, floors FROM {TABLE}')
         rows = cursor.fetchall()
     return {
         str(group): ActiveRing(
@@ -168,14 +171,14 @@ def _apply(rings: dict[str, ActiveRing]) -> bool:
     old = {g: (r.version, r.fingerprint) for g, r in _cache.rings.items()}
     new = {g: (r.version, r.fingerprint) for g, r in rings.items()}
     _cache.rings = rings
+    if old == new:  # floors only change with a version
+        return False
     floors: dict[str, int] = {}
     for ring in rings.values():
         for alias, position in ring.floors.items():
             value = consistency.parse_lsn(position)
             floors[alias] = max(value, floors.get(alias, 0))
     consistency.set_placement_floors(floors)
-    if old == new:
-        return False
     for listener in list(_cache.listeners):
         listener()
     return True

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weight", action="append", default=[], metavar="ALIAS=N", help="Set a shard's weight."
     )
-    parser.add_argument("--plan", action="store_true", help="Show what would move; change nothing.")
+    parser.add_argument("--plan", action="store_true", help="Show what would move; move nothing.")
     parser.add_argument("--status", action="store_true", help="Show the group's job and map.")
     parser.add_argument(
         "--rollback", action="store_true", help="Undo the unfinished job (before cleanup)."
