@@ -11,6 +11,13 @@ event happened (often the background prober), so keep them quick and never raise
 ``read_failed_over``
     A read broke on a replica and was re-run on its primary. Arguments: ``alias`` (the
     replica), ``primary``.
+``read_routed``
+    A read was routed: sent once per routing decision, from the one place reads are
+    counted (:func:`django_dbscale.consistency.count_route`), in the thread that routes it
+    (a fan-out worker's own thread for its shard). ``sender`` is ``None``; arguments:
+    ``alias`` (the database the read goes to) and ``reason`` (why: ``"replica"``,
+    ``"read_your_writes"``, ``"lagging"``, ... as in ``dbscale_route_total``). Sent only
+    when a receiver is connected; the debug-toolbar panel uses it.
 """
 
 from __future__ import annotations
@@ -20,3 +27,4 @@ from django.dispatch import Signal
 replica_quarantined = Signal()
 replica_readmitted = Signal()
 read_failed_over = Signal()
+read_routed = Signal()

@@ -18,20 +18,37 @@ PostgreSQL's parser and the installed models:
 * ``SELECT ... FROM book WHERE book.author_id = %s`` repeated: a reverse relation ->
   ``prefetch_related("books")`` on the author querysets;
 * the same through a many-to-many table -> ``prefetch_related("tags")``.
+
+The same detection serves the debug-toolbar panel
+(:mod:`django_dbscale.contrib.debug_toolbar`): :func:`is_read` picks the statements
+counted, :func:`find_repeats` reports the shapes over the limit with their fix.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
 from django.db import connections
 
-__all__ = ["NPlusOneDetected", "assert_no_n_plus_one", "suggest_fix"]
+__all__ = [
+    "DEFAULT_MAX_REPEATS",
+    "NPlusOneDetected",
+    "Repeat",
+    "assert_no_n_plus_one",
+    "check_max_repeats",
+    "find_repeats",
+    "is_read",
+    "suggest_fix",
+]
+
+#: How often one query shape may run before it is reported.
+DEFAULT_MAX_REPEATS = 5
 
 
 class NPlusOneDetected(AssertionError):
@@ -104,18 +121,49 @@ def suggest_fix(sql: str) -> str:
     return "use " + " or ".join(sorted(set(hints)))
 
 
+def is_read(sql: Any) -> bool:
+    """Return whether *sql* is a statement whose repeats count as N+1 (a ``SELECT``)."""
+    return isinstance(sql, str) and sql.lstrip()[:6].upper() == "SELECT"
+
+
+def check_max_repeats(max_repeats: Any, where: str) -> int:
+    """Return *max_repeats* if it is an int >= 1, else raise ``ValueError`` naming *where*."""
+    if isinstance(max_repeats, bool) or not isinstance(max_repeats, int) or max_repeats < 1:
+        raise ValueError(f"{where} is {max_repeats!r}: use an int >= 1.")
+    return max_repeats
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A query shape (*sql*, parameters left out) that ran *count* times, and its *fix*."""
+
+    sql: str
+    count: int
+    fix: str
+
+
+def find_repeats(shapes: Mapping[str, int], max_repeats: int) -> list[Repeat]:
+    """Return the shapes of *shapes* (SQL -> times run) run more than *max_repeats* times.
+
+    Most frequent first, each with the fix :func:`suggest_fix` reads from it.
+    """
+    over = sorted(
+        ((sql, n) for sql, n in shapes.items() if n > max_repeats), key=lambda item: -item[1]
+    )
+    return [Repeat(sql, n, suggest_fix(sql)) for sql, n in over]
+
+
 @contextmanager
-def assert_no_n_plus_one(max_repeats: int = 5) -> Iterator[Counter[str]]:
+def assert_no_n_plus_one(max_repeats: int = DEFAULT_MAX_REPEATS) -> Iterator[Counter[str]]:
     """Fail if a query shape runs more than *max_repeats* times in the block (see above).
 
     Watches every database connection of this thread. Yields the counter of shapes.
     """
-    if isinstance(max_repeats, bool) or not isinstance(max_repeats, int) or max_repeats < 1:
-        raise ValueError(f"assert_no_n_plus_one(max_repeats={max_repeats!r}): use an int >= 1.")
+    check_max_repeats(max_repeats, "assert_no_n_plus_one(): max_repeats")
     shapes: Counter[str] = Counter()
 
     def count(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
-        if isinstance(sql, str) and sql.lstrip()[:6].upper() == "SELECT":
+        if is_read(sql):
             shapes[sql] += 1
         return execute(sql, params, many, context)
 
@@ -123,11 +171,12 @@ def assert_no_n_plus_one(max_repeats: int = 5) -> Iterator[Counter[str]]:
         for alias in connections:
             stack.enter_context(connections[alias].execute_wrapper(count))
         yield shapes
-    repeated = [(sql, n) for sql, n in shapes.most_common() if n > max_repeats]
+    repeated = find_repeats(shapes, max_repeats)
     if repeated:
-        sql, n = repeated[0]
+        first = repeated[0]
+        sql = first.sql
         shown = sql if len(sql) <= 300 else sql[:297] + "..."
         raise NPlusOneDetected(
-            f"One query shape ran {n} times (at most {max_repeats} allowed): {shown}\n"
-            f"Fix: {suggest_fix(sql)}."
+            f"One query shape ran {first.count} times (at most {max_repeats} allowed): "
+            f"{shown}\nFix: {first.fix}."
         )

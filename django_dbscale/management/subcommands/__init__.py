@@ -13,4 +13,5 @@ SUBCOMMANDS: dict[str, str] = {
     "drift": "django_dbscale.management.subcommands.drift",
     "cache": "django_dbscale.management.subcommands.cache",
     "reshard": "django_dbscale.management.subcommands.reshard",
+    "advise": "django_dbscale.management.subcommands.advise",
 }
