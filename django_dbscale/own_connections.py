@@ -32,5 +32,9 @@ def connect(alias: str, *, autocommit: bool = True, **overrides: Any) -> psycopg
     params.setdefault("keepalives_idle", 5)
     params.setdefault("keepalives_interval", 2)
     params.setdefault("keepalives_count", 2)
+    # No server-side prepared statements (psycopg prepares a query run 5 times on one
+    # connection, as the relay's poll does): behind PgBouncer's transaction pooling
+    # (< 1.21) the next run may land on a server session that never saw the PREPARE.
+    params.setdefault("prepare_threshold", None)
     params.update(overrides)
     return psycopg.connect(**params, autocommit=autocommit)

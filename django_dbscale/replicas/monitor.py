@@ -183,7 +183,12 @@ class _Probe:
             if self.retired:
                 raise RuntimeError(f"the probe of {self.alias!r} was closed")
             if self.conn is None or self.conn.closed:
-                self.conn = psycopg.connect(**_probe_params(self.alias, timeout), autocommit=True)
+                # No server-side prepared statements (psycopg prepares a query run 5
+                # times): behind PgBouncer's transaction pooling (< 1.21) the next round
+                # may run on a server session that never saw the PREPARE.
+                self.conn = psycopg.connect(
+                    **_probe_params(self.alias, timeout), autocommit=True, prepare_threshold=None
+                )
             with self._fd_lock:
                 self._fd = self.conn.fileno()
             try:

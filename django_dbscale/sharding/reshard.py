@@ -261,16 +261,49 @@ def count_rows(p: Plan) -> None:
 # -- connections ------------------------------------------------------------------------------
 
 
+#: Why the engine needs direct connections, and the fix (a transaction pooler in the way).
+_POOLER_HINT = (
+    "The resharding engine needs direct connections to PostgreSQL: it holds session "
+    "advisory locks and connects with the session setting dbscale.resharding=on, which a "
+    "transaction pooler (PgBouncer in transaction mode) drops or refuses and whose locks it "
+    "would leave on server sessions it hands to other clients. Point DATABASES[{alias!r}] "
+    "at the PostgreSQL server itself (not PgBouncer) for `manage.py dbscale reshard`, e.g. "
+    "with a settings module for operator commands (docs/deployment.md, PgBouncer)."
+)
+
+
 def _connect(alias: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     try:
-        return connect(
+        conn = connect(
             alias,
             autocommit=autocommit,
             options="-c dbscale.resharding=on",
             application_name="django_dbscale reshard",
         )
     except psycopg.Error as exc:
-        raise ReshardError(f"Cannot connect to shard {alias!r}: {exc}".strip()) from exc
+        hint = " " + _POOLER_HINT.format(alias=alias) if "startup parameter" in str(exc) else ""
+        raise ReshardError(f"Cannot connect to shard {alias!r}: {exc}".strip() + hint) from exc
+    _require_direct(conn, alias)
+    return conn
+
+
+def _require_direct(conn: psycopg.Connection[Any], alias: str) -> None:
+    """Raise :class:`ReshardError` (closing *conn*) if *conn* goes through a pooler.
+
+    *conn* was opened with ``-c dbscale.resharding=on``: PgBouncer drops startup options
+    (``ignore_startup_parameters = options``) or refuses them, so the setting is in effect
+    only on a direct connection (or a pooler that replays them, in session mode).
+    """
+    row = conn.execute("SELECT current_setting('dbscale.resharding', true)").fetchone()
+    direct = row is not None and row[0] == "on"
+    if not conn.autocommit:
+        conn.rollback()  # callers set the isolation level of the first transaction
+    if not direct:
+        conn.close()
+        raise ReshardError(
+            f"DATABASES[{alias!r}] does not reach PostgreSQL through a direct connection. "
+            + _POOLER_HINT.format(alias=alias)
+        )
 
 
 def _install_functions(conn: psycopg.Connection[Any]) -> None:
@@ -318,7 +351,8 @@ class Resharder:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Hold the group's job lock on ``default`` (one command per group at a time)."""
-        conn = connect(DEFAULT_DB_ALIAS, application_name="django_dbscale reshard")
+        # Direct, like every engine connection: a pooled session would keep the lock.
+        conn = _connect(DEFAULT_DB_ALIAS)
         row = conn.execute(
             "SELECT pg_try_advisory_lock(%s, hashtext(%s))", [mv.LOCK_CLASS, "job:" + self.group]
         ).fetchone()

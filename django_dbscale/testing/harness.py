@@ -89,14 +89,23 @@ from django_dbscale.testing.proxy import TcpProxy
 __all__ = [
     "ALIASES",
     "BACKEND_ENGINE",
+    "PGBOUNCER_MISSING",
+    "SENTINEL_SERVICE",
     "HarnessError",
+    "PgBouncer",
     "PgServer",
+    "RedisNode",
+    "RedisSentinel",
     "RedisServer",
     "Services",
     "TcpProxy",
     "find_pg_bindir",
+    "find_pgbouncer",
+    "find_redis_sentinel",
     "find_redis_server",
     "get_services",
+    "start_pgbouncer",
+    "start_redis_sentinel",
     "start_services",
 ]
 
@@ -461,6 +470,14 @@ def _pg_bindir_for(bindir: Path, tmpdir: Path, user: _OsUser) -> tuple[Path, Pat
     return copy / prefix.relative_to(root) / resolved.name, copy
 
 
+def _stat_statements_conf(bindir: Path) -> str:
+    """Return the line preloading pg_stat_statements if the install next to *bindir* has it."""
+    libdirs = (bindir.parent / "lib", bindir.parent / "lib" / "postgresql")
+    if any((d / "pg_stat_statements.so").is_file() for d in libdirs):
+        return "shared_preload_libraries = 'pg_stat_statements'\n"
+    return ""
+
+
 def _free_ports(count: int) -> list[int]:
     """Return ``count`` distinct free loopback TCP ports."""
     socks: list[socket.socket] = []
@@ -728,7 +745,7 @@ class PgServer:
             # keep dynamic shared memory files inside the data dir, not in /dev/shm
             "dynamic_shared_memory_type = mmap\n"
             f"cluster_name = '{rt.tmpdir.name}_{self.name}'\n"
-        )
+        ) + _stat_statements_conf(rt.bindir)  # preload pg_stat_statements where shipped
 
     def _append_conf(self, text: str) -> None:
         assert self.datadir is not None
@@ -1487,3 +1504,879 @@ def get_services() -> Services:
             except HarnessError as exc:
                 raise SystemExit(f"django_dbscale test services: {exc}") from None
         return _SINGLETON
+
+
+# ---------------------------------------------------------------------------------------
+# Watchdog for the opt-in services (PgBouncer, Redis Sentinel)
+# ---------------------------------------------------------------------------------------
+
+#: Reads "<pid> <marker>" lines until its stdin closes (the harness stopped the service or
+#: its process died), then terminates each pid whose command line still holds its marker
+#: (so a recycled pid is never signalled) and removes the directory given, if any.
+_PROCESS_WATCHDOG_SOURCE = r"""
+import os, shutil, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+remove = sys.argv[1]
+procs = []
+try:
+    for line in sys.stdin:
+        pid, _, marker = line.strip().partition(" ")
+        if pid.isdigit():
+            procs.append((int(pid), marker))
+except BaseException:
+    pass
+def alive(pid, marker):
+    try:
+        if os.path.isdir("/proc"):
+            with open("/proc/%d/cmdline" % pid, "rb") as fh:
+                if marker.encode() not in fh.read().replace(b"\0", b" "):
+                    return False
+        os.kill(pid, 0)
+        return True
+    except Exception:
+        return False
+pids = [pid for pid, marker in procs if alive(pid, marker)]
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except Exception:
+        pass
+deadline = time.monotonic() + 10
+while pids and time.monotonic() < deadline:
+    pids = [p for p in pids if os.path.exists("/proc/%d" % p) or not os.path.isdir("/proc")]
+    if pids:
+        time.sleep(0.05)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except Exception:
+        pass
+if remove:
+    shutil.rmtree(remove, ignore_errors=True)
+"""
+
+
+class _ProcessWatchdog:
+    """A helper process that terminates the processes registered with it when we die.
+
+    :meth:`close` (a clean stop) closes its stdin, as the death of this process does.
+    """
+
+    def __init__(self, remove: Path | None) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _PROCESS_WATCHDOG_SOURCE, str(remove) if remove else ""],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def watch(self, pid: int, marker: str) -> None:
+        """Terminate *pid* if this process dies, provided its command line holds *marker*."""
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(f"{pid} {marker}\n".encode())
+                self._proc.stdin.flush()
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 5) -> None:
+    """SIGTERM *proc*, SIGKILL it after *timeout* seconds, and reap it."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _service_dir(services: Services | None, name: str) -> tuple[Path, bool]:
+    """Return a fresh directory for an opt-in service and whether to remove it on stop.
+
+    Under the services' temp dir when they were booted (so their cleanup covers it), else
+    a new temp dir of its own, removed on stop.
+    """
+    if services is not None and services.tmpdir is not None and services.tmpdir.is_dir():
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=services.tmpdir))
+        os.chmod(path, 0o755)
+        return path, True
+    path = Path(tempfile.mkdtemp(prefix=f"dbscale-{name}-", dir=_default_parent()))
+    os.chmod(path, 0o755)
+    return path, True
+
+
+def _wait_listening(
+    host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float
+) -> None:
+    """Wait until *port* accepts TCP connections; raise HarnessError if *proc* exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        code = proc.poll()
+        if code is not None or time.monotonic() > deadline:
+            raise HarnessError(
+                f"{what} on port {port} did not come up (exit code {code}){_tail(log)}"
+            )
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------
+# PgBouncer (opt-in): transaction pooling in front of every PostgreSQL server
+# ---------------------------------------------------------------------------------------
+
+#: What a missing PgBouncer tells the user (tests skip with this reason).
+PGBOUNCER_MISSING = "pgbouncer not installed: apt-get install pgbouncer"
+_PGBOUNCER_PATHS = ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/local/bin/pgbouncer")
+
+
+def find_pgbouncer() -> Path:
+    """Return the ``pgbouncer`` executable.
+
+    Search order: ``$DBSCALE_PGBOUNCER`` (which must then be valid), ``pgbouncer`` on
+    ``PATH``, then ``/usr/sbin``, ``/usr/local/sbin`` and ``/usr/local/bin`` (Debian installs
+    it in ``/usr/sbin``, which is not on a normal user's ``PATH``). Raise
+    :class:`HarnessError` starting with :data:`PGBOUNCER_MISSING` when there is none.
+    """
+    explicit = os.environ.get("DBSCALE_PGBOUNCER")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise HarnessError(f"DBSCALE_PGBOUNCER={explicit!r} is not an executable file")
+        return path
+    found = shutil.which("pgbouncer")
+    candidates = [found] if found else []
+    for candidate in [*candidates, *_PGBOUNCER_PATHS]:
+        path = Path(candidate)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise HarnessError(
+        f"{PGBOUNCER_MISSING} (Fedora/RHEL `dnf install pgbouncer`, macOS `brew install "
+        "pgbouncer`), or set DBSCALE_PGBOUNCER to its path"
+    )
+
+
+def pgbouncer_version(binary: Path) -> tuple[int, ...]:
+    """Return the version of the ``pgbouncer`` at *binary* (``(1, 18, 0)``)."""
+    try:
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise HarnessError(f"cannot run {binary} --version: {exc}") from exc
+    match = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if match is None:
+        raise HarnessError(f"cannot read the version of {binary} from {out!r}")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+class PgBouncer:
+    """PgBouncer pooling every alias of a :class:`Services` (opt-in: :func:`start_pgbouncer`).
+
+    One PgBouncer process listens on a free loopback port; each Django alias of
+    :data:`ALIASES` is a PgBouncer database of the same name that connects directly to the
+    alias's server (replicas too, not through their fault proxies). Clients authenticate
+    as the harness's PostgreSQL user without a password (``auth_type = trust``, with that
+    user in ``auth_file``); PgBouncer authenticates to the servers the way the harness does.
+
+    ``pool_mode`` defaults to ``transaction`` with ``server_round_robin = 1`` and
+    ``default_pool_size`` server connections per database, so consecutive transactions of
+    one client land on different server sessions: anything that relies on session state
+    (a session advisory lock, ``SET``, ``LISTEN``, a protocol-level prepared statement, a
+    ``WITH HOLD`` cursor) breaks visibly here rather than only under production load.
+    ``ignore_startup_parameters = extra_float_digits,options`` lets psycopg and libpq
+    clients in (PgBouncer < 1.23 refuses unknown startup parameters; ``options`` is then
+    dropped, not applied). ``max_prepared_statements`` is set on PgBouncer 1.21+, which
+    supports protocol-level prepared statements in transaction mode.
+
+    As root, PgBouncer (which refuses to run as root) runs as the PostgreSQL OS user
+    (:func:`_run_as_postgres_user`); its config, log and pid file live in a directory of
+    its own under the services' temp dir.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        pool_mode: str = "transaction",
+        pool_size: int = 3,
+        binary: Path | None = None,
+    ) -> None:
+        """Describe the pooler; nothing is started until :meth:`start`."""
+        if pool_mode not in ("session", "transaction", "statement"):
+            raise HarnessError(
+                f"pool_mode={pool_mode!r}: use 'session', 'transaction' or 'statement'"
+            )
+        self.services = services
+        self.pool_mode = pool_mode
+        self.pool_size = pool_size
+        self.binary = binary or find_pgbouncer()
+        self.version = pgbouncer_version(self.binary)
+        self.host = _LOOPBACK
+        self.port = 0
+        self.workdir: Path | None = None
+        self._remove_workdir = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: _ProcessWatchdog | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        """Describe the pooler's address and mode."""
+        return f"<PgBouncer {self.host}:{self.port} pool_mode={self.pool_mode}>"
+
+    @property
+    def user(self) -> str:
+        """Return the PostgreSQL user clients log in as (the harness's superuser)."""
+        return self.services.pg1.user
+
+    @property
+    def logfile(self) -> Path | None:
+        """Return PgBouncer's log file (None before :meth:`start`)."""
+        return None if self.workdir is None else self.workdir / "pgbouncer.log"
+
+    @property
+    def configfile(self) -> Path | None:
+        """Return the ``pgbouncer.ini`` written by :meth:`start` (None before)."""
+        return None if self.workdir is None else self.workdir / "pgbouncer.ini"
+
+    @property
+    def running(self) -> bool:
+        """Return True while the PgBouncer process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _config(self) -> str:
+        assert self.workdir is not None
+        lines = ["[databases]"]
+        for alias in ALIASES:
+            server = self.services.alias_server(alias)
+            params = (
+                f"host={server.host} port={server.port} "
+                f"dbname={self.services.alias_dbname(alias)} user={server.user}"
+            )
+            if server.password:
+                params += f" password={server.password}"
+            lines.append(f"{alias} = {params}")
+        settings = {
+            "listen_addr": self.host,
+            "listen_port": str(self.port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(self.workdir / "userlist.txt"),
+            "admin_users": self.user,
+            "pool_mode": self.pool_mode,
+            "default_pool_size": str(self.pool_size),
+            "max_client_conn": "500",
+            "server_round_robin": "1",
+            "ignore_startup_parameters": "extra_float_digits,options",
+            "server_login_retry": "1",
+            "logfile": str(self.logfile),
+            "pidfile": str(self.workdir / "pgbouncer.pid"),
+        }
+        if self.version >= (1, 21):
+            settings["max_prepared_statements"] = "200"
+        lines.append("[pgbouncer]")
+        lines.extend(f"{key} = {value}" for key, value in settings.items())
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 15) -> None:
+        """Write the config, start PgBouncer and wait until it accepts connections.
+
+        A second call while it runs does nothing; after :meth:`stop` it starts again on
+        the same port with the same config.
+        """
+        with self._lock:
+            if self.running:
+                return
+            user = _run_as_postgres_user()
+            if self.workdir is None:
+                self.workdir, self._remove_workdir = _service_dir(self.services, "pgbouncer")
+                self.port = _free_ports(1)[0]
+                (self.workdir / "userlist.txt").write_text(f'"{self.user}" ""\n')
+                assert self.configfile is not None
+                self.configfile.write_text(self._config())
+                if user is not None:
+                    for path in (self.workdir, *self.workdir.iterdir()):
+                        os.chown(path, user.uid, user.gid)
+            if self._watchdog is None:
+                self._watchdog = _ProcessWatchdog(self.workdir if self._remove_workdir else None)
+            kwargs: dict[str, Any] = {}
+            if user is not None:
+                kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+            try:
+                self._proc = subprocess.Popen(
+                    [str(self.binary), str(self.configfile)],
+                    cwd=self.workdir,
+                    env=_clean_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    **kwargs,
+                )
+            except OSError as exc:
+                raise HarnessError(f"cannot run {self.binary}: {exc}") from exc
+            self._watchdog.watch(self._proc.pid, str(self.configfile))
+            assert self.logfile is not None
+            try:
+                _wait_listening(
+                    self.host, self.port, self._proc, "pgbouncer", self.logfile, timeout
+                )
+                self._open_server_connections()
+            except BaseException:
+                _stop_process(self._proc)
+                self._proc = None
+                raise
+
+    def _open_server_connections(self) -> None:
+        """Open ``pool_size`` server connections per database before any test needs them.
+
+        ``pool_size`` clients each hold a transaction at once, so PgBouncer must open that
+        many server sessions; idle afterwards, they stay open (``server_idle_timeout``) and
+        round-robin hands consecutive transactions of one client to different sessions.
+        (``min_pool_size`` would fill pools only while a client is connected.)
+        """
+        for alias in ALIASES:
+            clients = [self.connect(alias, autocommit=False) for _ in range(self.pool_size)]
+            try:
+                for client in clients:
+                    client.execute("SELECT 1")
+                for client in clients:
+                    client.commit()  # a client gone mid-transaction costs its server session
+            finally:
+                for client in clients:
+                    client.close()
+
+    def stop(self) -> None:
+        """Stop PgBouncer (SIGTERM, then SIGKILL) and remove its directory; idempotent."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            _stop_process(proc)
+            if self._watchdog is not None:
+                self._watchdog.close()
+                self._watchdog = None
+            if self._remove_workdir and self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir = None
+
+    def databases(self) -> dict[str, dict[str, Any]]:
+        """Return Django ``DATABASES``: every alias of :data:`ALIASES` through PgBouncer.
+
+        ``DISABLE_SERVER_SIDE_CURSORS`` is set, as Django requires behind transaction
+        pooling (``.iterator()`` would otherwise declare a cursor in one transaction and
+        fetch from it in another).
+        """
+        result: dict[str, dict[str, Any]] = {}
+        for alias, (_server, _dbname, mirror) in ALIASES.items():
+            entry: dict[str, Any] = {
+                "ENGINE": BACKEND_ENGINE,
+                "NAME": alias,
+                "USER": self.user,
+                "PASSWORD": "",
+                "HOST": self.host,
+                "PORT": str(self.port),
+                "DISABLE_SERVER_SIDE_CURSORS": self.pool_mode != "session",
+            }
+            if mirror is not None:
+                entry["TEST"] = {"MIRROR": mirror}
+                entry["OPTIONS"] = {"connect_timeout": 2}
+            result[alias] = entry
+        return result
+
+    def dsn(self, alias: str) -> str:
+        """Return a libpq DSN of *alias* through PgBouncer."""
+        if alias not in ALIASES:
+            raise HarnessError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
+        return make_conninfo("", host=self.host, port=self.port, user=self.user, dbname=alias)
+
+    def connect(self, alias: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+        """Open a psycopg connection to *alias* through PgBouncer; the caller closes it."""
+        return psycopg.connect(self.dsn(alias), autocommit=autocommit, connect_timeout=5)
+
+    def show(self, what: str) -> list[dict[str, Any]]:
+        """Run ``SHOW <what>`` on PgBouncer's admin console (``POOLS``, ``SERVERS``...).
+
+        The console speaks only the simple query protocol: a client-side cursor.
+        """
+        if not re.fullmatch(r"[A-Za-z_]+", what):
+            raise HarnessError(f"SHOW {what!r}: name one of PgBouncer's SHOW commands")
+        dsn = make_conninfo("", host=self.host, port=self.port, user=self.user, dbname="pgbouncer")
+        with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+            cur = conn.execute(f"SHOW {what.upper()}")
+            names = [col.name for col in cur.description or []]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def start_pgbouncer(services: Services, **kwargs: Any) -> PgBouncer:
+    """Start a :class:`PgBouncer` in front of *services* and return it (the caller stops it).
+
+    *kwargs* go to :class:`PgBouncer` (``pool_mode``, ``pool_size``, ``binary``). Raise
+    :class:`HarnessError` starting with :data:`PGBOUNCER_MISSING` when PgBouncer is not
+    installed. Stopped at interpreter exit if the caller does not; a watchdog process
+    terminates it if this process dies without doing either.
+    """
+    bouncer = PgBouncer(services, **kwargs)
+    bouncer.start()
+    atexit.register(bouncer.stop)
+    return bouncer
+
+
+# ---------------------------------------------------------------------------------------
+# Redis Sentinel (opt-in): a master, a replica and sentinels watching them
+# ---------------------------------------------------------------------------------------
+
+#: The name the sentinels monitor the master under (``redis://mymaster/0``).
+SENTINEL_SERVICE = "mymaster"
+
+
+def find_redis_sentinel() -> list[str]:
+    """Return the command that runs a sentinel, given its config file appended.
+
+    ``$DBSCALE_REDIS_SENTINEL`` (which must then be valid), ``redis-sentinel`` on ``PATH``
+    or in ``/usr/bin``, else :func:`find_redis_server`'s binary with ``--sentinel`` (every
+    ``redis-server`` can run as a sentinel).
+    """
+    explicit = os.environ.get("DBSCALE_REDIS_SENTINEL")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise HarnessError(f"DBSCALE_REDIS_SENTINEL={explicit!r} is not an executable file")
+        return [str(path)]
+    found = shutil.which("redis-sentinel")
+    if found:
+        return [found]
+    return [str(find_redis_server()), "--sentinel"]
+
+
+@dataclass(eq=False)
+class RedisNode:
+    """One process of a :class:`RedisSentinel`: a data node or a sentinel."""
+
+    name: str
+    host: str
+    port: int
+    workdir: Path
+    sentinel: bool = False
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Return ``(host, port)``."""
+        return (self.host, self.port)
+
+    @property
+    def logfile(self) -> Path:
+        """Return the node's log file."""
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def configfile(self) -> Path:
+        """Return the node's config file (rewritten by the sentinels as they reconfigure)."""
+        return self.workdir / f"{self.name}.conf"
+
+    @property
+    def running(self) -> bool:
+        """Return True while the node's process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, timeout: float = 2.0) -> Any:
+        """Return a new redis-py client of this node (the caller closes it)."""
+        import redis
+
+        return redis.Redis(
+            host=self.host, port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    def info(self, section: str = "server") -> dict[str, Any]:
+        """Return ``INFO <section>`` of this node."""
+        with self.client() as client:
+            return dict(client.info(section))
+
+    def run_id(self) -> str:
+        """Return the server's ``run_id`` (changes at every start and is per process)."""
+        return str(self.info("server")["run_id"])
+
+    def role(self) -> str:
+        """Return ``master``, ``slave`` or ``sentinel`` (``ROLE``)."""
+        with self.client() as client:
+            role = client.execute_command("ROLE")[0]
+        return role.decode() if isinstance(role, bytes) else str(role)
+
+
+class RedisSentinel:
+    """Redis under Sentinel: a master, one replica (``replicaof``) and ``sentinels`` sentinels.
+
+    Everything runs on free loopback ports in a directory of its own (under the services'
+    temp dir when one is given). The sentinels monitor the master as
+    :data:`SENTINEL_SERVICE` with ``quorum`` (default: 3 sentinels, quorum 2, which also
+    fail over by themselves when the master dies), ``down-after-milliseconds`` 1000 and
+    ``failover-timeout`` 5000. :meth:`start` returns once the replica streams from the master
+    and every sentinel knows the replica and the other sentinels. Data nodes start empty
+    and never persist (``save ""``, ``appendonly no``). Opt-in: nothing boots this unless a
+    test or script calls :func:`start_redis_sentinel`.
+    """
+
+    def __init__(
+        self,
+        services: Services | None = None,
+        *,
+        sentinels: int = 3,
+        quorum: int | None = None,
+        service_name: str = SENTINEL_SERVICE,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        """Describe the topology; nothing is started until :meth:`start`."""
+        if sentinels < 1:
+            raise HarnessError(f"sentinels={sentinels}: at least one sentinel is needed")
+        self.services = services
+        self.service_name = service_name
+        self.quorum = quorum if quorum is not None else sentinels // 2 + 1
+        if not 1 <= self.quorum <= sentinels:
+            raise HarnessError(f"quorum={self.quorum}: must be between 1 and {sentinels}")
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.sentinel_count = sentinels
+        self.redis_bin = find_redis_server()
+        self.sentinel_cmd = find_redis_sentinel()
+        self.host = _LOOPBACK
+        self.workdir: Path | None = None
+        self._remove_workdir = False
+        self.data_nodes: list[RedisNode] = []
+        self.sentinels: list[RedisNode] = []
+        self._watchdog: _ProcessWatchdog | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        """Describe the service and its sentinels."""
+        addresses = ", ".join(f"{n.host}:{n.port}" for n in self.sentinels)
+        return f"<RedisSentinel {self.service_name} sentinels=[{addresses}]>"
+
+    # -- addresses ----------------------------------------------------------------------
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """Return the sentinels' ``(host, port)``, as django-redis's ``SENTINELS`` wants."""
+        return [node.address for node in self.sentinels]
+
+    def location(self, db: int = 0) -> str:
+        """Return the django-redis ``LOCATION`` of database *db*: ``redis://mymaster/0``."""
+        return f"redis://{self.service_name}/{db}"
+
+    def cache_settings(self, db: int = 0, **options: Any) -> dict[str, Any]:
+        """Return a ``CACHES`` entry for django-redis's Sentinel client (*options* added)."""
+        return {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": self.location(db),
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.SentinelClient",
+                "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+                "SENTINELS": self.sentinel_addresses,
+                "SENTINEL_KWARGS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+                **options,
+            },
+        }
+
+    def master_addresses(self) -> list[tuple[str, int] | None]:
+        """Return the master's address as each running sentinel reports it (None if down)."""
+        answers: list[tuple[str, int] | None] = []
+        for node in self.sentinels:
+            if not node.running:
+                answers.append(None)
+                continue
+            try:
+                with node.client() as client:
+                    reply = client.execute_command(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name
+                    )
+            except Exception:
+                answers.append(None)
+                continue
+            host, port = (part.decode() if isinstance(part, bytes) else part for part in reply)
+            answers.append((str(host), int(port)))
+        return answers
+
+    def node_at(self, address: tuple[str, int]) -> RedisNode:
+        """Return the data node listening at *address*."""
+        for node in self.data_nodes:
+            if node.address == address:
+                return node
+        raise HarnessError(f"no data node of {self.service_name} at {address[0]}:{address[1]}")
+
+    @property
+    def master(self) -> RedisNode:
+        """Return the data node the first answering sentinel names as master."""
+        for answer in self.master_addresses():
+            if answer is not None:
+                return self.node_at(answer)
+        raise HarnessError(f"no sentinel of {self.service_name} answers")
+
+    @property
+    def replica(self) -> RedisNode:
+        """Return the data node that is not :attr:`master`."""
+        master = self.master
+        return next(node for node in self.data_nodes if node is not master)
+
+    # -- process control ----------------------------------------------------------------
+
+    def _spawn(self, node: RedisNode, command: list[str]) -> None:
+        assert self._watchdog is not None
+        log = open(node.logfile, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            node.proc = subprocess.Popen(
+                command,
+                cwd=node.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise HarnessError(f"cannot run {command[0]}: {exc}") from exc
+        finally:
+            log.close()
+        # Redis retitles its process "redis-server 127.0.0.1:<port>": the port marks it.
+        self._watchdog.watch(node.proc.pid, f"{node.host}:{node.port}")
+
+    def start_node(self, node: RedisNode, timeout: float = 15) -> None:
+        """Start one node (again) from its config file and wait until it answers PING."""
+        with self._lock:
+            if node.running:
+                return
+            if node.sentinel:
+                self._spawn(
+                    node, [*self.sentinel_cmd[:1], str(node.configfile), *self.sentinel_cmd[1:]]
+                )
+            else:
+                for dump in node.workdir.glob(f"{node.name}*.rdb"):
+                    dump.unlink(missing_ok=True)
+                self._spawn(node, [str(self.redis_bin), str(node.configfile)])
+            assert node.proc is not None
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with node.client(timeout=0.5) as client:
+                        if client.ping():
+                            return
+                except Exception:
+                    pass
+                code = node.proc.poll()
+                if code is not None or time.monotonic() > deadline:
+                    raise HarnessError(
+                        f"{node.name} on port {node.port} did not come up (exit code "
+                        f"{code}){_tail(node.logfile)}"
+                    )
+                time.sleep(0.02)
+
+    def stop_node(self, node: RedisNode) -> None:
+        """Stop one node (SIGTERM, then SIGKILL): a dead master, for a real failover."""
+        with self._lock:
+            proc, node.proc = node.proc, None
+            _stop_process(proc)
+
+    def kill_node(self, node: RedisNode) -> None:
+        """Kill one node with SIGKILL: no shutdown, no goodbye to its clients."""
+        with self._lock:
+            proc, node.proc = node.proc, None
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def start(self, timeout: float = 30) -> None:
+        """Boot the master, the replica and the sentinels; wait until all are in touch."""
+        with self._lock:
+            if self.workdir is not None:
+                raise HarnessError("this RedisSentinel was started already; make a new one")
+            self.workdir, self._remove_workdir = _service_dir(self.services, "sentinel")
+            self._watchdog = _ProcessWatchdog(self.workdir if self._remove_workdir else None)
+            ports = _free_ports(2 + self.sentinel_count)
+            try:
+                self._boot(ports, timeout)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _boot(self, ports: list[int], timeout: float) -> None:
+        assert self.workdir is not None
+        master = RedisNode("redis-a", self.host, ports[0], self.workdir)
+        replica = RedisNode("redis-b", self.host, ports[1], self.workdir)
+        self.data_nodes = [master, replica]
+        for node in self.data_nodes:
+            lines = [
+                f"port {node.port}",
+                f"bind {node.host}",
+                "daemonize no",
+                'save ""',
+                "appendonly no",
+                f"dir {self.workdir}",
+                f"dbfilename {node.name}.rdb",
+                "repl-diskless-sync yes",
+                "repl-diskless-sync-delay 0",
+                'logfile ""',
+            ]
+            if node is replica:
+                lines.append(f"replicaof {master.host} {master.port}")
+            node.configfile.write_text("\n".join(lines) + "\n")
+        self.start_node(master, timeout)
+        self.start_node(replica, timeout)
+        self._wait(
+            lambda: replica.info("replication").get("master_link_status") == "up",
+            timeout,
+            "the replica to sync with the master",
+        )
+        for index, port in enumerate(ports[2:]):
+            node = RedisNode(f"sentinel-{index}", self.host, port, self.workdir, sentinel=True)
+            node.configfile.write_text(
+                "\n".join(
+                    [
+                        f"port {port}",
+                        f"bind {self.host}",
+                        "daemonize no",
+                        f"dir {self.workdir}",
+                        'logfile ""',
+                        f"sentinel monitor {self.service_name} {master.host} {master.port} "
+                        f"{self.quorum}",
+                        f"sentinel down-after-milliseconds {self.service_name} "
+                        f"{self.down_after_ms}",
+                        f"sentinel failover-timeout {self.service_name} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {self.service_name} 1",
+                    ]
+                )
+                + "\n"
+            )
+            self.sentinels.append(node)
+        for node in self.sentinels:
+            self.start_node(node, timeout)
+        self._wait(
+            self._sentinels_in_touch, timeout, "the sentinels to find the replica and each other"
+        )
+
+    def wait_for_sentinels(self, timeout: float = 30) -> None:
+        """Wait until every sentinel knows a replica it may promote and the other sentinels.
+
+        After a node is restarted as a replica: until then ``SENTINEL FAILOVER`` answers
+        ``NOGOODSLAVE``.
+        """
+        self._wait(self._sentinels_in_touch, timeout, "the sentinels to see a good replica")
+
+    def _sentinels_in_touch(self) -> bool:
+        """Return whether every sentinel knows a live replica and every other sentinel."""
+        for node in self.sentinels:
+            with node.client() as client:
+                replicas = client.execute_command("SENTINEL", "REPLICAS", self.service_name)
+                peers = client.execute_command("SENTINEL", "SENTINELS", self.service_name)
+            if not any(_flags_ok(entry) for entry in replicas):
+                return False
+            if len(peers) < self.sentinel_count - 1:
+                return False
+        return True
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            try:
+                if predicate():
+                    return
+            except Exception as exc:  # a node still starting, or being reconfigured
+                last = exc
+            if time.monotonic() > deadline:
+                logs = "".join(
+                    _tail(node.logfile, 10) for node in [*self.data_nodes, *self.sentinels]
+                )
+                raise HarnessError(
+                    f"timed out after {timeout}s waiting for {what}"
+                    f"{f' (last error: {last})' if last else ''}{logs}"
+                )
+            time.sleep(0.05)
+
+    def wait_for_master(self, node: RedisNode, timeout: float = 30) -> None:
+        """Wait until every running sentinel names *node* master and *node* says so too."""
+
+        def agreed() -> bool:
+            answers = [a for a in self.master_addresses() if a is not None]
+            return (
+                bool(answers)
+                and all(a == node.address for a in answers)
+                and (node.role() == "master")
+            )
+
+        self._wait(agreed, timeout, f"the sentinels to name {node.name} master")
+
+    def failover(self, timeout: float = 30) -> RedisNode:
+        """Run ``SENTINEL FAILOVER`` and return the promoted node once all sentinels agree.
+
+        The old master keeps running: the sentinels turn it into a replica of the new one
+        (they do so some seconds later; :meth:`wait_for_replica` waits for that).
+        """
+        old = self.master
+        new = next(node for node in self.data_nodes if node is not old)
+        with self.sentinels[0].client() as client:
+            client.execute_command("SENTINEL", "FAILOVER", self.service_name)
+        self.wait_for_master(new, timeout)
+        return new
+
+    def wait_for_replica(self, node: RedisNode, timeout: float = 30) -> None:
+        """Wait until *node* is a replica of the current master with its link up."""
+        master = self.master
+
+        def synced() -> bool:
+            info = node.info("replication")
+            return (
+                info.get("role") == "slave"
+                and int(info.get("master_port", 0)) == master.port
+                and info.get("master_link_status") == "up"
+            )
+
+        self._wait(synced, timeout, f"{node.name} to replicate from {master.name}")
+
+    def stop(self) -> None:
+        """Stop every process and remove the directory; idempotent."""
+        with self._lock:
+            for node in [*self.sentinels, *self.data_nodes]:
+                self.stop_node(node)
+            if self._watchdog is not None:
+                self._watchdog.close()
+                self._watchdog = None
+            if self._remove_workdir and self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self._remove_workdir = False
+
+
+def _flags_ok(entry: Any) -> bool:
+    """Return whether a ``SENTINEL REPLICAS`` entry is a replica the sentinel may promote."""
+    if isinstance(entry, dict):  # RESP3 (redis-py 8's default protocol)
+        items = list(entry.items())
+    else:  # RESP2: a flat list of names and values
+        pairs = iter(entry)
+        items = list(zip(pairs, pairs, strict=False))
+    fields = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in items
+    }
+    flags = str(fields.get("flags", "")).split(",")
+    return "slave" in flags and "s_down" not in flags and "disconnected" not in flags
+
+
+def start_redis_sentinel(services: Services | None = None, **kwargs: Any) -> RedisSentinel:
+    """Start a :class:`RedisSentinel` and return it (the caller stops it).
+
+    *kwargs* go to :class:`RedisSentinel` (``sentinels``, ``quorum``, ...). Stopped at
+    interpreter exit if the caller does not; a watchdog process terminates its processes if
+    this process dies without doing either.
+    """
+    sentinel = RedisSentinel(services, **kwargs)
+    sentinel.start()
+    atexit.register(sentinel.stop)
+    return sentinel
