@@ -43,8 +43,10 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 from django.core import signing
 from django.db import connections
+from django.dispatch import Signal
 
 from django_dbscale.conf import dbscale_settings
+from django_dbscale.signals import read_routed
 
 __all__ = [
     "ConsistencyState",
@@ -253,9 +255,15 @@ os.register_at_fork(after_in_child=_new_count_lock_in_child)
 
 
 def count_route(alias: str, reason: str) -> None:
-    """Count one read of *alias* for *reason* (``route_counts``)."""
+    """Count one read of *alias* for *reason* (``route_counts``); send ``read_routed``.
+
+    The signal is sent only when someone listens: without receivers this costs one list
+    check and allocates nothing.
+    """
     with _count_lock:
         route_counts[(alias, reason)] += 1
+    if read_routed.receivers:
+        read_routed.send(sender=None, alias=alias, reason=reason)
 
 
 def read_from_primary(primary: str, reason: str, state: ConsistencyState | None = None) -> None:
@@ -342,6 +350,12 @@ naming_database: ContextVar[bool] = ContextVar("dbscale_naming_database", defaul
 # -- tokens -------------------------------------------------------------------------------
 
 
+#: Sent (``sender=None``, no arguments) before a token is issued. A pillar that sent work
+#: without waiting for it (the cache's invalidations) finishes it here, so that whoever
+#: holds the token never reads ahead of it.
+token_issuing = Signal()
+
+
 def consistency_token() -> str:
     """Return a signed token for everything this context must read at least.
 
@@ -349,6 +363,8 @@ def consistency_token() -> str:
     open :func:`read_at_least` with it there. Fetches pending LSNs (one query per primary
     written since the last fetch).
     """
+    if token_issuing.receivers:
+        token_issuing.send(sender=None)
     state = current_state()
     if dbscale_settings.read_your_writes == "lsn":
         for primary in list(state.pending):

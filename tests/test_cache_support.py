@@ -22,8 +22,15 @@ def redis() -> Any:
     return gateway().client
 
 
+def settle() -> None:
+    """Wait for what this process sent Redis without waiting: invalidations and fills."""
+    invalidation.confirm()
+    gateway().drain_owed()
+
+
 def cache_keys(pattern: str = "*") -> list[str]:
     """Return the cache's Redis keys matching *pattern* after the prefix, sorted."""
+    settle()
     prefix = options().prefix
     return sorted(k.decode() for k in redis().scan_iter(match=f"{prefix}:{pattern}", count=1000))
 
@@ -151,5 +158,6 @@ def fresh_context() -> contextlib.AbstractContextManager[Any]:
 
 def commandstats() -> dict[str, int]:
     """Return Redis ``INFO commandstats`` call counts by command name (lower case)."""
+    settle()
     info = redis().info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}

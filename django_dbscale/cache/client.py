@@ -9,6 +9,18 @@ turns every Redis error into :class:`RedisUnavailable`.
 
 Scripts are sent with ``EVALSHA``; after a Redis restart (``NOSCRIPT``) they are loaded
 once and the call repeated.
+
+Two calls do not wait for their reply, because nothing the caller does next depends on it
+(measured: a round trip is most of what a miss or a write adds, see docs/cache.md):
+
+* a fill (:meth:`Gateway.send_deferred`): the connection goes back to the free list owing
+  the reply, and whoever takes it next reads that reply first (it has arrived by then), for
+  the counters; a thread's next call takes the same connection, so Redis runs its commands
+  in the order they were sent;
+* an invalidation (:meth:`Gateway.send_held` / :meth:`Gateway.finish_held`): the connection
+  is held aside until the invalidation layer reads the reply, which it does before any
+  cached read, before a consistency token is issued, and within a bound (see
+  :mod:`~django_dbscale.cache.invalidation`).
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -26,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import SentinelManagedConnection
 
 from django_dbscale.cache import continuity
 from django_dbscale.cache.breaker import CircuitBreaker
@@ -100,6 +114,10 @@ class Gateway:
         self._lock = threading.Lock()
         #: Idle connections of the hit path (see :meth:`run_packed`).
         self._free: deque[Any] = deque()
+        #: Connection -> callbacks for the replies it owes (fills sent without waiting).
+        self._owed: dict[Any, list[Callable[[Any], None]]] = {}
+        #: Set when a deferred reply said NOSCRIPT: load the scripts before the next send.
+        self._reload_scripts = False
 
     @property
     def client(self) -> redis.Redis[bytes]:
@@ -133,7 +151,10 @@ class Gateway:
             # Every new connection verifies the server before its first command.
             redis_connect_func=continuity.on_connect,
         )
-        own_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+        connection_class = pool.connection_class
+        if issubclass(connection_class, SentinelManagedConnection):
+            connection_class = _sentinel_dialing(connection_class)
+        own_pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
         return redis.Redis(connection_pool=own_pool)
 
     def close(self) -> None:
@@ -164,6 +185,7 @@ class Gateway:
         there meanwhile: it is then dropped with the old deque, never reused.
         """
         free, self._free = self._free, deque()
+        self._owed = {}  # replies those connections owe are lost with them (counters only)
         return free
 
     def open_connection(self) -> Any:
@@ -195,6 +217,7 @@ class Gateway:
         """Drop (without closing) the parent's sockets: the child must open its own."""
         self._client = None
         self._free = deque()
+        self._owed = {}
 
     # -- calls --------------------------------------------------------------------------
     def available(self) -> bool:
@@ -217,9 +240,10 @@ class Gateway:
         except IndexError:
             connection = self._connect()
             reused = False
+        owed = self._owed.pop(connection, None) if self._owed else None
         try:
             try:
-                result = self._send(connection, packed, script)
+                result = self._send(connection, packed, script, owed)
             except RedisConnectionError:
                 if not reused:
                     raise
@@ -244,16 +268,144 @@ class Gateway:
         pool = self.client.connection_pool
         return pool.connection_class(**pool.connection_kwargs)
 
-    @staticmethod
-    def _send(connection: Any, packed: bytes, script: Script) -> Any:
+    def _send(
+        self,
+        connection: Any,
+        packed: bytes,
+        script: Script,
+        owed: list[Callable[[Any], None]] | None = None,
+    ) -> Any:
         try:
             connection.send_packed_command([packed], check_health=False)
+            if owed:
+                self._read_owed(connection, owed)
             return connection.read_response()
         except NoScriptError:
             connection.send_packed_command([pack("SCRIPT", "LOAD", script.source)])
             connection.read_response()
             connection.send_packed_command([packed], check_health=False)
             return connection.read_response()
+
+    def _read_owed(self, connection: Any, owed: list[Callable[[Any], None]]) -> None:
+        """Read the replies *connection* owes (in the order sent) and hand them over."""
+        for callback in owed:
+            try:
+                reply = connection.read_response()
+            except ResponseError as exc:  # an error reply: the connection is still in sync
+                reply = exc
+                if isinstance(exc, NoScriptError):
+                    self._reload_scripts = True
+            try:
+                callback(reply)
+            except Exception:  # a counter must never break the read that drained it
+                logger.exception("A deferred Redis reply's callback failed.")
+
+    def send_deferred(self, packed: bytes, on_reply: Callable[[Any], None]) -> None:
+        """Send one packed command without waiting; *on_reply* gets its reply later.
+
+        The reply (or the error reply, as an exception object) is read by whichever call
+        takes the connection next, or by :meth:`drain_owed`. A reply lost with its
+        connection is never delivered: use this only where the reply is informational.
+        """
+        if self._reload_scripts:
+            self.load_scripts()
+        free = self._free
+        try:
+            connection = free.pop()
+        except IndexError:
+            connection = self._connect()
+        owed = self._owed.pop(connection, None) if self._owed else None
+        try:
+            connection.send_packed_command([packed], check_health=False)
+        except BaseException as exc:
+            connection.disconnect()
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            self.failed(exc, "deferred send")
+            raise RedisUnavailable(str(exc)) from exc
+        if owed is None:
+            owed = []
+        owed.append(on_reply)
+        self._owed[connection] = owed
+        free.append(connection)
+
+    def drain_owed(self) -> None:
+        """Read every reply owed by idle connections now (counters are then current)."""
+        free = self._free
+        for connection in list(self._owed):
+            try:
+                free.remove(connection)
+            except ValueError:
+                continue  # in use by another thread, which reads what it owes
+            owed = self._owed.pop(connection, None)
+            try:
+                if owed:
+                    self._read_owed(connection, owed)
+            except (RedisError, OSError) as exc:
+                connection.disconnect()
+                self.failed(exc, "deferred reply")
+                continue
+            free.append(connection)
+
+    def send_held(self, packed: bytes) -> Any:
+        """Send packed commands on a connection of the caller's; return it.
+
+        The caller must pass it to :meth:`finish_held`, which reads the replies and frees
+        it (a child process after a fork just forgets it: the socket is the parent's).
+        """
+        if self._reload_scripts:
+            self.load_scripts()
+        free = self._free
+        try:
+            connection = free.pop()
+        except IndexError:
+            connection = self._connect()
+        owed = self._owed.pop(connection, None) if self._owed else None
+        try:
+            if owed:  # settle what it owes first: its replies come before ours
+                self._read_owed(connection, owed)
+            connection.send_packed_command([packed], check_health=False)
+        except BaseException as exc:
+            connection.disconnect()
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            self.failed(exc, "send")
+            raise RedisUnavailable(str(exc)) from exc
+        return connection
+
+    def finish_held(self, connection: Any, count: int) -> list[Any]:
+        """Read *count* replies of a :meth:`send_held` connection and free it.
+
+        Error replies are returned as exception objects (``NOSCRIPT`` included); a lost
+        connection raises :class:`RedisUnavailable`.
+        """
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException as exc:
+            connection.disconnect()
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            self.failed(exc, "deferred reply")
+            raise RedisUnavailable(str(exc)) from exc
+        self._free.append(connection)
+        self.breaker.success()
+        return replies
+
+    def load_scripts(self) -> None:
+        """Load every script (after a ``NOSCRIPT`` reply to a call that did not wait)."""
+        self._reload_scripts = False
+        try:
+            for script in (READ, FILL, BUMP, RELEASE):
+                self.client.execute_command("SCRIPT", "LOAD", script.source)
+        except (RedisError, OSError) as exc:
+            self._reload_scripts = True
+            self.failed(exc, "script load")
+            raise RedisUnavailable(str(exc)) from exc
 
     def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run *script*; the caller must have checked :meth:`available`."""
@@ -313,6 +465,46 @@ def _lost_contact(exc: BaseException) -> bool:
     # An error reply means the server answered: still connected (unless it now refuses
     # writes, as a demoted primary does).
     return not isinstance(exc, ResponseError) or isinstance(exc, ReadOnlyError)
+
+
+class _DialThroughSentinel:
+    """Ask the sentinels for the master's address on every connect, implicit ones too.
+
+    redis-py's ``send_packed_command()`` connects an unconnected connection through
+    ``connect_check_health()``, which ``SentinelManagedConnection`` does not override (it
+    resolves the master in ``connect()`` only): the gateway's own connections, sent to
+    before anything calls ``connect()``, would dial the ``LOCATION``'s service name as a
+    host. With django-redis's ``SentinelClient`` the gateway's connections get this mixin.
+    """
+
+    _sock: Any
+    _dialing = False
+    connect: Callable[[], None]  # SentinelManagedConnection's, by the MRO
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        if self._sock is None and not self._dialing:
+            self._dialing = True
+            try:
+                # Resolves the master, then comes back here (dialing) to connect to it.
+                self.connect()
+            finally:
+                self._dialing = False
+            return
+        super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+
+_sentinel_classes: dict[type[Any], type[Any]] = {}
+
+
+def _sentinel_dialing(connection_class: type[Any]) -> type[Any]:
+    """Return *connection_class* (a Sentinel-managed one) with :class:`_DialThroughSentinel`."""
+    made = _sentinel_classes.get(connection_class)
+    if made is None:
+        made = type(
+            f"Dbscale{connection_class.__name__}", (_DialThroughSentinel, connection_class), {}
+        )
+        _sentinel_classes[connection_class] = made
+    return made
 
 
 _gateway: list[Gateway] = []

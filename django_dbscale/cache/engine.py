@@ -13,7 +13,9 @@
    header, else to its primary.
 4. **Check-and-set** (``fill.lua``): store only if every version is still the one in the
    header (a write that committed meanwhile has bumped one), and only if the fill read
-   nothing outside them and nothing non-deterministic.
+   nothing outside them and nothing non-deterministic. The fill is sent without waiting
+   for its reply (unless a ``cache_read`` receiver wants to know whether it was stored):
+   the caller's next Redis call uses the same connection, so it runs after the fill.
 
 Inside a transaction, reads of tables the transaction wrote bypass the cache; a miss under
 ``REPEATABLE READ``/``SERIALIZABLE`` is never stored (its snapshot may predate a commit
@@ -24,6 +26,7 @@ database read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pickle
 import threading
@@ -330,21 +333,38 @@ def _fill(
         stats.incr(plan.label, "too_big")
         _notify(plan, False, False, "bypass:too big")
         return value
+    args: list[str | bytes | int] = [header, payload, timeout, nonce, opts.version_timeout]
+    gw = gateway()
+    if not cache_read.receivers:
+        # Nothing here depends on whether it was stored: do not wait for the reply (the
+        # connection's next user reads it, for the counters). See client.send_deferred.
+        try:
+            gw.send_deferred(
+                pack("EVALSHA", FILL.sha, len(plan.keys), *plan.keys, *args),
+                functools.partial(_counted_fill, plan.label),
+            )
+        except RedisUnavailable:
+            stats.incr(plan.label, "error")
+        return value
     try:
-        stored = gateway().evalsha(
-            FILL, plan.keys, [header, payload, timeout, nonce, opts.version_timeout]
-        )
+        stored = gw.evalsha(FILL, plan.keys, args)
     except RedisUnavailable:
         stats.incr(plan.label, "error")
         _notify(plan, False, False, "error")
         return value
-    if stored == 1:
-        stats.incr(plan.label, "store")
-        _notify(plan, False, True, "miss")
-    else:
-        stats.incr(plan.label, "rejected")
-        _notify(plan, False, False, "rejected")
+    _counted_fill(plan.label, stored)
+    _notify(plan, False, stored == 1, "miss" if stored == 1 else "rejected")
     return value
+
+
+def _counted_fill(label: str, reply: Any) -> None:
+    """Count a fill's reply from ``fill.lua``: stored, rejected (a version moved) or error."""
+    if reply == 1:
+        stats.incr(label, "store")
+    elif isinstance(reply, Exception):
+        stats.incr(label, "error")
+    else:
+        stats.incr(label, "rejected")
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ def explain_queryset(queryset: Any, kind: str = "rows") -> Explanation:
     }
     if plan.reason is not None:
         return Explanation(cacheable=False, state="uncacheable", reason=plan.reason, **common)
-    if invalidation.has_pending():
+    if invalidation.has_pending() and not invalidation.flush_pending():
         return Explanation(
             cacheable=True,
             state="miss",

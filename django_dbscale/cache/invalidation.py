@@ -33,18 +33,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import DatabaseError, connections
+from redis.exceptions import NoScriptError
 
 from django_dbscale import consistency
 from django_dbscale.backends import events
 from django_dbscale.cache import continuity, outbox, stats
 from django_dbscale.cache.analysis import MAX_DIMENSION_VALUES, dimensions_from_where
-from django_dbscale.cache.client import RedisUnavailable, bump_call, gateway
+from django_dbscale.cache.client import RedisUnavailable, bump_call, gateway, pack
 from django_dbscale.cache.dimensions import dimension_fields_for_table
 from django_dbscale.cache.keys import (
     UNKNOWN_LSN,
@@ -57,6 +58,7 @@ from django_dbscale.cache.signals import cache_invalidated
 from django_dbscale.conf import dbscale_settings
 
 __all__ = [
+    "confirm",
     "dirty_tables",
     "flush_pending",
     "has_pending",
@@ -125,6 +127,8 @@ def _before_commit(connection: Any, **kwargs: Any) -> None:
     if state is None or not state.keys:
         return
     state.outboxed = False  # a COMMIT that failed earlier may have left it set
+    if _in_flight:
+        confirm()  # deliveries sent without waiting: delivered, or pending for real?
     if not has_pending() and gateway().breaker.state == "closed":
         return
     try:
@@ -168,6 +172,16 @@ def _on_commit(connection: Any, **kwargs: Any) -> None:
         logger.exception("Could not deliver the invalidations of a committed transaction.")
 
 
+def _before_token(**kwargs: Any) -> None:
+    """Before a consistency token leaves this context: confirm the invalidations in flight.
+
+    The token's holder (the next request, a task) may read from another process at once;
+    the writes the token covers must have invalidated the cache by then.
+    """
+    if _pending_keys:
+        flush_pending()
+
+
 def _on_rollback(connection: Any, **kwargs: Any) -> None:
     """Rollback listener: the transaction's writes are gone, and so are its invalidations."""
     connection._dbscale_cache_tx = None
@@ -175,6 +189,7 @@ def _on_rollback(connection: Any, **kwargs: Any) -> None:
 
 def connect_receivers() -> None:
     """Subscribe to the backend's write and transaction events (the cache app's ``ready()``)."""
+    consistency.token_issuing.connect(_before_token, dispatch_uid="dbscale_cache_token")
     events.statement_wrote.connect(_on_statement_wrote, dispatch_uid="dbscale_cache_write")
     events.transaction_committing.connect(_before_commit, dispatch_uid="dbscale_cache_precommit")
     events.transaction_committed.connect(_on_commit, dispatch_uid="dbscale_cache_commit")
@@ -278,15 +293,38 @@ def invalidate_tables(alias: str, tables: Iterable[tuple[str, Iterable[str] | No
 # -- delivery ---------------------------------------------------------------------------
 
 _lock = threading.Lock()
+#: Serialises sending and confirming (reentrant: a cache_invalidated receiver may read).
+_flush_lock = threading.RLock()
 #: primary alias -> {version key: sequence number of the latest write that queued it}
 _pending_keys: dict[str, dict[str, int]] = {}
 _pending_lsn: dict[str, int] = {}
 _pending_tables: dict[str, set[str]] = {}
 _sequence = [0]
 
+#: Seconds within which a delivery sent without waiting is confirmed (or found undelivered
+#: and written to the outbox) even if this process makes no cached read meanwhile.
+CONFIRM_WITHIN = 0.05
+#: Deliveries in flight above which a write waits for the older ones' replies.
+MAX_IN_FLIGHT = 16
+
+
+@dataclass
+class _Sent:
+    """A delivery sent on a held connection whose replies are not read yet."""
+
+    connection: Any
+    calls: list[tuple[Any, ...]]
+    extra: list[tuple[Any, ...]]
+    keys: dict[str, dict[str, int]]
+    lsns: dict[str, int]
+    tables: dict[str, set[str]]
+
+
+_in_flight: list[_Sent] = []
+
 
 def has_pending() -> bool:
-    """Return whether invalidations are waiting for Redis (reads must not use it)."""
+    """Return whether invalidations are unconfirmed (reads must not use Redis yet)."""
     return bool(_pending_keys)
 
 
@@ -315,7 +353,8 @@ def deliver(
     """Queue *batch* (alias -> (version keys, tables)) and send everything queued.
 
     *positions* are the primaries' WAL positions after the writes committed (fetched here
-    when not given). If Redis cannot take them, the batch is also written to each
+    when not given). The bumps are sent without waiting for Redis's reply (see
+    :func:`flush_pending`); if Redis cannot take them, the batch is also written to each
     database's outbox, unless it already is (*outboxed*: written before COMMIT).
     """
     if not batch:
@@ -333,20 +372,29 @@ def deliver(
             _pending_lsn[alias] = max(_pending_lsn.get(alias, 0), positions[alias])
             if len(queued) > MAX_PENDING_KEYS:
                 _collapse(alias)
-    if not flush_pending():
-        for alias, (keys, _) in batch.items():
-            if outboxed or outbox.record(alias, keys):
-                if not outboxed:
-                    stats.incr(f"db:{alias}", "outboxed")
-                continuity.owe(alias)  # drained by this process once Redis is back
-        _schedule_retry()
+    # Observers of cache_invalidated, and an outbox row to settle, need the reply now.
+    wait = outboxed or bool(cache_invalidated.receivers)
+    if not flush_pending(wait=wait):
+        _undelivered({alias: keys for alias, (keys, _) in batch.items()}, outboxed=outboxed)
     elif outboxed:
         for alias in batch:
             continuity.owe(alias)  # delivered after all: drain the row written before COMMIT
 
 
-#: The background retry of undelivered invalidations (at most one at a time).
+def _undelivered(keys: Mapping[str, Iterable[str]], *, outboxed: bool = False) -> None:
+    """Keep invalidations Redis did not take: outbox them and retry in the background."""
+    for alias, alias_keys in keys.items():
+        if outboxed or outbox.record(alias, alias_keys):
+            if not outboxed:
+                stats.incr(f"db:{alias}", "outboxed")
+            continuity.owe(alias)  # drained by this process once Redis is back
+    _schedule_retry()
+
+
+#: The background retry of undelivered invalidations (at most one at a time), and the
+#: background confirmation of deliveries in flight (likewise).
 _retry: list[threading.Timer] = []
+_confirm: list[threading.Timer] = []
 
 
 def _schedule_retry() -> None:
@@ -366,11 +414,26 @@ def _schedule_retry() -> None:
     timer.start()
 
 
-def _forget_retry_after_fork() -> None:
-    _retry.clear()  # the timer's thread does not exist in the child
+def _schedule_confirm() -> None:
+    """Confirm the deliveries in flight within :data:`CONFIRM_WITHIN` seconds."""
+    with _lock:
+        if _confirm:
+            return
+        timer = threading.Timer(CONFIRM_WITHIN, _confirm_now)
+        timer.daemon = True
+        _confirm.append(timer)
+    timer.start()
 
 
-os.register_at_fork(after_in_child=_forget_retry_after_fork)
+def _forget_timers_after_fork() -> None:
+    # The timers' threads do not exist in the child; the held connections are the
+    # parent's sockets (the parent reads their replies): forget them, never read them.
+    _retry.clear()
+    _confirm.clear()
+    _in_flight.clear()
+
+
+os.register_at_fork(after_in_child=_forget_timers_after_fork)
 
 
 def _retry_now() -> None:
@@ -385,6 +448,15 @@ def _retry_now() -> None:
         _schedule_retry()
 
 
+def _confirm_now() -> None:
+    with _lock:
+        _confirm.clear()
+    try:
+        confirm()
+    except Exception:
+        logger.exception("Background confirmation of invalidations failed.")
+
+
 def _collapse(alias: str) -> None:
     """Replace dimension keys by their table's wide key (bounded memory while Redis is down)."""
     queued = _pending_keys[alias]
@@ -395,29 +467,95 @@ def _collapse(alias: str) -> None:
     _pending_keys[alias] = collapsed
 
 
-def flush_pending() -> bool:
-    """Send queued invalidations in one round trip; return whether none are left."""
+def confirm() -> bool:
+    """Read the replies of every delivery in flight; return whether all were delivered.
+
+    A delivery whose connection broke stays pending (so this process's reads bypass the
+    cache), goes to the outbox and is retried, exactly like one that failed to send.
+    """
+    if not _in_flight:
+        return True
+    with _flush_lock:
+        return _confirm_locked()
+
+
+def _confirm_locked() -> bool:
+    ok = True
+    gw = gateway()
+    while _in_flight:
+        sent = _in_flight.pop(0)
+        try:
+            replies = gw.finish_held(sent.connection, len(sent.calls) + len(sent.extra))
+            if any(isinstance(r, NoScriptError) for r in replies):
+                gw.pipeline(sent.calls + sent.extra)  # loads the scripts, runs them again
+            else:
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if errors:
+                    gw.failed(errors[0], "invalidation")
+                    raise RedisUnavailable(str(errors[0]))
+        except RedisUnavailable:
+            stats.restore(sent.extra)
+            for alias in sent.keys:
+                stats.incr(f"db:{alias}", "error")
+            _undelivered(sent.keys)
+            ok = False
+            continue
+        _delivered(sent)
+    return ok
+
+
+def flush_pending(*, wait: bool = True) -> bool:
+    """Send queued invalidations in one round trip; return whether none are left.
+
+    With *wait* false (a write's own delivery) the bumps are sent without reading the
+    reply: the write returns after one ``send``. Their replies are read (:func:`confirm`)
+    before this process's next cached read, before it issues a consistency token, and
+    within :data:`CONFIRM_WITHIN` seconds otherwise; until then :func:`has_pending` is true.
+    Redis runs a connection's commands in order, and no read is sent before the bumps
+    sent ahead of it are confirmed: a context always reads its own invalidations.
+    """
     if not _pending_keys:
         return True
-    gw = gateway()
-    if not gw.available():
-        return False
-    opts = options()
+    with _flush_lock:
+        if _in_flight and not _confirm_locked():
+            wait = True  # a delivery failed: find out about the rest now, not later
+        if not _pending_keys:
+            return True
+        gw = gateway()
+        if not gw.available():
+            return False
+        opts = options()
+        with _lock:
+            snapshot = {alias: dict(keys) for alias, keys in _pending_keys.items()}
+            lsns = dict(_pending_lsn)
+            tables = {alias: set(t) for alias, t in _pending_tables.items()}
+        calls = [bump_call(sorted(keys), lsns.get(alias, 0)) for alias, keys in snapshot.items()]
+        extra = stats.drain_commands(opts.prefix) if stats.due() else []
+        sent = _Sent(None, calls, extra, snapshot, lsns, tables)
+        try:
+            if wait:
+                gw.pipeline(calls + extra)
+            else:
+                sent.connection = gw.send_held(b"".join(pack(*call) for call in calls + extra))
+        except RedisUnavailable:
+            stats.restore(extra)
+            for alias in snapshot:
+                stats.incr(f"db:{alias}", "error")
+            return False
+        if wait:
+            _delivered(sent)
+            return not _pending_keys
+        _in_flight.append(sent)
+        if len(_in_flight) >= MAX_IN_FLIGHT:
+            _confirm_locked()
+    _schedule_confirm()
+    return True
+
+
+def _delivered(sent: _Sent) -> None:
+    """Forget the keys *sent* delivered (unless queued again since) and tell observers."""
     with _lock:
-        snapshot = {alias: dict(keys) for alias, keys in _pending_keys.items()}
-        lsns = dict(_pending_lsn)
-        tables = {alias: set(t) for alias, t in _pending_tables.items()}
-    calls = [bump_call(sorted(keys), lsns.get(alias, 0)) for alias, keys in snapshot.items()]
-    extra = stats.drain_commands(opts.prefix) if stats.due() else []
-    try:
-        gw.pipeline(calls + extra)
-    except RedisUnavailable:
-        stats.restore(extra)
-        for alias in snapshot:
-            stats.incr(f"db:{alias}", "error")
-        return False
-    with _lock:
-        for alias, keys in snapshot.items():
+        for alias, keys in sent.keys.items():
             queued = _pending_keys.get(alias, {})
             for key, seq in keys.items():
                 if queued.get(key) == seq:
@@ -426,26 +564,30 @@ def flush_pending() -> bool:
                 _pending_keys.pop(alias, None)
                 _pending_lsn.pop(alias, None)
                 _pending_tables.pop(alias, None)
-    for alias, keys in snapshot.items():
-        for table in tables.get(alias, ()):
+    for alias, keys in sent.keys.items():
+        for table in sent.tables.get(alias, ()):
             stats.incr(f"table:{table}", "invalidation")
         if cache_invalidated.receivers:
             cache_invalidated.send(
                 sender=None,
                 alias=alias,
-                tables=frozenset(tables.get(alias, ())),
+                tables=frozenset(sent.tables.get(alias, ())),
                 keys=tuple(sorted(keys)),
-                lsn=lsns.get(alias, 0),
+                lsn=sent.lsns.get(alias, 0),
             )
-    return not _pending_keys
 
 
 def forget_pending() -> None:
     """Drop undelivered invalidations (tests that reset Redis wholesale)."""
+    with _flush_lock:
+        for sent in _in_flight:
+            sent.connection.disconnect()
+        _in_flight.clear()
     with _lock:
-        for timer in _retry:
+        for timer in (*_retry, *_confirm):
             timer.cancel()
         _retry.clear()
+        _confirm.clear()
         _pending_keys.clear()
         _pending_lsn.clear()
         _pending_tables.clear()

@@ -41,7 +41,7 @@ if ARGV[4] ~= '1' and values[1] and values[2] == header then
   return {1, values[1]}
 end
 local lease = 0
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  lease = 1
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[3]) == ARGV[1] then
+  lease = 1  -- granted, or already ours (our own fill, sent without waiting, is still queued)
 end
 return {0, header, lease}
