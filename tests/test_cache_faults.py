@@ -269,3 +269,44 @@ def test_redis_failures_while_the_interpreter_exits_are_not_warnings(
             continuity._exiting.clear()
         assert [r.levelname for r in caplog.records if "verify failed" in r.message] == ["DEBUG"]
     gw.breaker.success()
+
+
+@pytest.mark.usefixtures("fast_breaker")
+def test_a_bump_sent_without_waiting_and_lost_is_outboxed_then_delivered(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write returns once its bumps are sent; here they never reach Redis (black hole).
+    monkeypatch.setattr(invalidation, "CONFIRM_WITHIN", 60.0)  # the test confirms itself
+    row = CCounter.objects.create(name="lost", value=1)
+    prime(row.pk, 1)
+    with services.proxies["redis"].blackholed():
+        CCounter.objects.filter(pk=row.pk).update(value=2)  # returns after the send
+        assert invalidation.has_pending()  # in flight: this process's reads must wait
+        assert not invalidation.confirm()  # no reply within the socket timeout
+        assert invalidation.has_pending()  # still owed, and written to the outbox:
+        outboxed = services.pg1.execute(
+            "SELECT keys FROM dbscale_cache_outbox", dbname=services.databases()["default"]["NAME"]
+        )
+        assert len(outboxed) == 1 and "testapp_ccounter" in str(outboxed[0][0]), outboxed
+        value, reasons = read(row.pk)
+        assert value == 2 and reasons[0].startswith("bypass:")
+    assert continuity.wait_until_verified()
+    with fresh_context():  # another context, which holds no token of the write
+        assert read(row.pk) == (2, ["miss"])
+    assert not invalidation.has_pending()
+
+
+def test_a_consistency_token_is_issued_only_after_the_bumps_are_confirmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django_dbscale import consistency_token
+
+    monkeypatch.setattr(invalidation, "CONFIRM_WITHIN", 60.0)
+    row = CCounter.objects.create(name="token", value=1)
+    prime(row.pk, 1)
+    CCounter.objects.filter(pk=row.pk).update(value=2)
+    assert invalidation.has_pending()  # sent, reply not read yet
+    consistency_token()  # what a response cookie or a task header carries
+    assert not invalidation.has_pending()
+    with fresh_context():
+        assert read(row.pk) == (2, ["miss"])
