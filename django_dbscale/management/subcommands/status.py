@@ -1,4 +1,9 @@
-"""``manage.py dbscale status``: primaries, replicas, health, lag and where reads go."""
+"""``manage.py dbscale status``: primaries, replicas, health, lag and where reads go.
+
+:func:`report` gathers everything the command shows as JSON-ready data; the staff status
+page (:mod:`django_dbscale.contrib.status`) renders the same report, so the two never
+disagree about what a replica's lag or a shard group's ring is.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from django_dbscale.consistency import format_lsn
 
 HELP = (
     "Probe every replica now and print health, lag and where reads would go; reads routed "
-    "by reason; and the queryset cache's counters per model."
+    "by reason; each shard group's ring version and key shares; and the queryset cache's "
+    "counters per model."
 )
 
 
@@ -55,9 +61,83 @@ def collect() -> list[dict[str, Any]]:
     return rows
 
 
+def cache_configured() -> bool:
+    """Return whether this process runs the queryset cache (``DBSCALE["CACHE"]`` declared,
+    enabled, and its ``ALIAS`` in ``CACHES``).
+
+    A project without the cache must not load its machinery (or need Redis) to report.
+    """
+    if not dbscale_settings.cache_declared:
+        return False
+    from django_dbscale.cache.options import options
+
+    return options().enabled
+
+
+def routes() -> dict[str, int]:
+    """Return reads routed by this process: ``{"<alias> <reason>": count}``."""
+    return {f"{alias} {reason}": n for (alias, reason), n in sorted(replicas.route_counts.items())}
+
+
+def shard_groups() -> list[dict[str, Any]]:
+    """Return one entry per shard group: the ``shards`` command's ring description plus the
+    active ring's ``version`` in the shard map (``None``: no row, routed by settings) and
+    whether ``SHARD_GROUPS`` declares another ring (a resharding not yet run).
+
+    A group whose ring cannot be built is reported with an ``error`` instead of failing the
+    whole report.
+    """
+    if not dbscale_settings.shard_groups:
+        return []
+    from django_dbscale.management.subcommands import shards
+    from django_dbscale.sharding import shardmap
+    from django_dbscale.sharding.exceptions import ShardingError
+    from django_dbscale.sharding.ring import configured_ring
+
+    # Read the map now, as the replicas are probed now: this process's copy may be up to
+    # SHARD_MAP_CHECK_INTERVAL old, and a report must show a cutover that just happened.
+    shardmap.refresh()
+    out: list[dict[str, Any]] = []
+    for name in dbscale_settings.shard_groups:
+        try:
+            (entry,) = shards.collect([name], [], verify=False)
+            active = shardmap.active(name)
+            target = configured_ring(name).fingerprint
+        except ShardingError as exc:
+            out.append({"group": name, "error": str(exc), "nodes": []})
+            continue
+        entry.pop("keys", None)
+        entry["version"] = None if active is None else active.version
+        entry["configured_fingerprint"] = target
+        entry["resharding_pending"] = target != entry["fingerprint"]
+        out.append(entry)
+    return out
+
+
+def report() -> dict[str, Any]:
+    """Probe now and return everything ``status`` shows, ready for ``json.dumps``.
+
+    Keys: ``budget`` (the lag budget), ``primaries`` (:func:`collect`), ``routes``,
+    ``shard_groups``, ``cache`` (counters per model) and ``cache_continuity`` (outbox rows
+    per primary, untrusted aliases). A pillar the project does not use reports an empty
+    value and touches no server of its own (no Redis without the cache).
+    """
+    return {
+        "budget": {
+            "max_replica_lag": dbscale_settings.max_replica_lag,
+            "max_replica_lag_bytes": dbscale_settings.max_replica_lag_bytes,
+        },
+        "primaries": collect(),
+        "routes": routes(),
+        "shard_groups": shard_groups(),
+        "cache": cache_counters(),
+        "cache_continuity": cache_continuity(),
+    }
+
+
 def cache_counters() -> dict[str, dict[str, int]]:
     """Return the cache's hits, misses, stores, ... per model (all processes, via Redis)."""
-    if not dbscale_settings.cache["ENABLED"]:
+    if not cache_configured():
         return {}
     from django_dbscale.cache import cache_stats
 
@@ -70,7 +150,7 @@ def cache_continuity() -> dict[str, Any]:
     Rows in an outbox mean some write's invalidation has not reached Redis yet: normal for a
     moment after an outage, a problem if they stay.
     """
-    if not dbscale_settings.cache["ENABLED"]:
+    if not cache_configured():
         return {}
     from django.db import connections
 
@@ -93,21 +173,12 @@ def cache_continuity() -> dict[str, Any]:
 
 
 def handle(command: BaseCommand, **options: Any) -> None:
-    rows = collect()
-    routes = {
-        f"{alias} {reason}": n for (alias, reason), n in sorted(replicas.route_counts.items())
-    }
-    counters = cache_counters()
-    continuity = cache_continuity()
+    data = report()
     if options.get("json"):
-        report = {
-            "primaries": rows,
-            "routes": routes,
-            "cache": counters,
-            "cache_continuity": continuity,
-        }
-        command.stdout.write(json.dumps(report, indent=2))
+        command.stdout.write(json.dumps(data, indent=2))
         return
+    rows, routed = data["primaries"], data["routes"]
+    counters, continuity = data["cache"], data["cache_continuity"]
     budget = (
         f"budget: {dbscale_settings.max_replica_lag}s or "
         f"{dbscale_settings.max_replica_lag_bytes} bytes"
@@ -123,8 +194,21 @@ def handle(command: BaseCommand, **options: Any) -> None:
                 + (f"  error={r['error']}" if r["error"] else "")
             )
     command.stdout.write("reads routed by this process (alias, reason):")
-    for label, count in routes.items() or [("none yet", 0)]:
+    for label, count in routed.items() or [("none yet", 0)]:
         command.stdout.write(f"  {label:<40} {count}")
+    for group in data["shard_groups"]:
+        if "error" in group:
+            command.stdout.write(f"shard group {group['group']}: {group['error']}")
+            continue
+        version = "settings (no shard map row)" if group["version"] is None else group["version"]
+        pending = "  (SHARD_GROUPS declares another ring)" if group["resharding_pending"] else ""
+        shares = "  ".join(
+            f"{n['alias']}={n['share']:.1%}" if "share" in n else n["alias"] for n in group["nodes"]
+        )
+        command.stdout.write(
+            f"shard group {group['group']}: ring version {version} {group['fingerprint']}"
+            f"{pending}  {shares}"
+        )
     if continuity:
         owed = "  ".join(f"{a}={n}" for a, n in continuity["outbox_rows"].items())
         command.stdout.write(f"undelivered cache invalidations (outbox rows): {owed or 'none'}")
