@@ -281,8 +281,13 @@ class Gateway:
                 self._read_owed(connection, owed)
             return connection.read_response()
         except NoScriptError:
-            connection.send_packed_command([pack("SCRIPT", "LOAD", script.source)])
-            connection.read_response()
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): load them all, not only
+            # this one, so a fill sent without waiting (send_deferred) finds its script.
+            connection.send_packed_command(
+                [pack("SCRIPT", "LOAD", s.source) for s in (READ, FILL, BUMP, RELEASE)]
+            )
+            for _ in range(4):
+                connection.read_response()
             connection.send_packed_command([packed], check_health=False)
             return connection.read_response()
 
