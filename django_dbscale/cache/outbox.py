@@ -132,10 +132,10 @@ def _log_failure(alias: str, exc: Exception) -> None:
     if isinstance(exc, psycopg.errors.UndefinedTable) or "does not exist" in str(exc):
         hint = f" Run `manage.py migrate django_dbscale --database {alias}`."
     logger.error(
-        "Could not record undelivered cache invalidations in %r's %s: %s.%s They stay "
+        "Could not record undelivered cache invalidations in %s on %r: %s.%s They stay "
         "queued in this process only.",
-        alias,
         TABLE,
+        alias,
         exc,
         hint,
     )
