@@ -10,7 +10,7 @@ from pathlib import Path
 # so needs Django set up: the service-free test settings are enough.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings_static")
-import django  # noqa: E402
+import django
 
 django.setup()
 
