@@ -93,6 +93,7 @@ __all__ = [
     "SENTINEL_SERVICE",
     "HarnessError",
     "PgBouncer",
+    "PgFailoverCluster",
     "PgServer",
     "RedisNode",
     "RedisSentinel",
@@ -104,6 +105,7 @@ __all__ = [
     "find_redis_sentinel",
     "find_redis_server",
     "get_services",
+    "start_failover_cluster",
     "start_pgbouncer",
     "start_redis_sentinel",
     "start_services",
@@ -2380,3 +2382,228 @@ def start_redis_sentinel(services: Services | None = None, **kwargs: Any) -> Red
     sentinel.start()
     atexit.register(sentinel.stop)
     return sentinel
+
+
+# ---------------------------------------------------------------------------------------
+# Primary failover (opt-in): a throwaway primary with replicas that may be promoted
+# ---------------------------------------------------------------------------------------
+
+_FAILOVER_COUNTER = iter(range(1, 1 << 30))
+
+
+class PgFailoverCluster:
+    """A throwaway primary and ``replicas`` streaming replicas, for failover tests.
+
+    Booted next to the shared topology (its own data dirs under the services' temp dir, its
+    own free ports) so a test may promote a replica and kill the primary without touching
+    ``pg1``, which the rest of the suite uses. Each server is a :class:`PgServer`; the
+    primary holds the databases *databases*. Opt-in: :func:`start_failover_cluster`.
+    Replicas use physical replication slots named after them, so a slow replica never
+    loses WAL it still needs. Needs servers the harness booted (not external mode).
+    """
+
+    def __init__(
+        self, services: Services, *, replicas: int = 2, databases: Sequence[str] = ("dbscale",)
+    ) -> None:
+        """Describe the cluster; nothing is started until :meth:`start`."""
+        if services._runtime is None:
+            raise HarnessError(
+                "a failover cluster needs PostgreSQL servers the harness boots itself, not "
+                "external ones (DBSCALE_TEST_EXTERNAL=1): unset it to run failover tests"
+            )
+        if replicas < 1:
+            raise HarnessError(f"replicas={replicas}: a failover needs at least one replica")
+        self.services = services
+        self.databases = tuple(databases)
+        self.replica_count = replicas
+        self.name = f"failover{next(_FAILOVER_COUNTER)}"
+        self.workdir: Path | None = None
+        self.servers: list[PgServer] = []
+        self._watchdog: _ProcessWatchdog | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        """Describe the servers and which one is primary."""
+        parts = [f"{s.name}:{s.port}{'' if s.is_replica else '*'}" for s in self.servers]
+        return f"<PgFailoverCluster {' '.join(parts)}>"
+
+    @property
+    def _rt(self) -> _Runtime:
+        assert self.services._runtime is not None
+        return self.services._runtime
+
+    @property
+    def primary(self) -> PgServer:
+        """Return the server that is currently not a replica (the last one promoted)."""
+        return next(s for s in self.servers if not s.is_replica and s._running)
+
+    @property
+    def replicas(self) -> list[PgServer]:
+        """Return the running replicas."""
+        return [s for s in self.servers if s.is_replica and s._running]
+
+    def start(self) -> None:
+        """Boot the primary, then each replica from a base backup; wait until they stream."""
+        with self._lock:
+            if self.workdir is not None:
+                raise HarnessError("this PgFailoverCluster was started already; make a new one")
+            self.workdir, _ = _service_dir(self.services, self.name)
+            self._watchdog = _ProcessWatchdog(self.workdir)
+            ports = _free_ports(1 + self.replica_count)
+            primary = PgServer(
+                f"{self.name}_primary",
+                _LOOPBACK,
+                ports[0],
+                self.workdir / "primary",
+                _runtime=self._rt,
+            )
+            self.servers = [primary]
+            try:
+                primary._init_primary(self._rt, self.databases)
+                self._watch(primary)
+                for index, port in enumerate(ports[1:], start=1):
+                    replica = PgServer(
+                        f"{self.name}_replica{index}",
+                        _LOOPBACK,
+                        port,
+                        self.workdir / f"replica{index}",
+                        primary,
+                        _runtime=self._rt,
+                    )
+                    self.servers.append(replica)
+                    replica._init_replica(self._rt)
+                    self._watch(replica)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _watch(self, server: PgServer) -> None:
+        assert self._watchdog is not None and server.datadir is not None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((server.datadir / "postmaster.pid").read_text().splitlines()[0])
+            self._watchdog.watch(pid, str(server.datadir))
+
+    def wait_for_replay(self, timeout: float = 10) -> None:
+        """Wait until every running replica has replayed the primary's current position."""
+        for replica in self.replicas:
+            replica.wait_for_replay(timeout=timeout)
+
+    def promote(self, replica: PgServer, timeout: float = 30) -> None:
+        """Promote *replica* (``pg_ctl promote``); return once it accepts writes.
+
+        It leaves recovery on a new timeline that starts at the position it had replayed:
+        its LSNs continue from there. The old primary keeps running until :meth:`kill`.
+        """
+        if replica not in self.replicas:
+            raise HarnessError(f"{replica.name} is not a running replica of {self.name}")
+        self._rt.run_pg(
+            "pg_ctl",
+            "-D",
+            str(replica.datadir),
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "promote",
+            log=replica.logfile,
+        )
+        deadline = time.monotonic() + timeout
+        with replica.connect() as conn:
+            while True:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                if row is not None and not row[0]:
+                    break
+                if time.monotonic() > deadline:
+                    raise HarnessError(
+                        f"{replica.name} still in recovery {timeout}s after pg_ctl promote"
+                        f"{_tail(replica.logfile)}"
+                    )
+                time.sleep(_POLL)
+        replica.primary = None
+
+    def kill(self, server: PgServer) -> None:
+        """Stop *server* with an immediate shutdown: a crash, its clients cut at once."""
+        with self._lock:
+            self._rt.run_pg(
+                "pg_ctl",
+                "-D",
+                str(server.datadir),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+                log=server.logfile,
+            )
+            server._running = False
+
+    def follow(self, replica: PgServer, primary: PgServer, timeout: float = 30) -> None:
+        """Re-point *replica* at *primary* (a promoted server) and wait until it streams.
+
+        ``primary_conninfo`` is reloaded without a restart (PostgreSQL 13+); the replica
+        switches to the promoted server's timeline (``recovery_target_timeline = 'latest'``,
+        the default). Only works if *replica* had not replayed past the promotion point.
+        A slot of the replica's name is created on *primary* first.
+        """
+        from psycopg import sql
+
+        if replica not in self.replicas:
+            raise HarnessError(f"{replica.name} is not a running replica of {self.name}")
+        with contextlib.suppress(psycopg.errors.DuplicateObject):
+            primary.execute("SELECT pg_create_physical_replication_slot(%s)", [replica.name])
+        conninfo = make_conninfo(
+            "",
+            host=primary.host,
+            port=primary.port,
+            user=primary.user,
+            application_name=replica.name,
+        )
+        with replica.connect() as conn:
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(sql.Literal(conninfo))
+            )
+            conn.execute("SELECT pg_reload_conf()")
+        replica.primary = primary
+        deadline = time.monotonic() + timeout
+        with replica.connect() as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT status, sender_port FROM pg_stat_wal_receiver"
+                ).fetchone()
+                if row is not None and row[0] == "streaming" and row[1] == primary.port:
+                    return
+                if time.monotonic() > deadline:
+                    raise HarnessError(
+                        f"{replica.name} does not stream from {primary.name} after {timeout}s "
+                        f"(wal receiver: {row}){_tail(replica.logfile)}"
+                    )
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop every server (immediate shutdown) and remove the directory; idempotent."""
+        with self._lock:
+            procs = [server._spawn_kill() for server in self.servers]
+            for proc in procs:
+                if proc is not None:
+                    try:
+                        proc.wait(timeout=40)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            if self._watchdog is not None:
+                self._watchdog.close()  # removes the directory
+                self._watchdog = None
+            self.workdir = None
+
+
+def start_failover_cluster(services: Services, **kwargs: Any) -> PgFailoverCluster:
+    """Start a :class:`PgFailoverCluster` and return it (the caller stops it).
+
+    *kwargs* go to :class:`PgFailoverCluster` (``replicas``, ``databases``). Stopped at
+    interpreter exit if the caller does not; a watchdog process terminates its servers if
+    this process dies without doing either.
+    """
+    cluster = PgFailoverCluster(services, **kwargs)
+    cluster.start()
+    atexit.register(cluster.stop)
+    return cluster
