@@ -552,7 +552,14 @@ def test_status_command_reports_health_and_lag(services: Services, paused: Any) 
     buffer = io.StringIO()
     call_command("dbscale", "status", "--json", stdout=buffer)
     report = json.loads(buffer.getvalue())
-    assert set(report) == {"primaries", "routes", "cache", "cache_continuity"}
+    assert set(report) == {
+        "primaries",
+        "routes",
+        "cache",
+        "cache_continuity",
+        "shard_groups",
+        "budget",
+    }
     rows = {row["primary"]: row for row in report["primaries"]}
     assert set(rows) == {"default", "shard0", "shard1", "shard2"}
     default = rows["default"]
