@@ -198,6 +198,17 @@ def record_write(primary: str, *, has_lsn: bool = True) -> None:
     state.wrote = True
 
 
+def note_commit_position(primary: str, position: int) -> None:
+    """Note *primary*'s WAL position read right after this context's write committed.
+
+    The backend reads it in the write's own round trip where it can; the pending write is
+    then resolved without the query :func:`required_position` would make.
+    """
+    state = current_state()
+    state.pending.discard(primary)
+    state.merge_positions({primary: position})
+
+
 def fetch_primary_lsn(primary: str) -> int:
     """Return the primary's current WAL insert position (one cheap query)."""
     with connections[primary].cursor() as cursor:

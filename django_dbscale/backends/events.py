@@ -18,7 +18,9 @@ quick, and must not raise: the statement or COMMIT has already happened.
     tables that cannot be named, such as ``TRUNCATE ... CASCADE`` or a function call:
     anything on that database may have changed), ``dims`` (the canonical values of the
     written rows' invalidation dimensions, as strings, or ``None`` when they are unknown or
-    the table declares none). Inside a transaction it has not committed yet: wait for
+    the table declares none), ``position`` (the primary's WAL position right after the
+    statement committed, when the compiler read it in the statement's own round trip, else
+    ``None``). Inside a transaction it has not committed yet: wait for
     ``transaction_committed``.
 ``transaction_committing``
     Just before COMMIT of a transaction on ``connection``, inside it (a subscriber may write

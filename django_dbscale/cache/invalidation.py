@@ -216,10 +216,15 @@ _WRITE_ANALYSIS = _DimensionAnalysis()
 
 
 def _on_statement_wrote(
-    sender: Any, connection: Any, table: str | None, dims: Iterable[str] | None, **kwargs: Any
+    sender: Any,
+    connection: Any,
+    table: str | None,
+    dims: Iterable[str] | None,
+    position: int | None = None,
+    **kwargs: Any,
 ) -> None:
     if table is not None:
-        record_write(connection, table, dims)
+        record_write(connection, table, dims, position)
         return
     # Raw SQL whose tables cannot be named (TRUNCATE ... CASCADE, a function call): every
     # installed table on that database may have changed. Counted: a project that sees many
@@ -235,8 +240,14 @@ def _on_statement_wrote(
             record_write(connection, name, None)
 
 
-def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> None:
-    """Invalidate *table* (and *dims*) for a write statement that just succeeded."""
+def record_write(
+    connection: Any, table: str, dims: Iterable[str] | None, position: int | None = None
+) -> None:
+    """Invalidate *table* (and *dims*) for a write statement that just succeeded.
+
+    *position*: the primary's WAL position right after the statement committed, when the
+    backend read it in the statement's round trip (autocommit); it spares a query.
+    """
     opts = options()
     if not opts.enabled:
         return
@@ -255,19 +266,30 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
     if buffered is None:
         # One ORM call running several autocommitted statements: deliver at its end.
         buffered = {}
+        known: dict[str, int | None] = {}
         token = _batch.set(buffered)
+        known_token = _batch_positions.set(known)
 
         def deliver_buffered() -> None:
             _batch.reset(token)
-            deliver(buffered)
+            _batch_positions.reset(known_token)
+            deliver(buffered, {a: p for a, p in known.items() if p is not None})
 
         if not events.at_operation_end(deliver_buffered):
             _batch.reset(token)
-            deliver({alias: (set(keys), {table})})
+            _batch_positions.reset(known_token)
+            deliver(
+                {alias: (set(keys), {table})},
+                {alias: position} if position is not None else None,
+            )
             return
     pending_keys, pending_tables = buffered.setdefault(alias, (set(), set()))
     pending_keys.update(keys)
     pending_tables.add(table)
+    # Only the last statement's position covers every commit of the batch before it.
+    positions = _batch_positions.get()
+    if positions is not None:
+        positions[alias] = position
 
 
 #: Autocommitted writes of the running operation (``events.operation()``: an ORM call of
@@ -275,6 +297,10 @@ def record_write(connection: Any, table: str, dims: Iterable[str] | None) -> Non
 #: opened by its first write and delivered together when it ends.
 _batch: ContextVar[dict[str, tuple[set[str], set[str]]] | None] = ContextVar(
     "dbscale_cache_batch", default=None
+)
+#: For that batch, per primary: the WAL position read with its last statement, if any.
+_batch_positions: ContextVar[dict[str, int | None] | None] = ContextVar(
+    "dbscale_cache_batch_positions", default=None
 )
 
 
@@ -353,14 +379,14 @@ def deliver(
     """Queue *batch* (alias -> (version keys, tables)) and send everything queued.
 
     *positions* are the primaries' WAL positions after the writes committed (fetched here
-    when not given). The bumps are sent without waiting for Redis's reply (see
+    for those not given). The bumps are sent without waiting for Redis's reply (see
     :func:`flush_pending`); if Redis cannot take them, the batch is also written to each
     database's outbox, unless it already is (*outboxed*: written before COMMIT).
     """
     if not batch:
         return
-    if positions is None:
-        positions = {alias: _position(alias) for alias in batch}
+    given = positions or {}
+    positions = {alias: given.get(alias) or _position(alias) for alias in batch}
     with _lock:
         _sequence[0] += 1
         seq = _sequence[0]

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db.models.sql import compiler
 from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
 
+from django_dbscale import consistency
 from django_dbscale.backends import events
+from django_dbscale.conf import dbscale_settings
 
 __all__ = [
     "SQLAggregateCompiler",
@@ -116,10 +119,42 @@ def _publishing() -> events.WriteAnalysis | None:
     return events.write_analysis() or _NO_DIMENSIONS
 
 
-def _wrote(connection: Any, table: str, dims: set[str] | None) -> None:
+def _wrote(connection: Any, table: str, dims: set[str] | None, position: int | None = None) -> None:
     events.statement_wrote.send(
-        sender=type(connection), connection=connection, table=table, dims=dims
+        sender=type(connection), connection=connection, table=table, dims=dims, position=position
     )
+
+
+#: Appended to an autocommitted write: commit it, then read the WAL position, in the same
+#: simple-protocol message (PostgreSQL runs the statements of one Query message as one
+#: implicit transaction until an explicit COMMIT, which ends it; the SELECT then runs in a
+#: transaction of its own, after the commit record). One round trip instead of two.
+_THEN_POSITION = "; COMMIT; SELECT pg_current_wal_insert_lsn()::text"
+
+
+def _position_in_same_trip(connection: Any, cursor: Any) -> bool:
+    """Return whether a write on *connection* should read its WAL position in its own trip.
+
+    Only where the position will be needed (a primary with replicas, outside a transaction,
+    read-your-writes by LSN) and only with Django's client-side binding cursor: the
+    extended protocol (``server_side_binding``) takes one statement per message.
+    """
+    if connection.in_atomic_block or not connection.get_autocommit():
+        return False
+    alias = connection.alias
+    if not dbscale_settings.replicas.get(alias) or dbscale_settings.read_your_writes != "lsn":
+        return False
+    return isinstance(getattr(cursor, "cursor", None), psycopg.ClientCursor)
+
+
+def _read_position(connection: Any, cursor: Any) -> int:
+    """Read the position from a cursor run with :data:`_THEN_POSITION`; note it as written."""
+    cursor.nextset()  # COMMIT
+    cursor.nextset()  # SELECT
+    row = cursor.fetchone()
+    position = consistency.parse_lsn(row[0])
+    consistency.note_commit_position(connection.alias, position)
+    return position
 
 
 def _dims_or_none(
@@ -286,14 +321,19 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                 dims = static
             else:
                 wrapped = self._dbscale_wrap(sql, fields)
+        position: int | None = None
         with self.connection.cursor() as cursor:
+            then = _THEN_POSITION if _position_in_same_trip(self.connection, cursor) else ""
             if wrapped is None:
-                cursor.execute(sql, params)
+                cursor.execute(sql + then, params)
                 count = cursor.rowcount
             else:
-                cursor.execute(wrapped, params)
+                cursor.execute(wrapped + then, params)
                 row = cursor.fetchone()
                 count = row[0]
+            if then:
+                position = _read_position(self.connection, cursor)
+            if wrapped is not None:
                 per_field: dict[Any, set[str]] = {}
                 for i, field in enumerate(fields):
                     old = _canonical_set(analysis, field, row[1 + 2 * i])
@@ -302,7 +342,7 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                         break
                     per_field[field] = old | new
                 dims = _dims_or_none(analysis, per_field, fields)
-        _wrote(self.connection, table, dims)
+        _wrote(self.connection, table, dims, position)
         if result_type in (NO_RESULTS, None):
             return None
         return int(count)
