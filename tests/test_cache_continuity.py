@@ -570,6 +570,7 @@ def test_a_cut_is_noticed_without_an_idle_connection_of_the_caller(services: Ser
     with services.proxies["redis"].cut_off():
         # Meanwhile another process writes, cannot deliver, and leaves an outbox row.
         owe_behind_redis(row.pk, 2)
+    services.pg1_replica.wait_for_replay()  # the bypassing read is routed to the replica
     assert read(row.pk) == (2, ["bypass:unverified"])
     assert continuity.wait_until_verified()
     assert outbox_rows() == []
