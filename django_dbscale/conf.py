@@ -64,6 +64,7 @@ CACHE_DEFAULTS: dict[str, Any] = {
     "VERSION_TIMEOUT": 7 * 24 * 60 * 60,
     "OUTBOX_POLL_INTERVAL": None,
     "CAPTURE": False,
+    "CLUSTER": False,
 }
 
 SELECTIONS = ("random", "round_robin")

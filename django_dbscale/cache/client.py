@@ -21,23 +21,43 @@ Two calls do not wait for their reply, because nothing the caller does next depe
   is held aside until the invalidation layer reads the reply, which it does before any
   cached read, before a consistency token is issued, and within a bound (see
   :mod:`~django_dbscale.cache.invalidation`).
+
+With ``CACHE["CLUSTER"]`` (Redis Cluster) the gateway holds a :class:`redis.cluster.RedisCluster`
+(its slot map, from the django-redis alias's address as the startup node) and one free list
+of raw connections per node: each packed command goes to the node owning the slot of its
+first key (every key of one script shares its database's hash tag, see
+:func:`~django_dbscale.cache.keys.alias_segment`), a ``MOVED`` reply refreshes the slot map
+and the call is repeated once, and a batch of invalidations is split per node and its
+replies put back in order (:meth:`Gateway.finish_held`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 from django.core.cache import caches
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.retry import Retry
 from redis.sentinel import SentinelManagedConnection
 
@@ -118,6 +138,9 @@ class Gateway:
         self._owed: dict[Any, list[Callable[[Any], None]]] = {}
         #: Set when a deferred reply said NOSCRIPT: load the scripts before the next send.
         self._reload_scripts = False
+        #: Cluster mode: the cluster client (slot map) and a free list per node name.
+        self._cluster: RedisCluster[bytes] | None = None
+        self._node_free: dict[str, deque[Any]] = {}
 
     @property
     def client(self) -> redis.Redis[bytes]:
@@ -152,16 +175,129 @@ class Gateway:
             redis_connect_func=continuity.on_connect,
         )
         connection_class = pool.connection_class
+        if opts.cluster:
+            # Typed as a Redis: the gateway's callers use the commands both clients share.
+            return cast("redis.Redis[bytes]", self._build_cluster(connection_class, kwargs))
         if issubclass(connection_class, SentinelManagedConnection):
             connection_class = _sentinel_dialing(connection_class)
         own_pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
         return redis.Redis(connection_pool=own_pool)
 
+    def _build_cluster(self, connection_class: type[Any], kwargs: dict[str, Any]) -> Any:
+        """Return a :class:`~redis.cluster.RedisCluster` started from the alias's address.
+
+        The django-redis alias names one node (``LOCATION``); the slot map is read from it.
+        Redis Cluster has only database 0, and a Sentinel-managed alias is not a cluster:
+        both are configuration errors, reported with the setting to fix.
+        """
+        alias = options().alias
+        if issubclass(connection_class, SentinelManagedConnection):
+            raise RedisUnavailable(
+                f"DBSCALE['CACHE']['CLUSTER'] is True but CACHES[{alias!r}] uses Sentinel; "
+                "point LOCATION at one node of the cluster with the default client instead."
+            )
+        if int(kwargs.pop("db", 0) or 0) != 0:
+            raise RedisUnavailable(
+                f"CACHES[{alias!r}] LOCATION selects a database other than 0, which Redis "
+                "Cluster does not have (DBSCALE['CACHE']['CLUSTER'] is True); use /0."
+            )
+        host = kwargs.pop("host", "localhost")
+        port = int(kwargs.pop("port", 6379))
+        for key in ("path", "connection_class", "client_name"):
+            kwargs.pop(key, None)
+        if issubclass(connection_class, SSLConnection):
+            kwargs["ssl"] = True
+        try:
+            cluster: RedisCluster[bytes] = RedisCluster(host=host, port=port, **kwargs)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            self.failed(exc, "cluster discovery")
+            raise RedisUnavailable(f"Redis Cluster at {host}:{port}: {exc}") from exc
+        self._cluster = cluster
+        self._node_free = {}
+        return cluster
+
+    # -- cluster routing ----------------------------------------------------------------
+    def _lane(self, packed: bytes) -> tuple[deque[Any], Callable[[], Any]]:
+        """Return the free list and connection factory for *packed*'s first command.
+
+        A single Redis has one lane; a cluster one per node, chosen by the slot of the
+        command's first key (keyless commands go to any primary).
+        """
+        if self._cluster is None and not self._clustered():
+            return self._free, self._connect
+        return self._node_lane(self._node_for(_command_key(_parse_first(packed))))
+
+    def _clustered(self) -> bool:
+        """Return whether the gateway talks to a Redis Cluster (builds the client if due)."""
+        if self._client is None:
+            self.client  # noqa: B018 - builds the client (and learns if it is a cluster)
+        return self._cluster is not None
+
+    def _node_for(self, key: bytes | None) -> ClusterNode:
+        cluster = self._cluster
+        if cluster is None:  # dropped by another thread meanwhile (connections lost)
+            raise RedisUnavailable("the Redis Cluster client was just dropped")
+        try:
+            slot = 0 if key is None else key_slot(key)
+            return cluster.nodes_manager.get_node_from_slot(slot)  # type: ignore[arg-type]
+        except RedisClusterException as exc:  # slot not covered: the cluster is down
+            self.failed(exc, "route")
+            raise RedisUnavailable(str(exc)) from exc
+
+    def _node_lane(self, node: ClusterNode) -> tuple[deque[Any], Callable[[], Any]]:
+        free = self._node_free.get(node.name)
+        if free is None:
+            free = self._node_free.setdefault(node.name, deque())
+        return free, lambda: self._connect_node(node)
+
+    def _connect_node(self, node: ClusterNode) -> Any:
+        redis_connection = node.redis_connection
+        if redis_connection is None:  # a node the slot map names but has no client for
+            raise RedisUnavailable(f"no connection settings for Redis Cluster node {node.name}")
+        pool = redis_connection.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)
+        connection.dbscale_node = node.name
+        return connection
+
+    def _free_of(self, connection: Any) -> deque[Any] | None:
+        """Return the free list *connection* belongs to (``None``: its node was dropped)."""
+        if self._cluster is None:
+            return self._free
+        return self._node_free.get(getattr(connection, "dbscale_node", ""))
+
+    def refresh_slots(self) -> None:
+        """Re-read the cluster's slot map (after a ``MOVED`` reply: a slot changed owner)."""
+        cluster = self._cluster
+        if cluster is None:
+            return
+        try:
+            cluster.nodes_manager.initialize()
+        except (RedisError, OSError) as exc:
+            logger.warning("Refreshing the Redis Cluster slot map failed: %s", exc)
+
+    def primaries(self) -> list[ClusterNode]:
+        """Return the cluster's primary nodes (empty for a single Redis)."""
+        if self._cluster is None:
+            return []
+        return list(self._cluster.get_primaries())
+
+    def slot_groups(self, keys: list[str]) -> list[list[str]]:
+        """Return *keys* grouped by hash slot (one group for a single Redis), order kept."""
+        if not options().cluster:
+            return [keys] if keys else []
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(key_slot(key.encode()), []).append(key)
+        return list(groups.values())
+
     def close(self) -> None:
         """Disconnect the pool (settings changed, or tests restarting Redis)."""
         client, self._client = self._client, None
+        self._cluster = None
         _disconnect_all(self._take_free())
-        if client is not None:
+        if isinstance(client, RedisCluster):
+            client.close()
+        elif client is not None:
             client.connection_pool.disconnect()
 
     def connections_lost(self) -> None:
@@ -175,7 +311,10 @@ class Gateway:
         continuity.distrust()
         _disconnect_all(self._take_free())
         client, self._client = self._client, None
-        if client is not None:
+        self._cluster = None
+        if isinstance(client, RedisCluster):
+            client.close()
+        elif client is not None:
             client.connection_pool.disconnect(inuse_connections=False)
 
     def _take_free(self) -> deque[Any]:
@@ -185,11 +324,29 @@ class Gateway:
         there meanwhile: it is then dropped with the old deque, never reused.
         """
         free, self._free = self._free, deque()
+        nodes, self._node_free = self._node_free, {}
+        for node_free in nodes.values():
+            free.extend(node_free)
         self._owed = {}  # replies those connections owe are lost with them (counters only)
         return free
 
     def open_connection(self) -> Any:
-        """Open and return a new connection of the caller's own (the verifying thread's)."""
+        """Open and return a new connection of the caller's own (the verifying thread's).
+
+        In cluster mode: a :class:`ClusterRoute`, connected to every primary, which sends
+        each command to the node owning its key.
+        """
+        self.client  # noqa: B018 - builds the client (and learns if it is a cluster)
+        if self._cluster is not None:
+            route = ClusterRoute(self)
+            try:
+                route.connect()
+            except (RedisError, OSError) as exc:
+                route.disconnect()
+                self.failed(exc, "connect")
+                raise RedisUnavailable(str(exc)) from exc
+            self.breaker.success()
+            return route
         connection = self._connect()
         try:
             connection.connect()
@@ -207,6 +364,8 @@ class Gateway:
         Error replies that say nothing of either (out of memory, a busy script, a script
         error) only count for the breaker: re-verifying would not change them.
         """
+        if isinstance(exc, MovedError | AskError):
+            self.refresh_slots()  # a slot moved: the caller's next call goes to its owner
         self.breaker.failure()
         if _lost_contact(exc):
             self.connections_lost()
@@ -216,7 +375,9 @@ class Gateway:
     def forget_after_fork(self) -> None:
         """Drop (without closing) the parent's sockets: the child must open its own."""
         self._client = None
+        self._cluster = None
         self._free = deque()
+        self._node_free = {}
         self._owed = {}
 
     # -- calls --------------------------------------------------------------------------
@@ -231,14 +392,29 @@ class Gateway:
         (argument encoding, retries, observability hooks, and the pool's locking and
         metrics) and costs a deque pop and push, one ``send`` and one parsed reply, like
         the floor's ``GET``. Connections come from the gateway's own free list; one that
-        failed, or was interrupted mid-reply, is disconnected and never reused.
+        failed, or was interrupted mid-reply, is disconnected and never reused. In cluster
+        mode the node owning the script's first key runs it; a ``MOVED`` reply refreshes
+        the slot map and the call is sent once more, to the new owner.
         """
-        free = self._free
+        free, connect = self._lane(packed)
+        if self._cluster is None:
+            return self._run_packed(packed, script, free, connect)
+        try:
+            return self._run_packed(packed, script, free, connect)
+        except RedisUnavailable as exc:
+            if not isinstance(exc.__cause__, MovedError | AskError):
+                raise
+        free, connect = self._lane(packed)  # the slot map was refreshed by failed()
+        return self._run_packed(packed, script, free, connect)
+
+    def _run_packed(
+        self, packed: bytes, script: Script, free: deque[Any], connect: Callable[[], Any]
+    ) -> Any:
         try:
             connection = free.pop()
             reused = True
         except IndexError:
-            connection = self._connect()
+            connection = connect()
             reused = False
         owed = self._owed.pop(connection, None) if self._owed else None
         try:
@@ -252,7 +428,7 @@ class Gateway:
                 # settled (continuity) before a fresh connection serves anything.
                 connection.disconnect()
                 self.connections_lost()
-                connection = self._connect()
+                connection = connect()
                 result = self._send(connection, packed, script)
         except BaseException as exc:
             connection.disconnect()
@@ -314,11 +490,11 @@ class Gateway:
         """
         if self._reload_scripts:
             self.load_scripts()
-        free = self._free
+        free, connect = self._lane(packed)
         try:
             connection = free.pop()
         except IndexError:
-            connection = self._connect()
+            connection = connect()
         owed = self._owed.pop(connection, None) if self._owed else None
         try:
             connection.send_packed_command([packed], check_health=False)
@@ -336,8 +512,10 @@ class Gateway:
 
     def drain_owed(self) -> None:
         """Read every reply owed by idle connections now (counters are then current)."""
-        free = self._free
         for connection in list(self._owed):
+            free = self._free_of(connection)
+            if free is None:
+                continue
             try:
                 free.remove(connection)
             except ValueError:
@@ -357,14 +535,18 @@ class Gateway:
 
         The caller must pass it to :meth:`finish_held`, which reads the replies and frees
         it (a child process after a fork just forgets it: the socket is the parent's).
+        In cluster mode the commands are split per node (each node gets its own in their
+        order) and a :class:`_HeldOnNodes` is returned in place of the connection.
         """
         if self._reload_scripts:
             self.load_scripts()
-        free = self._free
+        if self._clustered():
+            return self._send_held_on_nodes(packed)
+        free, connect = self._free, self._connect
         try:
             connection = free.pop()
         except IndexError:
-            connection = self._connect()
+            connection = connect()
         owed = self._owed.pop(connection, None) if self._owed else None
         try:
             if owed:  # settle what it owes first: its replies come before ours
@@ -378,12 +560,45 @@ class Gateway:
             raise RedisUnavailable(str(exc)) from exc
         return connection
 
+    def _send_held_on_nodes(self, packed: bytes) -> _HeldOnNodes:
+        """Send each command of *packed* to its key's node; return what to read back."""
+        groups: dict[str, tuple[ClusterNode, list[int], list[bytes]]] = {}
+        for index, (raw, args) in enumerate(_split_commands(packed)):
+            node = self._node_for(_command_key(args))
+            group = groups.setdefault(node.name, (node, [], []))
+            group[1].append(index)
+            group[2].append(raw)
+        held = _HeldOnNodes([])
+        try:
+            for node, indices, raws in groups.values():
+                free, connect = self._node_lane(node)
+                try:
+                    connection = free.pop()
+                except IndexError:
+                    connection = connect()
+                held.parts.append((connection, free, indices))
+                owed = self._owed.pop(connection, None) if self._owed else None
+                if owed:  # settle what it owes first: its replies come before ours
+                    self._read_owed(connection, owed)
+                connection.send_packed_command([b"".join(raws)], check_health=False)
+        except BaseException as exc:
+            for connection, _, _ in held.parts:
+                connection.disconnect()
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            self.failed(exc, "send")
+            raise RedisUnavailable(str(exc)) from exc
+        return held
+
     def finish_held(self, connection: Any, count: int) -> list[Any]:
         """Read *count* replies of a :meth:`send_held` connection and free it.
 
         Error replies are returned as exception objects (``NOSCRIPT`` included); a lost
-        connection raises :class:`RedisUnavailable`.
+        connection raises :class:`RedisUnavailable`. Replies of commands split over
+        cluster nodes come back in the order the commands were given.
         """
+        if isinstance(connection, _HeldOnNodes):
+            return self._finish_on_nodes(connection, count)
         replies: list[Any] = []
         try:
             for _ in range(count):
@@ -398,6 +613,31 @@ class Gateway:
             self.failed(exc, "deferred reply")
             raise RedisUnavailable(str(exc)) from exc
         self._free.append(connection)
+        self.breaker.success()
+        return replies
+
+    def _finish_on_nodes(self, held: _HeldOnNodes, count: int) -> list[Any]:
+        replies: list[Any] = [None] * count
+        done = 0
+        try:
+            for connection, _, indices in held.parts:
+                for index in indices:
+                    try:
+                        replies[index] = connection.read_response()
+                    except ResponseError as exc:
+                        replies[index] = exc
+                done += 1
+        except BaseException as exc:
+            for connection, _, _ in held.parts[done:]:
+                connection.disconnect()
+            for connection, free, _ in held.parts[:done]:
+                free.append(connection)
+            if not isinstance(exc, RedisError | OSError):
+                raise
+            self.failed(exc, "deferred reply")
+            raise RedisUnavailable(str(exc)) from exc
+        for connection, free, _ in held.parts:
+            free.append(connection)
         self.breaker.success()
         return replies
 
@@ -510,6 +750,150 @@ def _sentinel_dialing(connection_class: type[Any]) -> type[Any]:
         )
         _sentinel_classes[connection_class] = made
     return made
+
+
+class _HeldOnNodes:
+    """Commands of one :meth:`Gateway.send_held` call split over cluster nodes.
+
+    *parts* holds, per node, the connection, the free list it goes back to and the
+    positions of its commands in the original batch.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[tuple[Any, deque[Any], list[int]]]) -> None:
+        self.parts = parts
+
+
+def _read_line(packed: bytes, at: int) -> tuple[bytes, int]:
+    end = packed.index(b"\r\n", at)
+    return packed[at:end], end + 2
+
+
+def _parse_command(packed: bytes, at: int) -> tuple[list[bytes], int]:
+    """Parse the RESP array at *at* (a command :func:`pack` made); return it and its end."""
+    head, at = _read_line(packed, at)
+    if head[:1] != b"*":
+        raise ValueError(f"not a RESP command array at byte {at}: {head[:20]!r}")
+    args: list[bytes] = []
+    for _ in range(int(head[1:])):
+        size, at = _read_line(packed, at)
+        length = int(size[1:])
+        args.append(packed[at : at + length])
+        at += length + 2
+    return args, at
+
+
+def _parse_first(packed: bytes) -> list[bytes]:
+    """Return the arguments of the first command in *packed*."""
+    return _parse_command(packed, 0)[0]
+
+
+def _split_commands(packed: bytes) -> list[tuple[bytes, list[bytes]]]:
+    """Return each command of *packed* as ``(its bytes, its arguments)``."""
+    commands: list[tuple[bytes, list[bytes]]] = []
+    at = 0
+    while at < len(packed):
+        args, end = _parse_command(packed, at)
+        commands.append((packed[at:end], args))
+        at = end
+    return commands
+
+
+def _command_key(args: list[bytes] | tuple[Any, ...]) -> bytes | None:
+    """Return the key that decides a command's node: a script's first key, else argument 1.
+
+    Every command the cache sends names its keys there (``EVALSHA sha n key...``, ``GET
+    key``, ``HINCRBY key ...``); keyless ones (``INFO``, ``PING``) return ``None``.
+    """
+    if not args:
+        return None
+    name = args[0]
+    name = (name if isinstance(name, bytes) else str(name).encode()).upper()
+    if name in (b"EVALSHA", b"EVAL"):
+        if len(args) > 3 and int(args[2]) > 0:
+            key = args[3]
+        else:
+            return None
+    elif name in (b"INFO", b"PING", b"SCRIPT", b"CLUSTER", b"ROLE"):
+        return None
+    elif len(args) > 1:
+        key = args[1]
+    else:
+        return None
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+class ClusterRoute:
+    """The verifying thread's "connection" to a Redis Cluster: one per primary, routed.
+
+    :mod:`~django_dbscale.cache.continuity` speaks to it as to one connection
+    (``send_command`` then ``read_response``): each command goes to the node owning its
+    key (a keyless one, such as ``SCRIPT LOAD`` after a ``NOSCRIPT``, to the node of the
+    command before). :meth:`node_connections` gives the connection of every primary, to
+    read each one's run id. As the canary, it is dead if any of its connections is.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._connections: dict[str, Any] = {}
+        self._last: str | None = None
+
+    def _connection(self, node: ClusterNode) -> Any:
+        connection = self._connections.get(node.name)
+        if connection is None:
+            connection = self._gateway._connect_node(node)
+            connection.connect()
+            self._connections[node.name] = connection
+        return connection
+
+    def connect(self) -> None:
+        """Connect to every primary (each connection's hook checks the node's run id)."""
+        for node in self._gateway.primaries():
+            self._connection(node)
+
+    def node_connections(self) -> list[Any]:
+        """Return a connection to every primary, in the order of their names."""
+        nodes = sorted(self._gateway.primaries(), key=lambda node: node.name)
+        return [self._connection(node) for node in nodes]
+
+    def send_command(self, *args: Any) -> None:
+        """Send one command to the node owning its key."""
+        key = _command_key(args)
+        if key is None and self._last is not None and self._last in self._connections:
+            name = self._last
+        else:
+            node = self._gateway._node_for(key)
+            self._connection(node)
+            name = node.name
+        self._last = name
+        self._connections[name].send_command(*args)
+
+    def read_response(self) -> Any:
+        """Read the reply of the command sent last."""
+        assert self._last is not None, "read_response() before send_command()"
+        return self._connections[self._last].read_response()
+
+    @property
+    def _sock(self) -> Any:
+        """``None`` if any node's connection is closed (what the canary check looks at)."""
+        if not self._connections:
+            return None
+        for connection in self._connections.values():
+            if getattr(connection, "_sock", None) is None:
+                return None
+        return True
+
+    def can_read(self, timeout: float = 0) -> bool:
+        """Return whether any node's idle connection has something to read (a close)."""
+        return any(c.can_read(timeout=timeout) for c in self._connections.values())
+
+    def disconnect(self) -> None:
+        """Close every node's connection."""
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            with contextlib.suppress(Exception):
+                connection.disconnect()
 
 
 _gateway: list[Gateway] = []

@@ -257,7 +257,7 @@ def on_connect(connection: Any) -> None:
         with _lock:
             _seen_unverified.add(run_id)
         kick()
-    elif verified != run_id:
+    elif run_id not in verified.split(","):
         logger.warning("Redis server changed (%s -> %s): verifying it.", verified, run_id)
         distrust()
     elif not untrusted and _canary_dead():
@@ -268,7 +268,21 @@ def on_connect(connection: Any) -> None:
     else:
         # Extend the recorded run id's life, but never record it: only the verifying
         # thread does, once every generation is bumped.
-        _call(connection, "EVAL", _REFRESH_RUN, 1, f"{options().prefix}:run", run_id, _run_ttl())
+        key = f"{options().prefix}:run"
+        if options().cluster and not _holds(connection, key):
+            return  # another node holds it (a connection to that one refreshes it)
+        _call(connection, "EVAL", _REFRESH_RUN, 1, key, verified, _run_ttl())
+
+
+def _holds(connection: Any, key: str) -> bool:
+    """Return whether *connection*'s cluster node owns *key*'s slot (``False`` if unknown)."""
+    from django_dbscale.cache.client import RedisUnavailable, gateway
+
+    try:
+        owner = gateway()._node_for(key.encode())
+    except (RedisUnavailable, RedisError):  # the slot map is not read yet
+        return False
+    return bool(owner.name == f"{connection.host}:{connection.port}")
 
 
 def _call(connection: Any, *args: Any) -> Any:
@@ -277,6 +291,18 @@ def _call(connection: Any, *args: Any) -> Any:
 
 
 def _run_id(connection: Any) -> str:
+    """Return the run id of the server behind *connection*.
+
+    For a Redis Cluster (the verifying thread's
+    :class:`~django_dbscale.cache.client.ClusterRoute`) the cluster's identity: the run ids
+    of all its primaries, sorted and joined with ``,``. The cluster is "the verified
+    server" as a whole: a restart or failover of any primary changes it, and then every
+    database's generation is bumped (whichever node it lives on), as for a single Redis. A
+    new connection to one node is checked against the members of that identity.
+    """
+    nodes = getattr(connection, "node_connections", None)
+    if nodes is not None:
+        return ",".join(sorted(_run_id(node) for node in nodes()))
     info = _call(connection, "INFO", "server")
     text = info.decode() if isinstance(info, bytes) else str(info)
     for line in text.splitlines():
@@ -410,7 +436,11 @@ def _check_relay(aliases: list[str]) -> None:
 
     prefix = options().prefix
     try:
-        beats = gateway().client.mget([relay_key(prefix, alias) for alias in aliases])
+        client = gateway().client
+        keys = [relay_key(prefix, alias) for alias in aliases]
+        # One key at a time on a cluster: it refuses an MGET across slots.
+        cluster = options().cluster
+        beats = [client.get(key) for key in keys] if cluster else client.mget(keys)
     except Exception:  # Redis unreachable: the breaker and verification deal with that
         return
     for alias, beat in zip(aliases, beats, strict=True):
@@ -574,7 +604,7 @@ def _still(epoch: int, run_id: str) -> None:
     Connections opened meanwhile that reached another server (a failover under way) are
     dropped, which starts everything over.
     """
-    others = _seen_unverified - {run_id}
+    others = _seen_unverified - set(run_id.split(","))
     _seen_unverified.clear()
     if others:
         _drop_connections.append(True)  # done by _verify_once, outside the lock
@@ -645,11 +675,13 @@ def _position(own: Any, has_replicas: bool) -> int:
 
 
 def _bump(connection: Any, keys: list[str], lsn: int) -> None:
-    from django_dbscale.cache.client import BUMP, bump_call
+    from django_dbscale.cache.client import BUMP, bump_call, gateway
 
-    args = bump_call(keys, lsn)
-    try:
-        _call(connection, *args)
-    except NoScriptError:
-        _call(connection, "SCRIPT", "LOAD", BUMP.source)
-        _call(connection, *args)
+    # One call per hash slot in a cluster (keys queued before CLUSTER was set lack the tag).
+    for group in gateway().slot_groups(keys):
+        args = bump_call(group, lsn)
+        try:
+            _call(connection, *args)
+        except NoScriptError:
+            _call(connection, "SCRIPT", "LOAD", BUMP.source)
+            _call(connection, *args)

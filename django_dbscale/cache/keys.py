@@ -22,6 +22,12 @@ Key layout (``P`` is ``CACHE["PREFIX"]``)::
     P:f:<schema>:<digest>                a @cached_queryset result
     P:stats                              counters (hash)
 
+With ``CACHE["CLUSTER"]`` (Redis Cluster) every ``<alias>`` above is written ``{<alias>}``, a
+hash tag (:func:`alias_segment`): all keys of one database hash to one slot, so the read
+script, a fill and a database's bumps stay single-slot, single-node calls, and each
+database's cache lives on the node owning its slot. ``@cached_queryset`` keys are then
+``P:f:{<alias>}:<schema>:<digest>`` (tagged with their first database).
+
 ``<schema>`` (:func:`schema_fingerprint`) hashes the format version, Django's version and
 every installed model's table and columns, so entries pickled by older code are
 unreachable after a deploy that changes them.
@@ -42,10 +48,15 @@ import django
 from django.apps import apps
 from django.db.models import Field, Model, Prefetch, Q
 
+from django_dbscale.cache.options import options
 from django_dbscale.conf import on_settings_changed
 
 __all__ = [
     "UNKNOWN_LSN",
+    "alias_segment",
+    "cluster_reason",
+    "entry_key_for",
+    "function_key",
     "format_lsn_hex",
     "FORMAT_VERSION",
     "Unkeyable",
@@ -226,11 +237,59 @@ def _reset_fingerprint() -> None:
     _fingerprint.clear()
 
 
+def alias_segment(alias: str) -> str:
+    """Return how *alias* is written in keys: itself, or its hash tag in cluster mode.
+
+    With ``CACHE["CLUSTER"]`` the segment is ``{<alias>}``: Redis Cluster hashes only what is
+    between the first ``{`` and ``}``, so every key of one database lands on one slot (a
+    Lua script may only touch keys of one slot). An alias containing a brace (legal in
+    Django, never seen in practice) is tagged by a digest of its name instead, so its tag
+    is still one well-formed ``{...}``. Without cluster mode keys keep the plain alias:
+    the format of a single Redis does not change.
+    """
+    if not options().cluster:
+        return alias
+    if "{" in alias or "}" in alias:
+        return "{h" + digest(alias)[:16] + "}"
+    return "{" + alias + "}"
+
+
+def cluster_reason(aliases: Iterable[str]) -> str | None:
+    """Return why a plan over *aliases* cannot be cached in cluster mode, else ``None``.
+
+    A read checks all its version keys in one script, which Redis Cluster runs only if they
+    share a slot: a plan over several databases (a ``@cached_queryset`` function reading
+    two shards) would fail with ``CROSSSLOT`` on every call, so it bypasses the cache.
+    """
+    if not options().cluster:
+        return None
+    distinct = set(aliases)
+    if len(distinct) <= 1:
+        return None
+    return (
+        f"Redis Cluster: reads {len(distinct)} databases ({', '.join(sorted(distinct))}), "
+        "whose versions live in different hash slots"
+    )
+
+
+def entry_key_for(prefix: str, alias: str, key_digest: str) -> str:
+    """Return the key of a queryset entry of *alias* (its header and lease add ``:h``/``:l``)."""
+    return f"{prefix}:e:{schema_fingerprint()}:{alias_segment(alias)}:{key_digest}"
+
+
+def function_key(prefix: str, alias: str, key_digest: str) -> str:
+    """Return the key of a ``@cached_queryset`` result tagged with its (first) database."""
+    if options().cluster:
+        return f"{prefix}:f:{alias_segment(alias)}:{schema_fingerprint()}:{key_digest}"
+    return f"{prefix}:f:{schema_fingerprint()}:{key_digest}"
+
+
 def version_key(prefix: str, alias: str, table: str, kind: str, dimension: str = "") -> str:
     """Return the Redis key of a version: *kind* is ``"a"`` (table), ``"w"`` or ``"d"``."""
+    segment = alias_segment(alias)
     if kind == "d":
-        return f"{prefix}:v:{alias}:{table}:d:{dimension}"
-    return f"{prefix}:v:{alias}:{table}:{kind}"
+        return f"{prefix}:v:{segment}:{table}:d:{dimension}"
+    return f"{prefix}:v:{segment}:{table}:{kind}"
 
 
 #: The WAL position recorded when the primary's could not be read: fill from the primary.
@@ -259,7 +318,7 @@ def generation_key(prefix: str, alias: str) -> str:
     Bumped only when Redis may have lost invalidations wholesale (a restart from a snapshot,
     a failover to a lagging replica): see :mod:`django_dbscale.cache.continuity`.
     """
-    return f"{prefix}:v:{alias}:~generation"
+    return f"{prefix}:v:{alias_segment(alias)}:~generation"
 
 
 def canonical_dimension(field: Field[Any, Any], value: Any) -> str | None:

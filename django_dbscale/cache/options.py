@@ -42,6 +42,8 @@ class CacheOptions:
     version_timeout: int
     outbox_poll_interval: float | None
     capture: bool
+    #: Redis Cluster mode: every key of one database carries its hash tag (``{alias}``).
+    cluster: bool = False
 
 
 def _error(key: str, problem: str, fix: str) -> ImproperlyConfigured:
@@ -169,6 +171,7 @@ def parse(raw: Mapping[str, Any]) -> CacheOptions:
         )
     return CacheOptions(
         capture=_boolean(raw, "CAPTURE"),
+        cluster=_boolean(raw, "CLUSTER"),
         alias=alias,
         timeout=timeout,
         prefix=prefix,

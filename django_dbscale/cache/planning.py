@@ -35,10 +35,12 @@ from django_dbscale.cache.dimensions import dimension_fields
 from django_dbscale.cache.engine import Plan
 from django_dbscale.cache.keys import (
     Unkeyable,
+    cluster_reason,
     digest,
+    entry_key_for,
     freeze,
+    function_key,
     generation_key,
-    schema_fingerprint,
     version_key,
 )
 from django_dbscale.cache.options import options
@@ -135,7 +137,7 @@ def _build(
         uses_dimensions=uses_dims,
         description=tuple(description),
         shape=shape,
-        reason=shape.reason,
+        reason=shape.reason or cluster_reason(aliases),
     )
 
 
@@ -179,7 +181,7 @@ def plan_for_recipe(queryset: Any, alias: str, recipe: str, kind: str, extra: An
     opts = options()
     plan_zone = current_zone() if shape.zoned else None
     keyed = recipe if plan_zone is None else f"{recipe}@tz={plan_zone}"
-    entry_key = f"{opts.prefix}:e:{schema_fingerprint()}:{alias}:{digest(keyed)}"
+    entry_key = entry_key_for(opts.prefix, alias, digest(keyed))
     plan = _build(model=model, alias=alias, shape=shape, dims=dims, entry_key=entry_key)
     plan.zone = plan_zone
     with _lock:
@@ -214,7 +216,7 @@ def plan_for_query(model: Any, alias: str, kind: str, extra: Any, query: Any) ->
                 dims = (field, pinned[field])
                 break
     opts = options()
-    entry_key = f"{opts.prefix}:e:{schema_fingerprint()}:{alias}:{digest(frozen)}"
+    entry_key = entry_key_for(opts.prefix, alias, digest(frozen))
     plan = _build(model=model, alias=alias, shape=shape, dims=dims, entry_key=entry_key)
     plan.shape = None  # not memoised: nothing to widen
     return plan
@@ -245,9 +247,10 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
     # The databases are part of the key (two shards never share an entry), and so is the
     # active time zone (the function may filter on __date or __year).
     zone = current_zone()
-    entry_key = (
-        f"{opts.prefix}:f:{schema_fingerprint()}:"
-        f"{digest(repr((label, frozen, tuple(ordered), zone)))}"
+    entry_key = function_key(
+        opts.prefix,
+        ordered[0][0] if ordered else "default",
+        digest(repr((label, frozen, tuple(ordered), zone))),
     )
     plan = Plan(
         label=label,
@@ -264,4 +267,5 @@ def plan_for_function(label: str, frozen: str, tables: Iterable[tuple[str, str]]
         description=tuple(f"{a}.{t}" for a, t in sorted(pairs)),
     )
     plan.zone = zone
+    plan.reason = cluster_reason(aliases)
     return plan

@@ -66,6 +66,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -95,6 +96,7 @@ __all__ = [
     "PgBouncer",
     "PgFailoverCluster",
     "PgServer",
+    "RedisCluster",
     "RedisNode",
     "RedisSentinel",
     "RedisServer",
@@ -107,6 +109,7 @@ __all__ = [
     "get_services",
     "start_failover_cluster",
     "start_pgbouncer",
+    "start_redis_cluster",
     "start_redis_sentinel",
     "start_services",
 ]
@@ -2604,6 +2607,273 @@ def start_failover_cluster(services: Services, **kwargs: Any) -> PgFailoverClust
     this process dies without doing either.
     """
     cluster = PgFailoverCluster(services, **kwargs)
+    cluster.start()
+    atexit.register(cluster.stop)
+    return cluster
+
+
+# ---------------------------------------------------------------------------------------
+# Redis Cluster (opt-in): three masters, slots split evenly
+# ---------------------------------------------------------------------------------------
+
+#: Redis Cluster's number of hash slots.
+CLUSTER_SLOTS = 16384
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` nodes (default 3), no replicas, on free loopback ports.
+
+    Each node runs ``redis-server`` with ``cluster-enabled yes`` in a directory of its own
+    (under the services' temp dir when one is given); :meth:`start` joins them with
+    ``CLUSTER MEET``, gives each an even, contiguous share of the 16384 slots
+    (``CLUSTER ADDSLOTS``, node *i* gets the *i*-th share) and returns once every node
+    reports ``cluster_state:ok`` and knows the others. No ``redis-cli`` is needed. Nodes
+    start empty and never persist. Opt-in: nothing boots this unless a test or script
+    calls :func:`start_redis_cluster`.
+    """
+
+    def __init__(
+        self, services: Services | None = None, *, masters: int = 3, node_timeout_ms: int = 2000
+    ) -> None:
+        """Describe the cluster; nothing is started until :meth:`start`."""
+        if masters < 1:
+            raise HarnessError(f"masters={masters}: a cluster needs at least one master")
+        self.services = services
+        self.master_count = masters
+        self.node_timeout_ms = node_timeout_ms
+        self.redis_bin = find_redis_server()
+        self.host = _LOOPBACK
+        self.workdir: Path | None = None
+        self._remove_workdir = False
+        self.nodes: list[RedisNode] = []
+        self._watchdog: _ProcessWatchdog | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        """Describe the cluster's nodes."""
+        return f"<RedisCluster nodes=[{', '.join(f'{n.host}:{n.port}' for n in self.nodes)}]>"
+
+    # -- addresses ----------------------------------------------------------------------
+
+    def location(self) -> str:
+        """Return the django-redis ``LOCATION`` naming the first node (the startup node)."""
+        node = self.nodes[0]
+        return f"redis://{node.host}:{node.port}/0"
+
+    def cache_settings(self, **options: Any) -> dict[str, Any]:
+        """Return a ``CACHES`` entry whose address the queryset cache uses as startup node.
+
+        django-redis has no cluster client: the entry uses its default client, and
+        ``DBSCALE["CACHE"]["CLUSTER"] = True`` makes the queryset cache discover the
+        cluster from it. Django's own cache API on this alias would reach one node only.
+        """
+        return {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": self.location(),
+            "OPTIONS": {**options},
+        }
+
+    def slot_ranges(self) -> list[tuple[int, int]]:
+        """Return each node's ``(first, last)`` slot, as :meth:`start` assigns them."""
+        share = CLUSTER_SLOTS // self.master_count
+        ranges = []
+        for index in range(self.master_count):
+            first = index * share
+            last = CLUSTER_SLOTS - 1 if index == self.master_count - 1 else first + share - 1
+            ranges.append((first, last))
+        return ranges
+
+    def keyslot(self, key: str | bytes) -> int:
+        """Return the hash slot of *key*, as the cluster computes it (``CLUSTER KEYSLOT``)."""
+        with self.nodes[0].client() as client:
+            return int(client.execute_command("CLUSTER", "KEYSLOT", key))
+
+    def node_for_slot(self, slot: int) -> RedisNode:
+        """Return the node serving *slot*, by asking the cluster (``CLUSTER SHARDS``-free)."""
+        with self.nodes[0].client() as client:
+            for entry in client.execute_command("CLUSTER", "SLOTS"):
+                first, last, owner = int(entry[0]), int(entry[1]), entry[2]
+                if first <= slot <= last:
+                    host = owner[0].decode() if isinstance(owner[0], bytes) else str(owner[0])
+                    return self._node_at((host, int(owner[1])))
+        raise HarnessError(f"no node of the cluster serves slot {slot}")
+
+    def node_for_key(self, key: str | bytes) -> RedisNode:
+        """Return the node holding *key*."""
+        return self.node_for_slot(self.keyslot(key))
+
+    def keys_on(self, node: RedisNode, pattern: str = "*") -> list[bytes]:
+        """Return the keys *node* itself holds matching *pattern* (sorted)."""
+        with node.client() as client:
+            return sorted(bytes(k) for k in client.keys(pattern))
+
+    def _node_at(self, address: tuple[str, int]) -> RedisNode:
+        for node in self.nodes:
+            if node.address == address:
+                return node
+        raise HarnessError(f"no node of the cluster at {address[0]}:{address[1]}")
+
+    # -- process control ----------------------------------------------------------------
+
+    def start(self, timeout: float = 30) -> None:
+        """Boot the nodes, join them, assign the slots; wait until the cluster is ok."""
+        with self._lock:
+            if self.workdir is not None:
+                raise HarnessError("this RedisCluster was started already; make a new one")
+            self.workdir, self._remove_workdir = _service_dir(self.services, "rcluster")
+            self._watchdog = _ProcessWatchdog(self.workdir if self._remove_workdir else None)
+            try:
+                self._boot(_free_cluster_ports(self.master_count), timeout)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _boot(self, ports: list[int], timeout: float) -> None:
+        assert self.workdir is not None and self._watchdog is not None
+        for index, port in enumerate(ports):
+            node = RedisNode(f"cluster-{index}", self.host, port, self.workdir)
+            node.configfile.write_text(
+                "\n".join(
+                    [
+                        f"port {port}",
+                        f"bind {self.host}",
+                        "daemonize no",
+                        'save ""',
+                        "appendonly no",
+                        f"dir {self.workdir}",
+                        "cluster-enabled yes",
+                        f"cluster-config-file {node.name}-nodes.conf",
+                        f"cluster-node-timeout {self.node_timeout_ms}",
+                        'logfile ""',
+                    ]
+                )
+                + "\n"
+            )
+            self.nodes.append(node)
+        for node in self.nodes:
+            log = open(node.logfile, "ab")  # noqa: SIM115 - handed to the child
+            try:
+                node.proc = subprocess.Popen(
+                    [str(self.redis_bin), str(node.configfile)],
+                    cwd=self.workdir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HarnessError(f"cannot run {self.redis_bin}: {exc}") from exc
+            finally:
+                log.close()
+            self._watchdog.watch(node.proc.pid, f"{node.host}:{node.port}")
+        for node in self.nodes:
+            assert node.proc is not None
+            _wait_listening(node.host, node.port, node.proc, node.name, node.logfile, timeout)
+            if int(node.info("cluster").get("cluster_enabled", 0)) != 1:
+                raise HarnessError(
+                    f"{self.redis_bin} does not support Redis Cluster (INFO cluster has no "
+                    f"cluster_enabled:1){_tail(node.logfile)}"
+                )
+        first = self.nodes[0]
+        with first.client() as client:
+            for node in self.nodes[1:]:
+                client.execute_command("CLUSTER", "MEET", node.host, node.port)
+        for node, (low, high) in zip(self.nodes, self.slot_ranges(), strict=True):
+            with node.client() as client:
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(low, high + 1))
+        self._wait(self._healthy, timeout, "the cluster to reach cluster_state:ok")
+
+    def _healthy(self) -> bool:
+        for node in self.nodes:
+            fields = _cluster_info(node)
+            if fields.get("cluster_state") != "ok":
+                return False
+            if int(fields.get("cluster_known_nodes", 0)) != len(self.nodes):
+                return False
+            if int(fields.get("cluster_slots_ok", 0)) != CLUSTER_SLOTS:
+                return False
+        return True
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            try:
+                if predicate():
+                    return
+            except Exception as exc:  # a node still starting or gossiping
+                last = exc
+            if time.monotonic() > deadline:
+                logs = "".join(_tail(node.logfile, 10) for node in self.nodes)
+                raise HarnessError(
+                    f"timed out after {timeout}s waiting for {what}"
+                    f"{f' (last error: {last})' if last else ''}{logs}"
+                )
+            time.sleep(0.05)
+
+    def flushall(self) -> None:
+        """Empty every node."""
+        for node in self.nodes:
+            with node.client() as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        """Stop every node and remove the directory; idempotent."""
+        with self._lock:
+            for node in self.nodes:
+                proc, node.proc = node.proc, None
+                _stop_process(proc)
+            if self._watchdog is not None:
+                self._watchdog.close()
+                self._watchdog = None
+            if self._remove_workdir and self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self._remove_workdir = False
+
+
+def _cluster_info(node: RedisNode) -> dict[str, str]:
+    """Return ``CLUSTER INFO`` of *node* as a dict of strings."""
+    with node.client() as client:
+        reply = client.execute_command("CLUSTER", "INFO")
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return dict(line.strip().split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _free_cluster_ports(count: int) -> list[int]:
+    """Return *count* free ports whose cluster bus port (port + 10000) is free as well.
+
+    Redis Cluster listens on both; an ephemeral port above 55535 has no bus port at all.
+    """
+    found: list[int] = []
+    start = random.randrange(20000, 50000)
+    for port in range(start, 55536):
+        if len(found) == count:
+            return found
+        socks: list[socket.socket] = []
+        try:
+            for candidate in (port, port + 10000):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((_LOOPBACK, candidate))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        found.append(port)
+    raise HarnessError(f"no {count} free port pairs (port, port + 10000) for Redis Cluster")
+
+
+def start_redis_cluster(services: Services | None = None, **kwargs: Any) -> RedisCluster:
+    """Start a :class:`RedisCluster` and return it (the caller stops it).
+
+    *kwargs* go to :class:`RedisCluster` (``masters``, ``node_timeout_ms``). Stopped at
+    interpreter exit if the caller does not; a watchdog process terminates its nodes if this
+    process dies without doing either.
+    """
+    cluster = RedisCluster(services, **kwargs)
     cluster.start()
     atexit.register(cluster.stop)
     return cluster
