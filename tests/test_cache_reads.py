@@ -676,3 +676,24 @@ def test_a_sharded_model_listed_in_models_is_cached_per_shard_and_invalidated() 
         assert statuses(1)[:2] == (["closed"], ["miss"])
         other = next(pk for pk, alias in shards.items() if alias != shards[1])
         assert statuses(other)[:2] == (["open"], ["hit"])  # another shard's entry, intact
+
+
+def test_explain_says_bypass_while_this_process_has_not_verified_redis(
+    books: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_dbscale.cache import continuity, wait_until_verified
+
+    qs = CBook.objects.cache().filter(author=books["ann"])
+    list(qs)
+    settle()
+    assert qs.explain_cache().state == "hit"
+    with monkeypatch.context() as patched:
+        patched.setattr(continuity, "kick", lambda: None)  # hold the verification back
+        continuity.distrust()
+        told = CBook.objects.cache().filter(author=books["ann"]).explain_cache()
+        assert told.cacheable and told.state == "bypass", told
+        assert "wait_until_verified()" in told.reason
+        with observe() as seen:
+            list(CBook.objects.cache().filter(author=books["ann"]))
+        assert seen.reasons == ["bypass:unverified"]  # what the read really did
+    assert wait_until_verified()

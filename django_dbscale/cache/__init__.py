@@ -17,6 +17,7 @@ See ``docs/cache.md`` for the design, the settings and the guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,9 @@ def cache_stats(*, shared: bool = True) -> dict[str, dict[str, int]]:
     from django_dbscale.cache.client import gateway
     from django_dbscale.cache.options import options
 
+    # Fills sent without waiting count "store"/"rejected" when their reply is read.
+    with contextlib.suppress(Exception):
+        gateway().drain_owed()
     if not shared:
         return stats.summary()
     opts = options()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from django_dbscale.cache import engine, invalidation
+from django_dbscale.cache import continuity, engine, invalidation
 from django_dbscale.cache.client import RedisUnavailable, gateway
 from django_dbscale.cache.options import options
 
@@ -16,8 +16,9 @@ __all__ = ["Explanation", "explain_queryset"]
 class Explanation:
     """The cache's view of one queryset evaluation.
 
-    ``state`` is ``"hit"``, ``"miss"``, ``"uncacheable"`` or ``"unknown"`` (Redis could not
-    be asked); ``reason`` says why in words; ``changed`` lists the dependencies whose
+    ``state`` is ``"hit"``, ``"miss"``, ``"uncacheable"``, ``"bypass"`` (cacheable, but this
+    process reads the database until it has verified Redis) or ``"unknown"`` (Redis could
+    not be asked); ``reason`` says why in words; ``changed`` lists the dependencies whose
     version changed since the stored entry was filled (why an entry no longer matches).
     """
 
@@ -76,6 +77,18 @@ def explain_queryset(queryset: Any, kind: str = "rows") -> Explanation:
             reason="invalidations are waiting for Redis; reads go to the database",
             **common,
         )
+    if engine._untrusted(plan):
+        continuity.kick()
+        return Explanation(
+            cacheable=True,
+            state="bypass",
+            reason=(
+                "this process has not verified Redis yet (a fresh process, or after a Redis "
+                "error): reads go to the database until it has; "
+                "django_dbscale.cache.wait_until_verified() waits for it"
+            ),
+            **common,
+        )
     gw = gateway()
     if not gw.available():
         return Explanation(
@@ -84,6 +97,7 @@ def explain_queryset(queryset: Any, kind: str = "rows") -> Explanation:
             reason="circuit breaker open: Redis is skipped",
             **common,
         )
+    gw.drain_owed()  # this thread's last fill went out without waiting: let it land first
     try:
         values, entry, header = gw.pipeline(
             [("MGET", *plan.version_keys), ("EXISTS", plan.entry_key), ("GET", plan.header_key)]
