@@ -205,3 +205,39 @@ def test_cache_settings_name_the_service_and_the_sentinels(sentinel: RedisSentin
     assert entry["OPTIONS"]["SENTINELS"] == sentinel.sentinel_addresses
     assert len(sentinel.sentinel_addresses) == 3
     assert {node.role() for node in sentinel.sentinels} == {"sentinel"}
+
+
+def test_a_new_master_another_process_verified_first_still_invalidates_everything(
+    sentinel_cache: RedisSentinel, services: Services
+) -> None:
+    """As above, but another process reached the promoted replica first and recorded its
+    run id there: the new master's run-id record matches it. This process was using the
+    old master (its invalidation went there and died with it), so verifying the new one
+    must still invalidate everything."""
+    old, new = sentinel_cache.master, sentinel_cache.replica
+    row = CCounter.objects.create(name="c", value=1)
+    assert read(row.pk) == (1, ["miss"])
+    wait_replicated(old)
+    assert new.proc is not None
+    os.kill(new.proc.pid, signal.SIGSTOP)
+    try:
+        with old.client() as client:
+            assert client.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+        with invalidations() as delivered:
+            CCounter.objects.filter(pk=row.pk).update(value=2)
+        assert delivered and not invalidation.has_pending()
+        sentinel_cache.kill_node(old)
+    finally:
+        os.kill(new.proc.pid, signal.SIGCONT)
+    sentinel_cache.wait_for_master(new)
+    generation_before = generation_on(new)
+    with new.client() as client:  # what the other process's verification recorded
+        client.set(f"{options().prefix}:run", new.run_id())
+    value, _ = read(row.pk)
+    assert value == 2
+    assert continuity.wait_until_verified(timeout=15), continuity.untrusted
+    assert continuity.verified_run_id() == new.run_id()
+    services.pg1_replica.wait_for_replay()
+    with fresh_context():
+        assert read(row.pk) == (2, ["miss"])  # not the entry of 1 the new master holds
+    assert generation_on(new) != generation_before

@@ -243,6 +243,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # -- on every new connection -------------------------------------------------------------
 
 
+#: The run id this process last verified, kept when trust is lost (``_verified`` is not).
+#: Verifying another server then invalidates everything even if that server's recorded run
+#: id is its own (another process verified it first): this process may have sent
+#: invalidations to the old server meanwhile, which the new one never got (a failover's
+#: old master stays writable until the sentinels demote it).
+_last_verified: list[str] = []
+
+
 def on_connect(connection: Any) -> None:
     """Set up a new Redis connection and check which server it reached (``INFO``).
 
@@ -259,7 +267,12 @@ def on_connect(connection: Any) -> None:
         kick()
     elif run_id not in verified.split(","):
         logger.warning("Redis server changed (%s -> %s): verifying it.", verified, run_id)
-        distrust()
+        # Stop using connections to the other server at once, not only once they fail
+        # (a failover's old master stays writable for a while). The verification that
+        # follows invalidates everything: see _last_verified.
+        from django_dbscale.cache.client import gateway
+
+        gateway().connections_lost()
     elif not untrusted and _canary_dead():
         # This process's own calls never failed, but Redis dropped its idle connection
         # (a cut, a restart): it may have missed invalidations meanwhile.
@@ -541,22 +554,32 @@ def _verify_on(connection: Any, epoch: int, whole: bool, aliases: list[str]) -> 
         stored = _call(connection, "GET", f"{opts.prefix}:run")
         with _lock:
             _still(epoch, run_id)
-            if stored is None or stored.decode() != run_id:
+            switched = bool(_last_verified) and _last_verified[0] != run_id
+            if stored is None or stored.decode() != run_id or switched:
                 _owed_generations.update(aliases)  # a whole round: every alias
                 _run_to_record[:] = [run_id]
                 stats.incr("redis", "generation_bump")
-                logger.log(
-                    logging.INFO if stored is None else logging.WARNING,
-                    "Redis server %s is not the one last verified (%s): restarted, failed "
-                    "over or flushed. Every cached entry is invalidated.",
-                    run_id,
-                    stored.decode() if stored is not None else "none recorded",
-                )
+                if switched and stored is not None and stored.decode() == run_id:
+                    logger.warning(
+                        "Redis server %s: this process was using another one (%s) until "
+                        "now (a failover). Every cached entry is invalidated.",
+                        run_id,
+                        _last_verified[0],
+                    )
+                else:
+                    logger.log(
+                        logging.INFO if stored is None else logging.WARNING,
+                        "Redis server %s is not the one last verified (%s): restarted, failed "
+                        "over or flushed. Every cached entry is invalidated.",
+                        run_id,
+                        stored.decode() if stored is not None else "none recorded",
+                    )
             elif not _owed_generations:
                 _run_to_record[:] = [run_id]  # refresh its time-to-live
             # The server is known now; each database stays untrusted until it is settled
             # (added before ALL goes: readers look without the lock).
             _verified[:] = [run_id]
+            _last_verified[:] = [run_id]
             untrusted.update(aliases)
             untrusted.discard(ALL)
     failed: set[str] = set()
