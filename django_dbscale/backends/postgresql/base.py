@@ -269,9 +269,22 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):
         ``connections[alias]``: a quarantined replica raises
         :class:`~django_dbscale.replicas.ReplicaQuarantined` instead of costing another
         connect timeout. :meth:`_cursor` turns that into a read on the primary outside a
-        transaction; inside one it propagates. Open connections are not checked (no cost
-        on the per-statement path).
+        transaction; inside one it propagates.
+
+        An open connection the driver knows is broken (the server went away under an
+        earlier statement, which raised) is replaced outside a transaction, so a process
+        that outlives a primary restart or failover writes again at its next statement
+        rather than at its next request; inside ``atomic()`` the broken connection stays
+        until the block ends, as Django wants. That check reads two attributes of the
+        driver's connection: no query on the per-statement path.
         """
+        raw = self.connection
+        if raw is not None and not self.in_atomic_block and (raw.broken or raw.closed):
+            logger.info("Replacing the broken connection of %r.", self.alias)
+            try:
+                self.close()
+            except DatabaseError:
+                self.connection = None
         if self.connection is None and self.dbscale_primary() is not None:
             from django_dbscale import replicas
 
