@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import itertools
 import json
 import os
 import pickle
@@ -34,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 READS = ("get(pk=...)", "filter() 10 rows", "count()")
-WRITES = ("save()", "update() 10 rows")
+WRITES = ("save()", "update() 10 rows", "save(), no dimensions", "create()")
 BLOCKS = 30
 PER_BLOCK = 100
 WARM_BLOCKS = 2
@@ -102,12 +103,13 @@ class _Worker:
 
         from bench.bench_cache import seed_books
         from django_dbscale.cache.client import gateway
-        from tests.testapp.models_cache import CAuthor, CBook
+        from tests.testapp.models_cache import CAuthor, CBook, CCounter
 
         call_command("migrate", database="default", run_syncdb=True, verbosity=0)
         gateway().client.flushdb()
         CBook.objects.all().delete()
         CAuthor.objects.all().delete()
+        CCounter.objects.filter(name__startswith="bench-").delete()
         authors = seed_books(CAuthor, CBook)
 
         def first_book(author: Any) -> int:
@@ -131,7 +133,7 @@ class _Worker:
         """Define the workloads, warm them, check each is what it claims; say where it read."""
         from django.db.models import F, QuerySet
 
-        from tests.testapp.models_cache import CBook
+        from tests.testapp.models_cache import CBook, CCounter
 
         self.ids = ids
         book_id, author_id = ids["book"], ids["author"]
@@ -153,6 +155,20 @@ class _Worker:
 
         write_author = ids["write_author"]
         self.workloads["write:save()"] = (None, save)
+        # A model without dimensions: save() is a plain UPDATE (no CTE for old values).
+        counter = CCounter.objects.get_or_create(name="bench-save")[0]
+
+        def save_counter() -> None:
+            counter.value += 1
+            counter.save()
+
+        self.workloads["write:save(), no dimensions"] = (None, save_counter)
+        names = itertools.count()
+        tag = f"bench-{os.getpid()}-"
+        self.workloads["write:create()"] = (
+            None,
+            lambda: CCounter.objects.create(name=f"{tag}{next(names)}"),
+        )
         self.workloads["write:update() 10 rows"] = (
             None,
             lambda: CBook.objects.filter(author_id=write_author).update(price=F("price") + 1),

@@ -34,6 +34,9 @@ from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
 
 from django_dbscale import consistency
 from django_dbscale.backends import events
+from django_dbscale.backends.positions import THEN_POSITION
+from django_dbscale.backends.positions import wanted as positions_wanted
+from django_dbscale.backends.positions import worth_it as positions_worth_it
 from django_dbscale.backends.statements import is_write
 from django_dbscale.backends.written_tables import UNKNOWN, written_tables
 from django_dbscale.conf import dbscale_settings
@@ -97,8 +100,15 @@ class _DBScaleCursorMixin:
 
     db: Any  # our DatabaseWrapper, or the primary's after a failover
     cursor: Any
+    #: The statement's own result, kept when its WAL position was read after it
+    #: (:mod:`~django_dbscale.backends.positions`): rows and row count.
+    _dbscale_kept: tuple[list[Any] | None, int] | None = None
 
     def _execute(self, sql: Any, params: Any, *wrapper_args: Any) -> Any:
+        self._dbscale_kept = None
+        positions = positions_wanted.get()
+        if positions is not None and positions_worth_it(self.db, self.cursor, sql):
+            return self._execute_reading_position(sql, params, positions, *wrapper_args)
         try:
             result = super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
         except _FAILOVER_ERRORS:
@@ -108,6 +118,56 @@ class _DBScaleCursorMixin:
         if is_write(sql, _statusmessage(self.cursor)):
             _note_write(self.db, sql, self.cursor)
         return result
+
+    def _execute_reading_position(
+        self, sql: str, params: Any, positions: list[int], *wrapper_args: Any
+    ) -> Any:
+        """Run an autocommitted write and read the WAL position after its commit, at once."""
+        result = super()._execute(sql + THEN_POSITION, params, *wrapper_args)  # type: ignore[misc]
+        cursor = self.cursor
+        wrote = is_write(sql, _statusmessage(cursor))
+        with self.db.wrap_database_errors:
+            rows = cursor.fetchall() if cursor.description is not None else None
+            self._dbscale_kept = (rows, cursor.rowcount)
+            cursor.nextset()  # COMMIT
+            cursor.nextset()  # SELECT pg_current_wal_insert_lsn()
+            (text,) = cursor.fetchone()
+        if wrote:
+            _note_write(self.db, sql, cursor)
+        position = consistency.parse_lsn(text)
+        consistency.note_commit_position(self.db.alias, position)
+        positions.append(position)
+        return result
+
+    # The statement's own result, when _execute_reading_position moved the cursor past it.
+    def fetchone(self) -> Any:
+        kept = self._dbscale_kept
+        if kept is None or kept[0] is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchone()
+        return kept[0].pop(0) if kept[0] else None
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        kept = self._dbscale_kept
+        if kept is None or kept[0] is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchmany(size) if size else self.cursor.fetchmany()  # type: ignore[no-any-return]
+        count = size or 1
+        taken, kept[0][:count] = kept[0][:count], []
+        return taken
+
+    def fetchall(self) -> list[Any]:
+        kept = self._dbscale_kept
+        if kept is None or kept[0] is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchall()  # type: ignore[no-any-return]
+        taken, kept[0][:] = kept[0][:], []
+        return taken
+
+    @property
+    def rowcount(self) -> int:
+        kept = self._dbscale_kept
+        return int(self.cursor.rowcount) if kept is None else kept[1]
 
     def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
         result = super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]

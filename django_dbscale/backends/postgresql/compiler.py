@@ -29,14 +29,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db.models.sql import compiler
 from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
 
-from django_dbscale import consistency
 from django_dbscale.backends import events
-from django_dbscale.conf import dbscale_settings
+from django_dbscale.backends.positions import reading_position
 
 __all__ = [
     "SQLAggregateCompiler",
@@ -125,36 +123,9 @@ def _wrote(connection: Any, table: str, dims: set[str] | None, position: int | N
     )
 
 
-#: Appended to an autocommitted write: commit it, then read the WAL position, in the same
-#: simple-protocol message (PostgreSQL runs the statements of one Query message as one
-#: implicit transaction until an explicit COMMIT, which ends it; the SELECT then runs in a
-#: transaction of its own, after the commit record). One round trip instead of two.
-_THEN_POSITION = "; COMMIT; SELECT pg_current_wal_insert_lsn()::text"
-
-
-def _position_in_same_trip(connection: Any, cursor: Any) -> bool:
-    """Return whether a write on *connection* should read its WAL position in its own trip.
-
-    Only where the position will be needed (a primary with replicas, outside a transaction,
-    read-your-writes by LSN) and only with Django's client-side binding cursor: the
-    extended protocol (``server_side_binding``) takes one statement per message.
-    """
-    if connection.in_atomic_block or not connection.get_autocommit():
-        return False
-    alias = connection.alias
-    if not dbscale_settings.replicas.get(alias) or dbscale_settings.read_your_writes != "lsn":
-        return False
-    return isinstance(getattr(cursor, "cursor", None), psycopg.ClientCursor)
-
-
-def _read_position(connection: Any, cursor: Any) -> int:
-    """Read the position from a cursor run with :data:`_THEN_POSITION`; note it as written."""
-    cursor.nextset()  # COMMIT
-    cursor.nextset()  # SELECT
-    row = cursor.fetchone()
-    position = consistency.parse_lsn(row[0])
-    consistency.note_commit_position(connection.alias, position)
-    return position
+def _last(positions: list[int]) -> int | None:
+    """Return the position read with the last statement, or ``None`` if it could not be."""
+    return positions[-1] if positions else None
 
 
 def _dims_or_none(
@@ -194,13 +165,14 @@ class SQLInsertCompiler(compiler.SQLInsertCompiler):
             return super().execute_sql(returning_fields)
         token = events.self_described.set(True)
         try:
-            rows = super().execute_sql(returning_fields)
+            with reading_position() as positions:
+                rows = super().execute_sql(returning_fields)
         finally:
             events.self_described.reset(token)
-        self._dbscale_publish(analysis)
+        self._dbscale_publish(analysis, _last(positions))
         return rows
 
-    def _dbscale_publish(self, analysis: events.WriteAnalysis) -> None:
+    def _dbscale_publish(self, analysis: events.WriteAnalysis, position: int | None) -> None:
         from django.db.models.constants import OnConflict
 
         query: Any = self.query
@@ -217,7 +189,7 @@ class SQLInsertCompiler(compiler.SQLInsertCompiler):
                     break
                 per_field[field] = values
             dims = _dims_or_none(analysis, per_field, fields)
-        _wrote(self.connection, meta.db_table, dims)
+        _wrote(self.connection, meta.db_table, dims, position)
 
 
 class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
@@ -239,8 +211,9 @@ class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
         fields = analysis.fields(self.query.model)
         table = self.query.get_meta().db_table
         if not fields:
-            result = super().execute_sql(result_type, *args, **kwargs)
-            _wrote(self.connection, table, None)
+            with reading_position() as positions:
+                result = super().execute_sql(result_type, *args, **kwargs)
+            _wrote(self.connection, table, None, _last(positions))
             return result
         try:
             sql, params = self.as_sql()
@@ -248,18 +221,20 @@ class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
             return None if result_type not in (ROW_COUNT,) else 0
         pinned = analysis.pinned(self.query, fields)
         if all(f in pinned for f in fields):
-            result = super().execute_sql(result_type, *args, **kwargs)
+            with reading_position() as positions:
+                result = super().execute_sql(result_type, *args, **kwargs)
             _wrote(
                 self.connection,
                 table,
                 _dims_or_none(analysis, {f: set(v) for f, v in pinned.items()}, fields),
+                _last(positions),
             )
             return result
         qn: Any = self.connection.ops.quote_name
         returning = ", ".join(f"{qn(f.column)} AS n{i}" for i, f in enumerate(fields))
         aggregates = ", ".join(f"array_agg(DISTINCT n{i})" for i in range(len(fields)))
         wrapped = f"WITH u AS ({sql} RETURNING {returning}) SELECT count(*), {aggregates} FROM u"
-        with self.connection.cursor() as cursor:
+        with self.connection.cursor() as cursor, reading_position() as positions:
             cursor.execute(wrapped, params)
             row = cursor.fetchone()
         per_field = {}
@@ -268,7 +243,7 @@ class SQLDeleteCompiler(compiler.SQLDeleteCompiler):
             if values is None:
                 break
             per_field[field] = values
-        _wrote(self.connection, table, _dims_or_none(analysis, per_field, fields))
+        _wrote(self.connection, table, _dims_or_none(analysis, per_field, fields), _last(positions))
         if result_type == ROW_COUNT:
             return row[0]
         return None
@@ -321,18 +296,14 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                 dims = static
             else:
                 wrapped = self._dbscale_wrap(sql, fields)
-        position: int | None = None
-        with self.connection.cursor() as cursor:
-            then = _THEN_POSITION if _position_in_same_trip(self.connection, cursor) else ""
+        with self.connection.cursor() as cursor, reading_position() as positions:
             if wrapped is None:
-                cursor.execute(sql + then, params)
+                cursor.execute(sql, params)
                 count = cursor.rowcount
             else:
-                cursor.execute(wrapped + then, params)
+                cursor.execute(wrapped, params)
                 row = cursor.fetchone()
                 count = row[0]
-            if then:
-                position = _read_position(self.connection, cursor)
             if wrapped is not None:
                 per_field: dict[Any, set[str]] = {}
                 for i, field in enumerate(fields):
@@ -342,7 +313,7 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                         break
                     per_field[field] = old | new
                 dims = _dims_or_none(analysis, per_field, fields)
-        _wrote(self.connection, table, dims, position)
+        _wrote(self.connection, table, dims, _last(positions))
         if result_type in (NO_RESULTS, None):
             return None
         return int(count)
