@@ -176,9 +176,21 @@ def bench(session: nox.Session) -> None:
         "bench.bench_continuity",
         "bench.bench_capture",
         "bench.bench_reshard",
+        "bench.bench_throughput",
     ):
         if (ROOT / (module.replace(".", "/") + ".py")).exists():
             session.run("python", "-m", module, *session.posargs)
+
+
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """The soak under faults: gunicorn, simulated users, a fault schedule, then the checker.
+
+    ``-- --duration 60`` is CI's run (four faults); ``-- --full --duration 900`` repeats the
+    full schedule (docs/reliability.md). Exits non-zero on any violation.
+    """
+    session.install("-e", _extras("test", "soak"))
+    session.run("python", "-m", "soak", *session.posargs)
 
 
 @nox.session(python="3.11")
