@@ -241,3 +241,32 @@ def test_a_new_master_another_process_verified_first_still_invalidates_everythin
     with fresh_context():
         assert read(row.pk) == (2, ["miss"])  # not the entry of 1 the new master holds
     assert generation_on(new) != generation_before
+
+
+def test_a_master_switch_is_heard_and_the_old_master_is_dropped_before_its_demotion(
+    sentinel_cache: RedisSentinel, services: Services
+) -> None:
+    """``SENTINEL FAILOVER`` leaves the old master a writable master for seconds. Another
+    process, already on the new master, changes a row and invalidates it there: this
+    process must not keep reading the old master's entry meanwhile."""
+    import time
+
+    old = sentinel_cache.master
+    row = CCounter.objects.create(name="c", value=1)
+    assert read(row.pk) == (1, ["miss"])
+    assert read(row.pk) == (1, ["hit"])  # on the old master, through an idle connection
+    new = sentinel_cache.failover()
+    assert old.role() == "master"  # not demoted yet: the window this test is about
+    # The other process: the row changes, and its invalidation goes to the new master.
+    table = CCounter._meta.db_table
+    services.pg1.execute(f"UPDATE {table} SET value = 2 WHERE id = %s", (row.pk,), dbname="dbscale")
+    with new.client() as client:
+        for key in client.keys(f"{options().prefix}:v:*{table}*"):
+            client.set(key, b"another-process-token:" + b"0" * 16)
+    services.pg1_replica.wait_for_replay()
+    deadline = time.monotonic() + 5
+    while continuity.verified_run_id() != new.run_id() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert continuity.verified_run_id() == new.run_id()  # heard, dropped, re-verified
+    with fresh_context():
+        assert read(row.pk)[0] == 2

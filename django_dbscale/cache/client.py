@@ -65,6 +65,7 @@ from django_dbscale.cache import continuity
 from django_dbscale.cache.breaker import CircuitBreaker
 from django_dbscale.cache.keys import format_lsn_hex, tokens
 from django_dbscale.cache.options import min_version_ttl, options
+from django_dbscale.cache.sentinel_watch import SentinelWatch
 from django_dbscale.conf import on_settings_changed
 
 __all__ = ["Gateway", "RedisUnavailable", "Script", "bulk", "gateway", "pack"]
@@ -141,6 +142,8 @@ class Gateway:
         #: Cluster mode: the cluster client (slot map) and a free list per node name.
         self._cluster: RedisCluster[bytes] | None = None
         self._node_free: dict[str, deque[Any]] = {}
+        #: Sentinel mode: the thread that hears a master switch (sentinel_watch.py).
+        self._watch: SentinelWatch | None = None
 
     @property
     def client(self) -> redis.Redis[bytes]:
@@ -180,6 +183,7 @@ class Gateway:
             return cast("redis.Redis[bytes]", self._build_cluster(connection_class, kwargs))
         if issubclass(connection_class, SentinelManagedConnection):
             connection_class = _sentinel_dialing(connection_class)
+            self._watch_sentinels(kwargs.get("connection_pool"))
         own_pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
         return redis.Redis(connection_pool=own_pool)
 
@@ -290,8 +294,21 @@ class Gateway:
             groups.setdefault(key_slot(key.encode()), []).append(key)
         return list(groups.values())
 
+    def _watch_sentinels(self, sentinel_pool: Any) -> None:
+        """Start hearing the sentinels' master switches (once per gateway)."""
+        manager = getattr(sentinel_pool, "sentinel_manager", None)
+        if self._watch is not None or manager is None:
+            return
+        self._watch = SentinelWatch(
+            list(manager.sentinels), sentinel_pool.service_name, self.connections_lost
+        )
+        self._watch.start()
+
     def close(self) -> None:
         """Disconnect the pool (settings changed, or tests restarting Redis)."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
         client, self._client = self._client, None
         self._cluster = None
         _disconnect_all(self._take_free())
@@ -374,6 +391,9 @@ class Gateway:
 
     def forget_after_fork(self) -> None:
         """Drop (without closing) the parent's sockets: the child must open its own."""
+        if self._watch is not None:
+            self._watch.forget_after_fork()
+            self._watch = None
         self._client = None
         self._cluster = None
         self._free = deque()
