@@ -158,9 +158,9 @@ def test_a_write_whose_invalidation_the_failover_lost_is_never_hidden_by_the_cac
     finally:
         os.kill(new.proc.pid, signal.SIGCONT)
     sentinel_cache.wait_for_master(new)
-    # The promoted replica still holds the entry of value 1, and no bump of the write.
-    assert len(entries_on(new)) == 1
-    assert generation_on(new) == generation_before
+    # The promoted replica still holds the entry of value 1, under versions the write never
+    # bumped there (the process may already have heard the switch and re-verified).
+    assert len(entries_on(new)) >= 1
     value, _ = read(row.pk)  # Redis changed under the gateway: straight to the database
     assert value == 2
     assert continuity.wait_until_verified(timeout=15), continuity.untrusted
@@ -169,7 +169,7 @@ def test_a_write_whose_invalidation_the_failover_lost_is_never_hidden_by_the_cac
     # the entry of 1 the new master holds matches every version it was filled under.
     services.pg1_replica.wait_for_replay()
     with fresh_context():
-        assert read(row.pk) == (2, ["miss"])
+        assert read(row.pk)[0] == 2
         assert read(row.pk) == (2, ["hit"])
     assert generation_on(new) != generation_before  # everything cached before: invalid
 
@@ -215,6 +215,11 @@ def test_a_new_master_another_process_verified_first_still_invalidates_everythin
     old master (its invalidation went there and died with it), so verifying the new one
     must still invalidate everything."""
     old, new = sentinel_cache.master, sentinel_cache.replica
+    # Not hearing the switch (a process whose sentinel subscription was down): the
+    # verification itself must catch it.
+    watch = gateway()._watch
+    assert watch is not None
+    watch.stop()
     row = CCounter.objects.create(name="c", value=1)
     assert read(row.pk) == (1, ["miss"])
     wait_replicated(old)
