@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections
 
-from django_dbscale import consistency, consistency_context, read_at_least, replicas
+from django_dbscale import consistency, consistency_context, read_at_least, replicas, use_primary
 from django_dbscale.testing.harness import Services
 from tests.testapp.models import Note
 
@@ -81,3 +81,36 @@ def test_the_grace_period_ends_after_max_replica_lag(primary_down: Note, setting
     status = replicas.monitor.status("default_replica")
     status.assess(now=status.in_budget_with_primary_at + settings.DBSCALE["MAX_REPLICA_LAG"] + 1)
     assert not status.eligible  # beyond the budget: no longer trusted to be current enough
+
+
+def test_a_read_the_router_sent_to_the_primary_as_it_went_down_is_served_by_a_caught_up_replica(
+    services: Services,
+) -> None:
+    # The monitor last probed before the write (its thread is stopped for the test): it
+    # does not know the replica has replayed the token's position, so the router sends
+    # the token's read to the primary, which stops before the monitor's next round.
+    replicas.monitor.stop()
+    replicas.monitor.refresh()
+    with consistency_context():
+        note = Note.objects.create(title="written just before")
+        token = consistency.consistency_token()
+    services.pg1_replica.wait_for_replay()
+    connections.close_all()
+    services.pg1.stop()
+    try:
+        before = consistency.route_counts.get(("default_replica", replicas.PRIMARY_DOWN), 0)
+        with read_at_least(token):
+            assert replicas.read_alias("default") == "default"  # what the router decides
+            got = Note.objects.get(pk=note.pk)
+        assert got.title == "written just before"
+        after = consistency.route_counts.get(("default_replica", replicas.PRIMARY_DOWN), 0)
+        assert after == before + 1  # re-run on the replica, counted
+        with read_at_least(token), use_primary(), pytest.raises(OperationalError):
+            Note.objects.get(pk=note.pk)  # asked for the primary itself: no replica
+    finally:
+        connections.close_all()
+        asyncio.run(sync_to_async(connections.close_all)())
+        services.pg1.start()
+        services.pg1_replica.wait_for_streaming()
+        replicas.monitor.start()
+        replicas.monitor.refresh()

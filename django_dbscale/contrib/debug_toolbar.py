@@ -95,6 +95,8 @@ REASONS: dict[str, str] = {
     reasons.FAILOVER: "primary: the read broke on a replica and was re-run here",
     reasons.CACHE_FILL: "primary: a cache fill needs a position no replica has replayed",
     reasons.RESHARDED: "primary: the replicas have not replayed the resharding cutover",
+    reasons.PRIMARY_DOWN: "replica: the primary broke under this read; a caught-up replica "
+    "re-ran it",
     WRITE: "write: always the primary",
     TRANSACTION: "transaction control",
     WAL_POSITION: "dbscale: reads the primary's WAL position (read-your-writes, cache fence)",

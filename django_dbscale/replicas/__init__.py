@@ -71,6 +71,7 @@ from django_dbscale.replicas.reasons import (
     LAGGING,
     NO_REPLICAS,
     PINNED_PRIMARY,
+    PRIMARY_DOWN,
     QUARANTINED,
     READ_YOUR_WRITES,
     REPLICA,
@@ -88,6 +89,7 @@ __all__ = [
     "LAGGING",
     "NO_REPLICAS",
     "PINNED_PRIMARY",
+    "PRIMARY_DOWN",
     "QUARANTINED",
     "READ_YOUR_WRITES",
     "REPLICA",
@@ -99,6 +101,7 @@ __all__ = [
     "ReplicaStatus",
     "check_not_quarantined",
     "failed_over",
+    "replica_for_down_primary",
     "monitor",
     "read_alias",
     "replayed_lsn",
@@ -140,6 +143,45 @@ def failed_over(replica: str, primary: str, reason: str) -> None:
     monitor.report_failure(replica, reason)
     consistency.read_from_primary(primary, FAILOVER)
     signals.read_failed_over.send(sender=ReplicaMonitor, alias=replica, primary=primary)
+
+
+def replica_for_down_primary(primary: str) -> str | None:
+    """Return a replica of *primary* to re-run a read its broken primary could not serve.
+
+    The backend asks this when a read on *primary* failed to connect or broke outside a
+    transaction (a restart, a crash, a failover in progress): the monitor may not have
+    seen the outage yet (it probes every ``REPLICA_CHECK_INTERVAL``), and until it has, the
+    router keeps choosing the primary. A replica qualifies only if the monitor still deems
+    it usable (within the lag budget: past the outage's grace the library reads the
+    primary on purpose, to bound staleness) and if it has replayed everything this context
+    must read at least, asked of the replica itself now (one query). A context whose own
+    write's position is unknown (it wrote and never needed the position since) gets
+    ``None``: the replica may lack that write; so does a block under ``use_primary()`` or
+    ``use_database()``, which asked for the primary itself. The read is counted with
+    reason ``primary_down``.
+    """
+    specs = dbscale_settings.replicas.get(primary)
+    if not specs or consistency.forced_target.get() is not None:
+        return None  # use_primary()/use_database(): the caller asked for that database
+    state = consistency.current_state()
+    if primary in state.pending:
+        return None
+    need = max(state.positions.get(primary, 0), consistency.placement_floor(primary) or 0)
+    now = time.monotonic()
+    for spec in specs:
+        if not monitor.status(spec.alias).usable(now):
+            continue
+        try:
+            with connections[spec.alias].cursor() as cursor:
+                cursor.execute("SELECT pg_last_wal_replay_lsn()::text")
+                row = cursor.fetchone()
+        except Exception:  # a replica that fails too is simply not chosen
+            continue
+        if row is None or row[0] is None or consistency.parse_lsn(row[0]) < need:
+            continue
+        consistency.count_route(spec.alias, PRIMARY_DOWN)
+        return spec.alias
+    return None
 
 
 def check_not_quarantined(alias: str) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "LAGGING",
     "NO_REPLICAS",
     "PINNED_PRIMARY",
+    "PRIMARY_DOWN",
     "QUARANTINED",
     "READ_YOUR_WRITES",
     "REPLICA",
@@ -32,5 +33,7 @@ FAILOVER = "failover"
 STALE = "stale"
 QUARANTINED = "quarantined"
 CACHE_FILL = "cache_fill"
+#: The primary's connection broke (or refused) under a read; a caught-up replica served it.
+PRIMARY_DOWN = "primary_down"
 #: The replica has not replayed the resharding cutover that placed rows on its primary.
 RESHARDED = "resharded"

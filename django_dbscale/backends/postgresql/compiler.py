@@ -27,14 +27,18 @@ never imports the cache: what counts as a dimension comes from the registered
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FullResultSet
+from django.db import InterfaceError, OperationalError
 from django.db.models.sql import compiler
-from django.db.models.sql.constants import MULTI, NO_RESULTS, ROW_COUNT
+from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE, MULTI, NO_RESULTS, ROW_COUNT
 
 from django_dbscale.backends import events
 from django_dbscale.backends.positions import reading_position
+
+logger = logging.getLogger("django_dbscale.backends")
 
 __all__ = [
     "SQLAggregateCompiler",
@@ -82,7 +86,39 @@ class _ReadHooks:
 
 
 class SQLCompiler(_ReadHooks, compiler.SQLCompiler):
-    """Django's SELECT compiler plus the cache's read hooks."""
+    """Django's SELECT compiler plus the cache's read hooks and reads of a down primary."""
+
+    def execute_sql(
+        self,
+        result_type: Any = MULTI,
+        chunked_fetch: bool = False,
+        chunk_size: int = GET_ITERATOR_CHUNK_SIZE,
+    ) -> Any:
+        try:
+            return super().execute_sql(result_type, chunked_fetch, chunk_size)
+        except (OperationalError, InterfaceError):
+            replica = _replica_instead(self.connection)
+            if replica is None:
+                raise
+            logger.warning(
+                "Primary %r failed under a read; re-running it on replica %r.",
+                self.connection.alias,
+                replica,
+            )
+            again = self.query.get_compiler(using=replica)
+            return again.execute_sql(result_type, chunked_fetch, chunk_size)
+
+
+def _replica_instead(connection: Any) -> str | None:
+    """Return the replica to re-run a read on, if *connection* is a primary that broke."""
+    if connection.in_atomic_block or connection.dbscale_primary() is not None:
+        return None
+    raw = connection.connection
+    if raw is not None and not (raw.broken or raw.closed):
+        return None  # an error of the statement itself, not of the server
+    from django_dbscale import replicas
+
+    return replicas.replica_for_down_primary(connection.alias)
 
 
 class SQLAggregateCompiler(_ReadHooks, compiler.SQLAggregateCompiler):
