@@ -27,7 +27,9 @@ from django_dbscale.testing.harness import (
     Services,
     start_failover_cluster,
 )
+from tests.test_cache_support import cache_env
 from tests.testapp.models import Note
+from tests.testapp.models_cache import CCounter
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -107,6 +109,7 @@ def _disconnect(replica: PgServer) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.usefixtures(cache_env.__name__)  # an empty Redis: this "default" is a new database
 def test_writes_resume_on_the_promoted_replica_and_old_tokens_are_served(
     cluster: PgFailoverCluster,
 ) -> None:
@@ -120,6 +123,15 @@ def test_writes_resume_on_the_promoted_replica_and_old_tokens_are_served(
     kept_lsn = consistency.decode_token(kept_token).positions["default"]
     cluster.wait_for_replay()
     assert _titles(promoted) == _titles(follower) == ["replicated"]
+    # A cached row, then a write of it acknowledged (and replicated) before the failover.
+    counter = CCounter.objects.create(name="failover", value=1)
+    cluster.wait_for_replay()
+    with consistency_context():
+        assert CCounter.objects.cache().get(pk=counter.pk).value == 1
+    with consistency_context():
+        assert CCounter.objects.cache().get(pk=counter.pk).value == 1  # served by Redis
+    CCounter.objects.filter(pk=counter.pk).update(value=2)
+    cluster.wait_for_replay()
 
     # 2. A write only the old primary has (asynchronous replication loses it at the crash).
     for replica in (promoted, follower):
@@ -188,6 +200,13 @@ def test_writes_resume_on_the_promoted_replica_and_old_tokens_are_served(
         got = Note.objects.get(pk=after.pk)
     assert time.monotonic() - started < 2
     assert (got.title, got._state.db) == ("after the failover", expected)
+
+    # The cache serves nothing older than the write acknowledged before the failover.
+    with consistency_context():
+        assert CCounter.objects.cache().get(pk=counter.pk).value == 2
+    assert promoted.execute(
+        "SELECT value FROM testapp_ccounter WHERE id = %s", (counter.pk,), dbname="dbscale"
+    ) == [(2,)]
 
     # 7. Tokenless reads go back to the replica, and the new write's token too.
     with consistency_context():
