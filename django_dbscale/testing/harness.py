@@ -700,15 +700,19 @@ class PgServer:
         self.execute("SELECT pg_wal_replay_resume()")
 
     def wait_for_replay(self, lsn: str | None = None, timeout: float = 10) -> None:
-        """Wait until this replica has replayed ``lsn`` (default: primary's current WAL LSN).
+        """Wait until this replica has replayed ``lsn`` (default: primary's WAL insert position).
 
-        Return at once on a primary or on a server not in recovery. Raise
-        :class:`HarnessError` if ``timeout`` seconds pass first.
+        The default is the position the library records after a write
+        (``pg_current_wal_insert_lsn()``), not the write position: WAL another session
+        inserted and the WAL writer has not written yet (autovacuum's, say) is behind the
+        insert position only, and a replica that has replayed the write position may still
+        lack what the library waits for. Return at once on a primary or on a server not in
+        recovery. Raise :class:`HarnessError` if ``timeout`` seconds pass first.
         """
         if self.primary is None:
             return
         if lsn is None:
-            lsn = str(self.primary.execute("SELECT pg_current_wal_lsn()::text")[0][0])
+            lsn = str(self.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
         deadline = time.monotonic() + timeout
         with self.connect() as conn:
             while True:
