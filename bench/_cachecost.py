@@ -382,7 +382,9 @@ class _Worker:
                 invalidation._DimensionAnalysis, name, f"write analysis: dimensions .{name}()"
             )
 
-    def op_profile(self, workload: str, n: int, top: int) -> dict[str, Any]:
+    def op_profile(
+        self, workload: str, n: int, top: int, sort: str = "tottime"
+    ) -> dict[str, Any]:
         from django_dbscale import consistency
 
         setup, fn = self.workloads[workload]
@@ -395,7 +397,7 @@ class _Worker:
             profiler.disable()
         consistency.open_context()
         buffer = io.StringIO()
-        pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(top)
+        pstats.Stats(profiler, stream=buffer).sort_stats(sort).print_stats(top)
         return {"text": buffer.getvalue()}
 
     # -- correctness --------------------------------------------------------------------------
