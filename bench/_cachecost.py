@@ -382,9 +382,7 @@ class _Worker:
                 invalidation._DimensionAnalysis, name, f"write analysis: dimensions .{name}()"
             )
 
-    def op_profile(
-        self, workload: str, n: int, top: int, sort: str = "tottime"
-    ) -> dict[str, Any]:
+    def op_profile(self, workload: str, n: int, top: int, sort: str = "tottime") -> dict[str, Any]:
         from django_dbscale import consistency
 
         setup, fn = self.workloads[workload]
