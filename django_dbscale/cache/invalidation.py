@@ -30,6 +30,7 @@ connection's transaction (Django keeps connections per thread and per async task
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -460,6 +461,18 @@ def _forget_timers_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_timers_after_fork)
+
+
+def _confirm_at_exit() -> None:
+    # A script that writes and exits at once: find out now whether its last invalidations
+    # reached Redis, so that lost ones still go to the outbox (a killed process cannot).
+    try:
+        confirm()
+    except Exception:
+        logger.debug("Could not confirm the invalidations in flight at exit.", exc_info=True)
+
+
+atexit.register(_confirm_at_exit)
 
 
 def _retry_now() -> None:
