@@ -198,6 +198,24 @@ def record_write(primary: str, *, has_lsn: bool = True) -> None:
     state.wrote = True
 
 
+#: WAL page size, and the sizes of a page's header and of a segment's first page header.
+_WAL_PAGE = 8192
+_PAGE_HEADERS = (24, 40)
+
+
+def insert_position(text: str) -> int:
+    """Parse ``pg_current_wal_insert_lsn()``, stepping back over a page header it points past.
+
+    When the last record ended exactly at a page boundary, the insert position points past
+    the next page's header; a replica's replay position stops at the boundary until more
+    WAL is written, so an idle primary's replicas would never seem to reach it. No record
+    ends inside a page header, so the boundary covers everything written.
+    """
+    value = parse_lsn(text)
+    offset = value % _WAL_PAGE
+    return value - offset if offset in _PAGE_HEADERS else value
+
+
 def note_commit_position(primary: str, position: int) -> None:
     """Note *primary*'s WAL position read right after this context's write committed.
 
@@ -215,7 +233,7 @@ def fetch_primary_lsn(primary: str) -> int:
         cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
         row = cursor.fetchone()
     assert row is not None
-    return parse_lsn(row[0])
+    return insert_position(row[0])
 
 
 def _resolve_pending(state: ConsistencyState, primary: str) -> None:

@@ -32,7 +32,7 @@ from django_dbscale import (
     use_primary,
     use_replica,
 )
-from django_dbscale.consistency import format_lsn, parse_lsn
+from django_dbscale.consistency import format_lsn, insert_position
 from django_dbscale.testing.harness import Services
 from tests.testapp.models import Note
 
@@ -1042,12 +1042,12 @@ def test_an_autocommitted_update_reads_its_wal_position_in_its_own_round_trip(
     # runs after the commit record, so the position covers the write, without a second
     # round trip.
     note = Note.objects.create(title="before")
-    before = parse_lsn(services.pg1.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    before = insert_position(services.pg1.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
     with consistency_context() as state, CaptureQueriesContext(connections["default"]) as q:
         Note.objects.filter(pk=note.pk).update(title="after")
         assert not state.pending  # nothing left to fetch for read-your-writes
         position = state.positions["default"]
-    after = parse_lsn(services.pg1.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    after = insert_position(services.pg1.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
     assert [x["sql"].split(None, 1)[0] for x in q.captured_queries] == ["UPDATE"]
     assert before < position == after  # the UPDATE and its COMMIT record are both behind it
     services.pg1_replica.wait_for_replay(format_lsn(position))

@@ -713,6 +713,10 @@ class PgServer:
             return
         if lsn is None:
             lsn = str(self.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+        # The position the library records: a page boundary, not just past its header.
+        from django_dbscale.consistency import format_lsn, insert_position
+
+        lsn = format_lsn(insert_position(lsn))
         deadline = time.monotonic() + timeout
         with self.connect() as conn:
             while True:

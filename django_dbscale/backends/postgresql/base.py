@@ -134,7 +134,7 @@ class _DBScaleCursorMixin:
             (text,) = cursor.fetchone()
         if wrote:
             _note_write(self.db, sql, cursor)
-        position = consistency.parse_lsn(text)
+        position = consistency.insert_position(text)
         consistency.note_commit_position(self.db.alias, position)
         positions.append(position)
         return result
