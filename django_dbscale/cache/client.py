@@ -40,7 +40,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import redis
 from django.core.cache import caches
@@ -355,24 +355,33 @@ class Gateway:
         """
         self.client  # noqa: B018 - builds the client (and learns if it is a cluster)
         if self._cluster is not None:
-            route = ClusterRoute(self)
-            try:
-                route.connect()
-            except (RedisError, OSError) as exc:
-                route.disconnect()
-                self.failed(exc, "connect")
-                raise RedisUnavailable(str(exc)) from exc
-            self.breaker.success()
-            return route
-        connection = self._connect()
+            connection: Any = ClusterRoute(self)
+        else:
+            connection = self._connect()
         try:
             connection.connect()
         except (RedisError, OSError) as exc:
-            connection.disconnect()
-            self.failed(exc, "connect")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "connect", connection)
         self.breaker.success()
         return connection
+
+    def _give_up(self, exc: BaseException, what: str, *connections: Any) -> NoReturn:
+        """Disconnect *connections* after *exc*; raise it, as :class:`RedisUnavailable` if it
+        is a Redis or socket error (counted for the breaker by :meth:`failed`)."""
+        for connection in connections:
+            connection.disconnect()
+        if not isinstance(exc, RedisError | OSError):
+            raise exc
+        self.failed(exc, what)
+        raise RedisUnavailable(str(exc)) from exc
+
+    def _take(self, free: deque[Any], connect: Callable[[], Any]) -> tuple[Any, Any]:
+        """Return an idle connection of *free* (or a new one) and the replies it owes."""
+        try:
+            connection = free.pop()
+        except IndexError:
+            connection = connect()
+        return connection, self._owed.pop(connection, None) if self._owed else None
 
     def failed(self, exc: BaseException, what: str) -> None:
         """Record a failed Redis call: count it for the breaker; if connectivity or the
@@ -451,11 +460,7 @@ class Gateway:
                 connection = connect()
                 result = self._send(connection, packed, script)
         except BaseException as exc:
-            connection.disconnect()
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, script.name)
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, script.name, connection)
         free.append(connection)
         self.breaker.success()
         return result
@@ -511,19 +516,11 @@ class Gateway:
         if self._reload_scripts:
             self.load_scripts()
         free, connect = self._lane(packed)
-        try:
-            connection = free.pop()
-        except IndexError:
-            connection = connect()
-        owed = self._owed.pop(connection, None) if self._owed else None
+        connection, owed = self._take(free, connect)
         try:
             connection.send_packed_command([packed], check_health=False)
         except BaseException as exc:
-            connection.disconnect()
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, "deferred send")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "deferred send", connection)
         if owed is None:
             owed = []
         owed.append(on_reply)
@@ -562,22 +559,13 @@ class Gateway:
             self.load_scripts()
         if self._clustered():
             return self._send_held_on_nodes(packed)
-        free, connect = self._free, self._connect
-        try:
-            connection = free.pop()
-        except IndexError:
-            connection = connect()
-        owed = self._owed.pop(connection, None) if self._owed else None
+        connection, owed = self._take(self._free, self._connect)
         try:
             if owed:  # settle what it owes first: its replies come before ours
                 self._read_owed(connection, owed)
             connection.send_packed_command([packed], check_health=False)
         except BaseException as exc:
-            connection.disconnect()
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, "send")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "send", connection)
         return connection
 
     def _send_held_on_nodes(self, packed: bytes) -> _HeldOnNodes:
@@ -592,22 +580,13 @@ class Gateway:
         try:
             for node, indices, raws in groups.values():
                 free, connect = self._node_lane(node)
-                try:
-                    connection = free.pop()
-                except IndexError:
-                    connection = connect()
+                connection, owed = self._take(free, connect)
                 held.parts.append((connection, free, indices))
-                owed = self._owed.pop(connection, None) if self._owed else None
                 if owed:  # settle what it owes first: its replies come before ours
                     self._read_owed(connection, owed)
                 connection.send_packed_command([b"".join(raws)], check_health=False)
         except BaseException as exc:
-            for connection, _, _ in held.parts:
-                connection.disconnect()
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, "send")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "send", *(connection for connection, _, _ in held.parts))
         return held
 
     def finish_held(self, connection: Any, count: int) -> list[Any]:
@@ -627,11 +606,7 @@ class Gateway:
                 except ResponseError as exc:
                     replies.append(exc)
         except BaseException as exc:
-            connection.disconnect()
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, "deferred reply")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "deferred reply", connection)
         self._free.append(connection)
         self.breaker.success()
         return replies
@@ -648,14 +623,9 @@ class Gateway:
                         replies[index] = exc
                 done += 1
         except BaseException as exc:
-            for connection, _, _ in held.parts[done:]:
-                connection.disconnect()
             for connection, free, _ in held.parts[:done]:
                 free.append(connection)
-            if not isinstance(exc, RedisError | OSError):
-                raise
-            self.failed(exc, "deferred reply")
-            raise RedisUnavailable(str(exc)) from exc
+            self._give_up(exc, "deferred reply", *(c for c, _, _ in held.parts[done:]))
         for connection, free, _ in held.parts:
             free.append(connection)
         self.breaker.success()
