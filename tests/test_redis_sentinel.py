@@ -111,6 +111,33 @@ def wait_replicated(master: RedisNode) -> None:
         assert client.execute_command("WAIT", 1, 5000) == 1
 
 
+def write_only_the_old_master_hears_of(
+    sentinel: RedisSentinel, old: RedisNode, new: RedisNode, row: CCounter
+) -> None:
+    """Set the row to 2 with an invalidation only *old* takes; kill *old*, promote *new*.
+
+    *new* is frozen (SIGSTOP) and its replication link cut while the write commits and
+    its invalidation is acknowledged by the master, and the master is killed before the
+    replica thaws.
+    """
+    assert new.proc is not None
+    os.kill(new.proc.pid, signal.SIGSTOP)
+    try:
+        # Cut the replication link while the replica cannot reconnect: what the master
+        # takes from now on stays on the master (a stopped process's socket would still
+        # receive the stream into its kernel buffer).
+        with old.client() as client:
+            assert client.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+        # Observed invalidations are delivered and their reply read before update() returns.
+        with invalidations() as delivered:
+            CCounter.objects.filter(pk=row.pk).update(value=2)
+        assert delivered and not invalidation.has_pending()  # the old master acknowledged it
+        sentinel.kill_node(old)
+    finally:
+        os.kill(new.proc.pid, signal.SIGCONT)
+    sentinel.wait_for_master(new)
+
+
 def test_the_cache_reads_fills_and_invalidates_on_the_sentinels_master(
     sentinel_cache: RedisSentinel,
 ) -> None:
@@ -142,22 +169,7 @@ def test_a_write_whose_invalidation_the_failover_lost_is_never_hidden_by_the_cac
     wait_replicated(old)
     assert len(entries_on(new)) == 1
     generation_before = generation_on(new)
-    assert new.proc is not None
-    os.kill(new.proc.pid, signal.SIGSTOP)
-    try:
-        # Cut the replication link while the replica cannot reconnect: what the master
-        # takes from now on stays on the master (a stopped process's socket would still
-        # receive the stream into its kernel buffer).
-        with old.client() as client:
-            assert client.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
-        # Observed invalidations are delivered and their reply read before update() returns.
-        with invalidations() as delivered:
-            CCounter.objects.filter(pk=row.pk).update(value=2)
-        assert delivered and not invalidation.has_pending()  # the old master acknowledged it
-        sentinel_cache.kill_node(old)
-    finally:
-        os.kill(new.proc.pid, signal.SIGCONT)
-    sentinel_cache.wait_for_master(new)
+    write_only_the_old_master_hears_of(sentinel_cache, old, new, row)
     # The promoted replica still holds the entry of value 1, under versions the write never
     # bumped there (the process may already have heard the switch and re-verified).
     assert len(entries_on(new)) >= 1
@@ -223,18 +235,7 @@ def test_a_new_master_another_process_verified_first_still_invalidates_everythin
     row = CCounter.objects.create(name="c", value=1)
     assert read(row.pk) == (1, ["miss"])
     wait_replicated(old)
-    assert new.proc is not None
-    os.kill(new.proc.pid, signal.SIGSTOP)
-    try:
-        with old.client() as client:
-            assert client.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
-        with invalidations() as delivered:
-            CCounter.objects.filter(pk=row.pk).update(value=2)
-        assert delivered and not invalidation.has_pending()
-        sentinel_cache.kill_node(old)
-    finally:
-        os.kill(new.proc.pid, signal.SIGCONT)
-    sentinel_cache.wait_for_master(new)
+    write_only_the_old_master_hears_of(sentinel_cache, old, new, row)
     generation_before = generation_on(new)
     with new.client() as client:  # what the other process's verification recorded
         client.set(f"{options().prefix}:run", new.run_id())
