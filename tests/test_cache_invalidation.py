@@ -429,6 +429,14 @@ def test_invalidate_object_bumps_its_dimension(library: dict[str, Any]) -> None:
     reread(read, ["Braw"])
 
 
+def truth(statement: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    """Rows read on the primary directly, not through the library."""
+    from django_dbscale.cache import outbox
+
+    with outbox.connect("default") as own:
+        return [tuple(row) for row in own.execute(statement, params).fetchall()]
+
+
 # -- dimensions ---------------------------------------------------------------------------------
 
 
@@ -454,6 +462,47 @@ def test_moving_a_row_between_dimension_values_invalidates_both(library: dict[st
     book.save()
     reread(ann_titles, ["A1"])
     reread(bob_titles, ["A2", "B1"])
+
+
+def test_save_keeping_its_dimension_is_one_plain_update_and_bumps_only_that_value(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    book = CBook.objects.get(pk=library["b1"].pk)
+    book.title = "A0"
+    with QueryCounter(["default"]) as counter:
+        book.save()
+    # No CTE reading the old author: the WHERE checks it is still the one being assigned.
+    assert [sql.split(None, 1)[0] for _, sql in counter.sql] == ["UPDATE"], counter.sql
+    assert '"author_id" = ' in counter.sql[0][1].split(" WHERE ", 1)[1], counter.sql
+    reread(ann_titles, ["A0", "A2"])
+    with fresh_context(), observe() as seen:
+        assert bob_titles() == ["B1"]
+    assert seen.reasons == ["hit"]  # Bob's dimension was not bumped
+
+
+def test_save_of_an_instance_whose_dimension_changed_in_the_database_invalidates_both(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    book = CBook.objects.get(pk=library["b2"].pk)  # loaded with author Ann
+    b2, bob = library["b2"].pk, library["bob"].pk
+    outside_django("UPDATE testapp_cbook SET author_id = %s WHERE id = %s", [bob, b2])
+    invalidate_model(CBook)
+    primed(ann_titles, ["A1"])
+    primed(bob_titles, ["A2", "B1"])
+    book.title = "A2x"
+    with QueryCounter(["default"]) as counter:
+        book.save()  # moves the row back from Bob (in the database) to Ann (in memory)
+    reread(bob_titles, ["B1"])
+    reread(ann_titles, ["A1", "A2x"])
+    # The guarded UPDATE matched no row (the author is not Ann any more): the CTE ran.
+    assert [sql.split(None, 1)[0] for _, sql in counter.sql] == ["UPDATE", "WITH"], counter.sql
+    assert truth("SELECT author_id, title FROM testapp_cbook WHERE id = %s", [b2]) == [
+        (library["ann"].pk, "A2x")
+    ]
 
 
 def test_update_moving_rows_by_an_unrelated_filter_invalidates_old_and_new(

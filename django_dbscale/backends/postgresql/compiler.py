@@ -16,6 +16,8 @@ points that at this module, which makes it the one hook with complete coverage:
   ``UPDATE`` whose WHERE clause does not pin them is rewritten to
   ``UPDATE ... FROM (SELECT pk, dims ... FOR UPDATE) RETURNING old, new`` inside a CTE that
   aggregates the distinct values, and a ``DELETE`` gets ``RETURNING``. No extra round trip.
+  ``save()``'s one-row UPDATE first runs with ``AND dim = <value assigned>`` instead (see
+  :meth:`SQLUpdateCompiler._dbscale_execute_unchanged`): the join only when that misses.
 * **Reads**, during cache fills only: each compiled query reports the tables it reads to
   the active collector. Where a fill's statements run is decided by the routers, like any
   read (see :func:`django_dbscale.consistency.at_least`).
@@ -32,6 +34,8 @@ from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import InterfaceError, OperationalError
+from django.db.models import Q
+from django.db.models.lookups import Exact
 from django.db.models.sql import compiler
 from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE, MULTI, NO_RESULTS, ROW_COUNT
 
@@ -180,6 +184,21 @@ def _dims_or_none(
     return dims
 
 
+def _pins_one_row(query: Any, pk: Any) -> bool:
+    """Return whether *query*'s WHERE is exactly ``pk = <value>`` (``save()``'s UPDATE)."""
+    where = query.where
+    if where.negated or where.connector != "AND" or len(where.children) != 1:
+        return False
+    lookup = where.children[0]
+    lhs = getattr(lookup, "lhs", None)
+    return (
+        isinstance(lookup, Exact)
+        and getattr(lhs, "target", None) == pk
+        and getattr(lhs, "alias", None) == query.base_table
+        and not hasattr(lookup.rhs, "resolve_expression")
+    )
+
+
 def _canonical_set(analysis: events.WriteAnalysis, field: Any, values: Any) -> set[str] | None:
     result: set[str] = set()
     for value in values or ():
@@ -314,16 +333,20 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
 
     def _dbscale_execute_main(self, result_type: Any, analysis: events.WriteAnalysis) -> int | None:
         """Run this compiler's own UPDATE (not the related ones) and publish it."""
+        query = self.query
+        fields = analysis.fields(query.model)
+        if fields:
+            count = self._dbscale_execute_unchanged(analysis, fields)
+            if count is not None:
+                return None if result_type in (NO_RESULTS, None) else count
         try:
             sql, params = self.as_sql()
             if not sql:
                 raise EmptyResultSet
         except EmptyResultSet:
             return None
-        query = self.query
         meta = query.get_meta()
         table = meta.db_table
-        fields = analysis.fields(query.model)
         dims: set[str] | None = None
         wrapped: str | None = None
         if fields:
@@ -375,6 +398,54 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                     values.add(dim)
             per_field[field] = values
         return _dims_or_none(analysis, per_field, fields)
+
+    def _dbscale_execute_unchanged(
+        self, analysis: events.WriteAnalysis, fields: tuple[Any, ...]
+    ) -> int | None:
+        """Update one row assuming its dimension values are the ones being assigned.
+
+        ``save()`` assigns every field, dimensions included, and usually leaves the
+        dimensions as they were. For an UPDATE of one row by primary key that assigns every
+        dimension a plain value, this runs ``UPDATE ... WHERE pk = %s AND dim = <assigned>``:
+        if the row is updated, its old dimension values were the assigned ones (checked by
+        PostgreSQL, in the statement that writes), so the touched values are known without
+        the ``RETURNING`` CTE of :meth:`_dbscale_wrap`, which costs about as much again as
+        the UPDATE itself. Returns the row count (1) after publishing the write, or
+        ``None`` when the guess does not apply or the row did not match (its dimension
+        changed, or it does not exist): the caller then runs the CTE, one more statement.
+        """
+        query: Any = self.query
+        meta = query.get_meta()
+        if meta.is_composite_pk or query.related_updates or not _pins_one_row(query, meta.pk):
+            return None
+        if self._dbscale_static_dims(analysis, fields) is not None:
+            return None  # the WHERE pins the dimensions: no guess needed
+        assigned = {field: value for field, _, value in query.values}
+        per_field: dict[Any, set[str]] = {}
+        for field in fields:
+            value = assigned.get(field)
+            if value is None or hasattr(value, "resolve_expression"):
+                return None
+            dim = analysis.canonical(field, value)
+            if dim is None:
+                return None
+            per_field[field] = {dim}
+        dims = _dims_or_none(analysis, per_field, fields)
+        if dims is None:
+            return None
+        guarded = query.clone()
+        guarded.add_q(Q(**{field.name: assigned[field] for field in fields}))
+        try:
+            sql, params = guarded.get_compiler(self.using, self.connection).as_sql()
+        except (EmptyResultSet, FullResultSet):
+            return None
+        with self.connection.cursor() as cursor, reading_position() as positions:
+            cursor.execute(sql, params)
+            count = int(cursor.rowcount)
+        if count != 1:
+            return None
+        _wrote(self.connection, meta.db_table, dims, _last(positions))
+        return count
 
     def _dbscale_wrap(self, sql: str, fields: tuple[Any, ...]) -> str | None:
         """Rewrite ``UPDATE t SET ... WHERE w`` to also return old and new dimension values."""
