@@ -288,3 +288,43 @@ def test_a_forked_child_probes_with_its_own_thread(services: Services) -> None:
     status_after = replicas.monitor.status("default_replica")
     assert status_after.usable(time.monotonic()) and status_after.failures == 0
     assert parent_thread.is_alive()
+
+
+def test_probes_follow_target_session_attrs_of_a_multi_host_alias(
+    services: Services, stopped_monitor: replicas.ReplicaMonitor
+) -> None:
+    # A replica alias naming the primary first and the standby second, as an alias that
+    # must keep working after a failover does: libpq connects Django's reads to the standby,
+    # and the probe must measure that same server, not the first host that answers.
+    from django.core.signals import setting_changed
+
+    entry = settings.DATABASES["default_replica"]
+    saved = {key: entry.get(key) for key in ("HOST", "PORT", "OPTIONS")}
+    primary, standby = services.pg1, services.pg1_replica
+    entry.update(
+        HOST=f"{primary.host},{standby.host}",
+        PORT=f"{primary.port},{standby.port}",
+        OPTIONS={**(saved["OPTIONS"] or {}), "target_session_attrs": "standby"},
+    )
+
+    def reconnect() -> None:
+        connections["default_replica"].close()
+        replicas.monitor.reset()
+        setting_changed.send(sender=None, setting="DBSCALE", value=settings.DBSCALE, enter=True)
+
+    reconnect()
+    try:
+        note = Note.objects.create(title="multi-host")
+        standby.wait_for_replay()
+        stopped_monitor.refresh()
+        status = stopped_monitor.status("default_replica")
+        assert status.healthy and status.in_recovery, status  # measured the standby
+        with consistency_context():
+            got = Note.objects.filter(pk=note.pk).first()
+        assert got is not None and (got.title, got._state.db) == ("multi-host", "default_replica")
+        with connections["default_replica"].cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery(), inet_server_port()")
+            assert cursor.fetchone() == (True, standby.port)
+    finally:
+        entry.update(saved)
+        reconnect()

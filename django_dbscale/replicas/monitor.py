@@ -277,10 +277,33 @@ def _probe_params(alias: str, timeout: float) -> dict[str, Any]:
     ):
         if s.get(key):
             params[param] = str(s[key])
-    for key in ("sslmode", "sslrootcert", "sslcert", "sslkey", "passfile", "service"):
-        if key in s.get("OPTIONS", {}):
-            params[key] = s["OPTIONS"][key]
+    for key, value in s.get("OPTIONS", {}).items():
+        # Every libpq parameter of the alias reaches the probe (TLS, service files, and
+        # target_session_attrs, which picks the server of a multi-host alias: a probe
+        # that measured another host than the one reads go to would vouch for the wrong
+        # server). Django's own keys are not libpq's; the probe's timeouts win.
+        if key in _NOT_LIBPQ or key in ("connect_timeout", "application_name"):
+            continue
+        if key == "options":
+            params["options"] = f"{value} {params['options']}"
+            continue
+        params[key] = value
     return params
+
+
+#: ``OPTIONS`` keys Django's PostgreSQL backend consumes itself (not libpq parameters).
+_NOT_LIBPQ = frozenset(
+    {
+        "isolation_level",
+        "server_side_binding",
+        "assume_role",
+        "pool",
+        "cursor_factory",
+        "context",
+        "prepare_threshold",
+        "client_encoding",
+    }
+)
 
 
 def stale_after() -> float:
