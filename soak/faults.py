@@ -14,6 +14,13 @@ and a shard server stopped, and repeats the cycle until the end of the run. With
 ``--sentinel`` the cache runs on Redis Sentinel and the Redis faults become a Sentinel
 failover and a killed master (the sentinels promote the replica; the old master comes
 back as a replica).
+
+With ``--promotion`` the ``default`` database runs on a
+:class:`~django_dbscale.testing.harness.PgFailoverCluster` (a primary and two streaming
+replicas, logged as ``pg_failover`` and ``pg_failover_replica``) and each cycle begins
+with a planned switchover (:data:`PRIMARY_PROMOTED`): the primary is shut down, a replica
+promoted, the other replica re-pointed at it, and the old primary rebuilt as a replica.
+``primary_restart`` then restarts ``pg1`` with only ``shard0`` on it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from django_dbscale.testing.harness import HarnessError, RedisNode, RedisSentinel, Services
+from django_dbscale.testing.harness import (
+    HarnessError,
+    PgFailoverCluster,
+    PgServer,
+    RedisNode,
+    RedisSentinel,
+    Services,
+)
 from soak.oplog import OpLog
 
 #: Seconds of quiet before the first fault and at the end of the run.
@@ -35,15 +49,28 @@ GAP = 4.0
 REPLAY_HOLD = 9.0
 #: Seconds a restart or a catch-up adds to a fault's hold, for planning.
 RESTART = 2.0
+#: The names the fault log and ``run.json`` give the ``--promotion`` cluster's roles:
+#: whichever server is primary now, and the replica ``default_replica`` reads.
+FAILOVER = "pg_failover"
+FAILOVER_REPLICA = "pg_failover_replica"
 
 
 @dataclass
 class Targets:
-    """What faults act on: the harness's services, and Redis Sentinel when the run uses it."""
+    """What faults act on: the harness's services, Redis Sentinel and the failover cluster.
+
+    ``sentinel`` is set with ``--sentinel``; ``cluster`` and ``reader`` with
+    ``--promotion``: ``reader`` is the cluster's replica that ``default_replica`` names,
+    which stays a replica (only the other two servers take turns as primary), so the
+    library's replica probe and its reads always reach the same server.
+    """
 
     services: Services
     sentinel: RedisSentinel | None = None
+    cluster: PgFailoverCluster | None = None
+    reader: PgServer | None = None
     old_master: RedisNode | None = field(default=None, repr=False)
+    old_primary: PgServer | None = field(default=None, repr=False)
 
     def require_sentinel(self) -> RedisSentinel:
         if self.sentinel is None:
@@ -51,6 +78,13 @@ class Targets:
                 "a Sentinel fault needs the run's Sentinel (python -m soak --sentinel)"
             )
         return self.sentinel
+
+    def require_cluster(self) -> tuple[PgFailoverCluster, PgServer]:
+        if self.cluster is None or self.reader is None:
+            raise HarnessError(
+                "a promotion fault needs the run's failover cluster (python -m soak --promotion)"
+            )
+        return self.cluster, self.reader
 
 
 @dataclass(frozen=True)
@@ -127,6 +161,45 @@ def _sentinel_restart_old_master(t: Targets) -> None:
     sentinel.wait_for_replica(old)
 
 
+def _switchover(t: Targets) -> None:
+    """Shut the primary down (fast), promote the other writable candidate, re-point the rest.
+
+    A fast shutdown ends only once the WAL senders have sent every record, the shutdown
+    checkpoint included, and the replicas have confirmed it: the promoted replica holds
+    every acknowledged write, and the other one has replayed no further than the promotion
+    point, so it can follow the new timeline.
+    """
+    cluster, reader = t.require_cluster()
+    old = cluster.primary
+    new = next(replica for replica in cluster.replicas if replica is not reader)
+    t.old_primary = old
+    old.stop()
+    cluster.promote(new)
+    for replica in cluster.replicas:
+        if replica is not new:
+            cluster.follow(replica, new)
+
+
+def _rejoin_old_primary(t: Targets) -> None:
+    """Rebuild the old primary as a replica of the new one; wait until the replicas caught up.
+
+    If the promotion never happened (no server accepts writes), the old primary is
+    restarted as it was instead.
+    """
+    cluster, _ = t.require_cluster()
+    old, t.old_primary = t.old_primary, None
+    if old is None:  # the switchover failed before it stopped anything
+        return
+    try:
+        new = cluster.primary
+    except StopIteration:  # nothing was promoted: the old primary comes back as it was
+        old.start()
+        return
+    if new is not old:
+        cluster.rejoin(old, new)
+    cluster.wait_for_replay(timeout=60)
+
+
 REPLICA_CUT = Fault(
     "replica_cut",
     6.0,
@@ -153,6 +226,10 @@ REPLICA_BLACKHOLED = Fault(
 REDIS_CUT = Fault("redis_cut", 5.0, ("redis",), _proxy("redis", "cut"), _proxy("redis", "heal"))
 PRIMARY_RESTART = Fault("primary_restart", 5.0, ("pg1",), _stop("pg1"), _start("pg1"))
 SHARD_SERVER_STOPPED = Fault("shard_server_stopped", 8.0, ("pg2",), _stop("pg2"), _start("pg2"))
+#: ``--promotion`` only: a planned switchover of ``default``'s primary, healed by rebuilding
+#: the old primary as a replica. The primary is down from the shutdown until the promoted
+#: replica accepts writes (about a second); the rest of the hold runs on the new primary.
+PRIMARY_PROMOTED = Fault("primary_promoted", 4.0, (FAILOVER,), _switchover, _rejoin_old_primary)
 
 #: With ``--sentinel`` the cache's Redis is a Sentinel-managed master and replica: these
 #: replace the faults on the plain Redis.
@@ -176,16 +253,22 @@ FULL = (
 )
 
 
-def plan(duration: float, full: bool, sentinel: bool = False) -> list[Fault]:
+def plan(
+    duration: float, full: bool, sentinel: bool = False, promotion: bool = False
+) -> list[Fault]:
     """Return the faults to run in *duration* seconds (the cycle repeats with ``full``).
 
     With *sentinel*, the faults on the plain Redis are replaced by a Sentinel failover and
     a killed master (the cache then runs on Sentinel, out of reach of the Redis proxy).
+    With *promotion*, each cycle begins with :data:`PRIMARY_PROMOTED`: first, so that a
+    short run (from 30 s) still has one.
     """
     cycle: tuple[Fault, ...] = FULL if full else SHORT
     if sentinel:
         replaced = {REDIS_RESTART_EMPTY: SENTINEL_MASTER_KILLED, REDIS_CUT: SENTINEL_FAILOVER}
         cycle = tuple(replaced.get(fault, fault) for fault in cycle)
+    if promotion:
+        cycle = (PRIMARY_PROMOTED, *cycle)
     budget = duration - LEAD_IN - TAIL
     faults: list[Fault] = []
     spent = 0.0

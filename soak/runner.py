@@ -1,8 +1,9 @@
 """Run the soak: services, gunicorn, users, a worker and the fault schedule; then check.
 
-``python -m soak [--duration 60] [--full] [--users 16] [--out DIR]`` from the repository
-root, in an environment with the ``soak`` and ``test`` extras. Exit code 0 when the checker
-finds no violation, 1 when it finds one, 2 when the run itself could not be carried out.
+``python -m soak [--duration 60] [--full] [--promotion] [--users 16] [--out DIR]`` from the
+repository root, in an environment with the ``soak`` and ``test`` extras. Exit code 0 when
+the checker finds no violation, 1 when it finds one, 2 when the run itself could not be
+carried out.
 The logs stay in ``--out`` (default: a new ``soak-*`` temp dir, printed) and can be
 re-checked with ``python -m soak.checker DIR``.
 """
@@ -23,7 +24,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from django_dbscale.testing.harness import ALIASES, HarnessError, Services, start_services
+from django_dbscale.testing.harness import (
+    ALIASES,
+    HarnessError,
+    PgFailoverCluster,
+    PgServer,
+    Services,
+    start_services,
+)
 from soak import faults
 from soak.oplog import OpLog
 
@@ -38,6 +46,39 @@ def _free_port() -> int:
 
 def _primary_aliases() -> list[str]:
     return [alias for alias, (_, _, mirror) in ALIASES.items() if mirror is None]
+
+
+def _on_cluster(
+    databases: dict[str, dict[str, Any]], cluster: PgFailoverCluster, reader: PgServer
+) -> dict[str, dict[str, Any]]:
+    """Return *databases* with ``default`` and ``default_replica`` moved onto *cluster*.
+
+    ``default`` names every server of the cluster in a libpq multi-host list with
+    ``target_session_attrs=read-write``: each new connection reaches whichever server
+    accepts writes, so after a promotion the gunicorn workers and the background worker
+    write to the new primary without a restart or a settings change. ``default_replica``
+    names *reader* only, the replica that is never promoted (``target_session_attrs=
+    standby`` refuses it should it ever not be one): the library's replica probe does not
+    pass ``target_session_attrs`` on (it connects to the first host that answers), so a
+    multi-host replica alias would be probed on one server and read on another.
+    """
+    servers = cluster.servers
+    default = databases["default"]
+    default.update(
+        HOST=",".join(server.host for server in servers),
+        PORT=",".join(str(server.port) for server in servers),
+        USER=servers[0].user,
+        PASSWORD=servers[0].password,
+        OPTIONS={"target_session_attrs": "read-write", "connect_timeout": 2},
+    )
+    databases["default_replica"].update(
+        HOST=reader.host,
+        PORT=str(reader.port),
+        USER=reader.user,
+        PASSWORD=reader.password,
+        OPTIONS={"target_session_attrs": "standby", "connect_timeout": 2},
+    )
+    return databases
 
 
 def _migrate() -> None:
@@ -115,13 +156,25 @@ def _placement(users: list[int]) -> dict[str, str]:
     return {str(user): shard_for_key(GROUP, user) for user in users}
 
 
-def _meta(services: Services, users: list[int], args: argparse.Namespace) -> dict[str, Any]:
+def _meta(
+    services: Services,
+    users: list[int],
+    args: argparse.Namespace,
+    cluster: PgFailoverCluster | None = None,
+) -> dict[str, Any]:
+    """Describe the run for the checker: placement, which server each alias depends on, DSNs.
+
+    With *cluster* (``--promotion``), ``default`` depends on :data:`faults.FAILOVER` (the
+    name the promotion fault logs) and its rows are read on the cluster's primary at the
+    end of the run, whichever server that is by then.
+    """
     from django.conf import settings
 
     primaries = _primary_aliases()
-    return {
+    meta: dict[str, Any] = {
         "duration": args.duration,
         "full": args.full,
+        "promotion": args.promotion,
         "users": users,
         "placement": _placement(users),
         "alias_server": {alias: ALIASES[alias][0] for alias in primaries},
@@ -132,6 +185,11 @@ def _meta(services: Services, users: list[int], args: argparse.Namespace) -> dic
             alias: services.servers[ALIASES[alias][0]].dsn(ALIASES[alias][1]) for alias in primaries
         },
     }
+    if cluster is not None:
+        meta["alias_server"]["default"] = faults.FAILOVER
+        meta["replica_server"][faults.FAILOVER] = faults.FAILOVER_REPLICA
+        meta["dsn"]["default"] = cluster.primary.dsn(ALIASES["default"][1])
+    return meta
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     children: list[Any] = []
     schedule: faults.Schedule | None = None
     sentinel: Any = None
+    cluster: PgFailoverCluster | None = None
+    reader: PgServer | None = None
     try:
         handover: dict[str, Any] = {
             "databases": services.databases(),
@@ -154,6 +214,14 @@ def run(args: argparse.Namespace) -> int:
 
             sentinel = start_redis_sentinel(services)
             handover["cache"] = sentinel.cache_settings(1)
+        if args.promotion:
+            from django_dbscale.testing.harness import start_failover_cluster
+
+            cluster = start_failover_cluster(
+                services, replicas=2, databases=(ALIASES["default"][1],)
+            )
+            reader = cluster.replicas[-1]
+            handover["databases"] = _on_cluster(handover["databases"], cluster, reader)
         services_json = json.dumps(handover)
         os.environ["DBSCALE_SOAK_SERVICES"] = services_json
         os.environ["DJANGO_SETTINGS_MODULE"] = "soak.settings"
@@ -200,8 +268,8 @@ def run(args: argparse.Namespace) -> int:
             child.start()
         fault_log = OpLog(out / "faults.jsonl")
         schedule = faults.Schedule(
-            faults.Targets(services, sentinel),
-            faults.plan(args.duration, args.full, args.sentinel),
+            faults.Targets(services, sentinel, cluster, reader),
+            faults.plan(args.duration, args.full, args.sentinel, args.promotion),
             fault_log,
             start,
         )
@@ -222,7 +290,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         _stop_process(gunicorn)
         services.wait_for_replicas(timeout=60)
-        meta = _meta(services, users, args)
+        if cluster is not None:
+            cluster.wait_for_replay(timeout=60)
+        meta = _meta(services, users, args, cluster)
         meta["wall_seconds"] = time.monotonic() - start
         (out / "run.json").write_text(json.dumps(meta, indent=2))
         from soak import checker
@@ -241,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
             _stop_process(gunicorn)
         if sentinel is not None:
             sentinel.stop()
+        if cluster is not None:
+            cluster.stop()
         services.stop()
 
 
@@ -253,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sentinel",
         action="store_true",
         help="run the cache on Redis Sentinel; Redis faults become failovers",
+    )
+    parser.add_argument(
+        "--promotion",
+        action="store_true",
+        help="run default on a primary with two replicas and add a planned switchover fault",
     )
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--processes", type=int, default=2, help="user processes")

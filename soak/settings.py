@@ -4,6 +4,10 @@ The databases and Redis come from ``DBSCALE_SOAK_SERVICES`` (JSON written by
 :mod:`soak.runner`: its harness's ``Services.databases()`` and ``redis_url()``). Replica
 aliases and Redis point at the runner's :class:`~django_dbscale.testing.proxy.TcpProxy`
 ports, so the faults the runner injects (cut, black-hole) reach every gunicorn worker.
+With ``python -m soak --promotion`` the runner hands over ``default`` as a libpq multi-host
+entry (``target_session_attrs=read-write``) naming every server of its failover cluster,
+and ``default_replica`` as that cluster's replica that is never promoted: a promotion
+needs no change here and no restart of the workers.
 ``testproject.settings`` cannot be reused as is: importing it attaches to the servers
 (``get_services()``) and puts per-process proxies in front of them, out of the runner's
 reach, and fails a worker's boot when a server is down.

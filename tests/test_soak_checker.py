@@ -318,3 +318,38 @@ def test_a_hit_older_than_an_earlier_read_of_an_acknowledged_write_is_a_violatio
     ops.append(read(2, "peer", "counter", 1, 2.5, [(2, False, False), (1, True, True)]))
     kinds = [f.kind for f in checker.check(ops, faults, META, rows).findings]
     assert kinds == ["monotonic", "stale_cached"]
+
+
+def test_promotion_schedule_begins_each_cycle_with_the_switchover():
+    from soak import faults
+
+    promoted = [f.name for f in faults.plan(120, full=True, promotion=True)]
+    assert promoted == ["primary_promoted"] + [f.name for f in faults.FULL]
+    assert [f.name for f in faults.plan(30, full=False, promotion=True)] == ["primary_promoted"]
+    assert faults.plan(900, full=True, promotion=True).count(faults.PRIMARY_PROMOTED) > 2
+    assert faults.PRIMARY_PROMOTED not in faults.plan(900, full=True)  # only with the flag
+
+
+# The run.json of ``--promotion``: ``default`` lives on the failover cluster, not on pg1.
+PROMOTION_META: dict[str, Any] = {
+    **META,
+    "alias_server": {**META["alias_server"], "default": "pg_failover"},
+    "replica_server": {**META["replica_server"], "pg_failover": "pg_failover_replica"},
+}
+
+
+def test_errors_on_default_during_the_switchover_count_against_the_failover_cluster():
+    ops, faults, rows = clean_run()
+    faults.append({"fault": "primary_promoted", "affects": ["pg_failover"], "t0": 30.0, "t1": 36.0})
+    faults.append({"fault": "primary_restart", "affects": ["pg1"], "t0": 40.0, "t1": 45.0})
+    ops.append(write(2, "note", 2, 30.5, ok=False))  # default's primary is shut down
+    ops.append(read(2, "own", "note", 2, 35.0, [], ok=False))  # past the replica's grace
+    ops.append(write(2, "note", 3, 41.0, ok=False))  # pg1 restarts: default is elsewhere
+    ops.append(write(2, "counter", 1, 41.5, ok=False))  # user 2's counter is on shard0/pg1
+    report = checker.check(ops, faults, PROMOTION_META, rows)
+    assert [(f.kind, f.detail) for f in report.findings] == [
+        ("error_primary_up", "write failed with pg_failover up")
+    ]
+    # The clean run's, the note during the switchover, the counter during pg1's restart.
+    assert report.counts["errors_primary_down (write)"] == 3
+    assert report.counts["errors_primary_down (read, after the grace)"] == 1
