@@ -6,18 +6,25 @@ node and ``DBSCALE["CACHE"]["CLUSTER"]`` is on: every key of one database carrie
 tag ``{<alias>}``, so ``default``'s cache lives on one node and ``shard0``'s on another
 (asserted below from the cluster itself: ``CLUSTER KEYSLOT`` and each node's own keys).
 Values read are checked against the databases with direct SQL.
+
+A slot migration is driven with the real commands (``CLUSTER SETSLOT ... IMPORTING`` /
+``MIGRATING``, ``MIGRATE``) and undone afterwards. The failover tests boot a cluster of
+their own with one replica per master (``replicas=1``), as they change its roles.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.test import override_settings
+from redis.exceptions import AskError
 
 from django_dbscale.cache import continuity, invalidation, planning, stats
 from django_dbscale.cache.client import ClusterRoute, bump_call, gateway, pack
@@ -48,12 +55,19 @@ def cluster() -> Iterator[RedisCluster]:
 @pytest.fixture
 def cluster_cache(cluster: RedisCluster) -> Iterator[RedisCluster]:
     """Point the cache at the cluster (``CLUSTER`` on), empty and verified; CCounter on shard0."""
+    with cache_on(cluster):
+        yield cluster
+
+
+@contextlib.contextmanager
+def cache_on(cluster: RedisCluster, location: str | None = None) -> Iterator[None]:
+    """Point the cache at *cluster* (startup node *location*, default its first node)."""
     with connections["shard0"].schema_editor() as editor:
         editor.create_model(CCounter)
-    caches = {
-        **settings.CACHES,
-        "dbscale": cluster.cache_settings(SOCKET_CONNECT_TIMEOUT=0.5, SOCKET_TIMEOUT=0.5),
-    }
+    entry = cluster.cache_settings(SOCKET_CONNECT_TIMEOUT=0.5, SOCKET_TIMEOUT=0.5)
+    if location is not None:
+        entry["LOCATION"] = location
+    caches = {**settings.CACHES, "dbscale": entry}
     cache = {
         **settings.DBSCALE["CACHE"],
         "CLUSTER": True,
@@ -68,7 +82,7 @@ def cluster_cache(cluster: RedisCluster) -> Iterator[RedisCluster]:
             cluster.flushall()
             gateway().command("PING")  # the first connection makes the process verify
             assert continuity.wait_until_verified(), continuity.untrusted
-            yield cluster
+            yield
             gateway().breaker.reset()
             invalidation.forget_pending()
         gateway().close()
@@ -228,7 +242,6 @@ def test_a_restarted_node_invalidates_everything_cached(cluster_cache: RedisClus
 def restart_node(cluster: RedisCluster, node: RedisNode) -> None:
     """Restart *node* from its cluster config (same slots, no data, a new run id)."""
     import subprocess
-    import time
 
     assert node.proc is not None
     node.proc.terminate()
@@ -288,3 +301,179 @@ def test_explain_and_shared_counters_work_on_the_cluster(cluster_cache: RedisClu
     assert queryset.explain_cache().state == "hit"
     counts = cache_stats()[CCounter._meta.label]
     assert (counts["miss"], counts["hit"], counts["store"]) == (1, 1, 1), counts
+
+
+# -- a slot migrating between two masters (ASK, TRYAGAIN) ---------------------------------
+
+
+@contextlib.contextmanager
+def migrating(cluster: RedisCluster, alias: str) -> Iterator[tuple[RedisNode, RedisNode]]:
+    """Start moving *alias*'s slot to the master holding neither tested database, and move
+    every key of the slot there (``MIGRATE``), but do not end the migration: the slot stays
+    the old owner's (``MIGRATING``), the new one only takes ``ASKING`` commands for it
+    (``IMPORTING``). Yield ``(old owner, new owner)``; afterwards the slot is given back to
+    its owner (emptied first: a node cannot give away a slot it holds keys of).
+    """
+    slot = cluster.keyslot("{" + alias + "}")
+    source = tag_node(cluster, alias)
+    others = {tag_node(cluster, a).port for a in ALIASES}
+    target = next(n for n in cluster.nodes if n.port not in others)
+    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+    invalidation.confirm()
+    gateway().drain_owed()
+    with target.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    with source.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        assert keys, "nothing cached in the slot to migrate"
+        client.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+        assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    try:
+        yield source, target
+    finally:
+        cluster.flushall()
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", source_id)
+        assert cluster.node_for_slot(slot) is source
+
+
+def get_importing(node: RedisNode, key: str) -> bytes | None:
+    """Return *key*'s value on *node*, which imports its slot (so only after ``ASKING``)."""
+    with node.client() as client:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.get(key)
+        return cast("bytes | None", pipe.execute()[1])
+
+
+def test_a_read_of_a_migrating_slot_is_a_hit_through_ask(cluster_cache: RedisCluster) -> None:
+    """Every key of the entry has moved: the old owner answers ``ASK``, the new one serves
+    the hit after ``ASKING`` (the read script names its payload key in the lease key's
+    place, as the lease key exists on neither node and Redis refuses a script with a
+    missing key with ``TRYAGAIN`` while the slot migrates)."""
+    CCounter.objects.using("default").create(id=1, name="x", value=100)
+    assert read("default", 1) == (100, ["miss"])
+    assert read("default", 1) == (100, ["hit"])
+    with migrating(cluster_cache, "default") as (source, target):
+        wide = version_key(options().prefix, "default", CCounter._meta.db_table, "a")
+        with source.client() as client, pytest.raises(AskError):  # what a plain client gets
+            client.get(wide)
+        assert read("default", 1) == (100, ["hit"])
+        assert read("default", 1) == (sql_value("default", 1), ["hit"])
+        assert gateway().available()  # a redirection is not a failure of Redis
+
+
+def test_a_write_during_a_migration_bumps_the_version_on_the_new_owner(
+    cluster_cache: RedisCluster,
+) -> None:
+    """The bump (``a`` and ``w`` keys of the table) is sent to the old owner, answered
+    ``ASK``; after ``ASKING`` the new owner refuses it with ``TRYAGAIN`` (the ``w`` key does
+    not exist yet), so it is sent again one key per call: both keys are bumped there, and
+    the write's invalidation is not left pending. The next read is fresh."""
+    prefix = options().prefix
+    table = CCounter._meta.db_table
+    wide = version_key(prefix, "default", table, "a")
+    CCounter.objects.using("default").create(id=1, name="x", value=100)
+    assert read("default", 1) == (100, ["miss"])
+    assert read("default", 1) == (100, ["hit"])
+    with migrating(cluster_cache, "default") as (source, target):
+        before = get_importing(target, wide)
+        assert before is not None
+        CCounter.objects.using("default").filter(pk=1).update(value=101)
+        assert invalidation.confirm()
+        assert not invalidation.has_pending()
+        after = get_importing(target, wide)
+        assert after is not None and after != before
+        assert get_importing(target, version_key(prefix, "default", table, "w")) is not None
+        assert cluster_cache.keys_on(source, f"{prefix}:*{{default}}*") == []
+        value, reasons = read("default", 1)
+        assert value == sql_value("default", 1) == 101
+        assert "hit" not in reasons, reasons  # never the entry filled before the write
+
+
+# -- failover to a replica inside the cluster ---------------------------------------------
+
+
+@pytest.fixture
+def replicated() -> Iterator[RedisCluster]:
+    """A cluster of its own: three masters, one replica each, a short node timeout."""
+    redis_cluster = start_redis_cluster(replicas=1, node_timeout_ms=1000)
+    try:
+        yield redis_cluster
+    finally:
+        redis_cluster.stop()
+
+
+def cached_then_invalidated(cluster: RedisCluster) -> tuple[str, bytes]:
+    """Cache default's row 1 (value 100), then update it to 101 and confirm the bump.
+
+    Return the table version key and the value it had before the bump: what the new master
+    would still hold had the bump not reached the replica before the failover.
+    """
+    key = version_key(options().prefix, "default", CCounter._meta.db_table, "a")
+    CCounter.objects.using("default").create(id=1, name="x", value=100)
+    assert read("default", 1) == (100, ["miss"])
+    assert read("default", 1) == (100, ["hit"])
+    with tag_node(cluster, "default").client() as client:
+        before = client.get(key)
+    assert before is not None
+    CCounter.objects.using("default").filter(pk=1).update(value=101)
+    assert invalidation.confirm() and not invalidation.has_pending()
+    return key, before
+
+
+def roll_back(node: RedisNode, key: str, value: bytes) -> None:
+    """Give *key* its value from before the last bump on *node* (a bump never replicated)."""
+    with node.client() as client:
+        client.set(key, value, ex=3600)
+
+
+def assert_fresh_after_failover(cluster: RedisCluster, new_master: RedisNode) -> None:
+    """The first read is not served from Redis; once verified, the cluster's identity has
+    the new master's run id, every generation was bumped, and reads are fresh again."""
+    before = continuity.verified_run_id()
+    value, reasons = read("default", 1)
+    assert value == sql_value("default", 1) == 101
+    assert "hit" not in reasons, reasons
+    assert continuity.wait_until_verified(timeout=20), continuity.untrusted
+    after = continuity.verified_run_id()
+    assert after is not None and after != before
+    assert new_master.run_id() in after.split(",")
+    assert after == ",".join(sorted(n.run_id() for n in cluster.masters()))
+    assert read("default", 1) == (101, ["miss"])  # the rolled-back entry never matches
+    assert read("default", 1) == (101, ["hit"])
+    assert sql_value("default", 1) == 101
+
+
+def test_a_planned_failover_to_a_replica_serves_nothing_stale(replicated: RedisCluster) -> None:
+    """``CLUSTER FAILOVER`` on default's replica: the first call to the old master (now a
+    replica) gets ``MOVED``, the new owner's connection reports another run id, and the
+    verification that follows bumps every generation. The bump acknowledged before the
+    failover is rolled back on the new master (what a bump that never reached the replica
+    leaves): the entry filled before it is still not served."""
+    with cache_on(replicated):
+        key, old_version = cached_then_invalidated(replicated)
+        new_master = replicated.failover(tag_node(replicated, "default"))
+        assert tag_node(replicated, "default") is new_master
+        roll_back(new_master, key, old_version)
+        assert_fresh_after_failover(replicated, new_master)
+
+
+def test_a_killed_master_is_replaced_by_its_replica_and_nothing_stale_is_served(
+    replicated: RedisCluster,
+) -> None:
+    """The master holding default's cache is killed, and it is also the node ``LOCATION``
+    names: the cluster is rediscovered from the other nodes of the last slot map. The
+    replica promoted in its place lacks the last bump (rolled back, as if never
+    replicated): the changed identity still invalidates everything."""
+    victim = replicated.node_for_key("{default}")
+    with cache_on(replicated, location=f"redis://{victim.host}:{victim.port}/0"):
+        key, old_version = cached_then_invalidated(replicated)
+        new_master = replicated.kill_master(victim)
+        assert tag_node(replicated, "default") is new_master
+        roll_back(new_master, key, old_version)
+        started = time.monotonic()
+        assert_fresh_after_failover(replicated, new_master)
+        assert time.monotonic() - started < 20

@@ -29,6 +29,37 @@ first key (every key of one script shares its database's hash tag, see
 :func:`~django_dbscale.cache.keys.alias_segment`), a ``MOVED`` reply refreshes the slot map
 and the call is repeated once, and a batch of invalidations is split per node and its
 replies put back in order (:meth:`Gateway.finish_held`).
+
+While a slot migrates between two masters (``CLUSTER SETSLOT ... MIGRATING/IMPORTING``
+and ``MIGRATE``), a command whose keys have left the old owner gets ``-ASK <slot>
+<host>:<port>``: it is sent once more, to that node, after ``ASKING``, and the slot map is
+left as it is (the slot still belongs to the old owner until the migration ends). A script
+with several keys is refused with ``-TRYAGAIN`` while some of its keys are missing on the
+node asked (moved away, or simply not existing: Redis cannot tell them apart), and that
+lasts until the migration ends, so waiting and retrying would not help a request:
+
+* a read (``read.lua``) is retried with its payload key named in the lease key's place
+  (the lease key exists only while a fill is due, so it is almost always "missing"); on a
+  hit the script never touches that key. What that call returns is served only if it is a
+  hit: anything else (a miss, another refusal) bypasses the cache, like a Redis error but
+  without counting for the circuit breaker. So entries whose keys are all on one node are
+  served during the migration, and nothing is filled until it ends;
+* a fill sent without waiting (:meth:`Gateway.send_deferred`) is not redirected: it is
+  simply not stored (a later read misses again);
+* an invalidation (``bump.lua``) refused with ``TRYAGAIN`` is sent again one key per call
+  (a one-key script is never refused: it runs where its key is, following ``ASK``), so a
+  bump reaches the key's current owner during the whole migration. One that still fails
+  is reported as not delivered: the invalidation layer keeps it pending, writes it to the
+  outbox and retries it (:mod:`~django_dbscale.cache.invalidation`). That holds for
+  :meth:`Gateway.finish_held`, :meth:`Gateway.pipeline` and the verifying thread's
+  :class:`ClusterRoute` alike.
+
+If the node named in ``LOCATION`` is gone (a master killed and replaced by its replica),
+the cluster is rediscovered from every node of the last slot map read.
+
+A failover inside the cluster (a replica promoted) changes the cluster's identity, the
+run ids of its primaries: :mod:`~django_dbscale.cache.continuity` notices it on the first
+connection to the new master and bumps every generation, as for a single Redis.
 """
 
 from __future__ import annotations
@@ -56,6 +87,7 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
@@ -142,6 +174,9 @@ class Gateway:
         #: Cluster mode: the cluster client (slot map) and a free list per node name.
         self._cluster: RedisCluster[bytes] | None = None
         self._node_free: dict[str, deque[Any]] = {}
+        #: Cluster mode: the address of every node of the last slot map read, to
+        #: rediscover the cluster from if the node named in ``LOCATION`` is gone.
+        self._known_nodes: list[tuple[str, int]] = []
         #: Sentinel mode: the thread that hears a master switch (sentinel_watch.py).
         self._watch: SentinelWatch | None = None
 
@@ -211,14 +246,26 @@ class Gateway:
             kwargs.pop(key, None)
         if issubclass(connection_class, SSLConnection):
             kwargs["ssl"] = True
+        startup = [ClusterNode(host, port)] + [
+            ClusterNode(known_host, known_port)
+            for known_host, known_port in self._known_nodes
+            if (known_host, known_port) != (host, port)
+        ]
         try:
-            cluster: RedisCluster[bytes] = RedisCluster(host=host, port=port, **kwargs)
+            cluster: RedisCluster[bytes] = RedisCluster(startup_nodes=startup, **kwargs)
         except (RedisError, RedisClusterException, OSError) as exc:
             self.failed(exc, "cluster discovery")
             raise RedisUnavailable(f"Redis Cluster at {host}:{port}: {exc}") from exc
         self._cluster = cluster
         self._node_free = {}
+        self._remember_nodes(cluster)
         return cluster
+
+    def _remember_nodes(self, cluster: RedisCluster[bytes]) -> None:
+        """Keep the address of every node *cluster*'s slot map names (replicas too)."""
+        nodes = [(node.host, node.port) for node in cluster.get_nodes()]
+        if nodes:
+            self._known_nodes = nodes
 
     # -- cluster routing ----------------------------------------------------------------
     def _lane(self, packed: bytes) -> tuple[deque[Any], Callable[[], Any]]:
@@ -278,6 +325,79 @@ class Gateway:
             cluster.nodes_manager.initialize()
         except (RedisError, OSError) as exc:
             logger.warning("Refreshing the Redis Cluster slot map failed: %s", exc)
+            return
+        self._remember_nodes(cluster)
+
+    def _redirect_node(self, exc: AskError) -> ClusterNode:
+        """Return the node an ``ASK`` reply names (the slot map is not changed: the slot
+        still belongs to the node that answered, until its migration ends)."""
+        cluster = self._cluster
+        if cluster is None:
+            raise RedisUnavailable("the Redis Cluster client was just dropped")
+        node = cluster.get_node(host=exc.host, port=exc.port)
+        if node is None:  # a node the slot map does not name yet (just added)
+            self.refresh_slots()
+            node = cluster.get_node(host=exc.host, port=exc.port)
+        if node is None:
+            raise RedisUnavailable(f"ASK redirection to an unknown node {exc.host}:{exc.port}")
+        return node
+
+    def _exchange(self, node: ClusterNode, raw: bytes, *, asking: bool) -> Any:
+        """Send one packed command to *node* (after ``ASKING`` if *asking*); return its reply.
+
+        An error reply is returned as an exception object; a script the node lacks is
+        loaded there and the command sent again. A lost connection raises
+        :class:`RedisUnavailable` (counted for the breaker).
+        """
+        free, connect = self._node_lane(node)
+        connection, owed = self._take(free, connect)
+        payload = (_ASKING + raw) if asking else raw
+        try:
+            if owed:
+                self._read_owed(connection, owed)
+            reply = _send_reading(connection, payload, asking)
+            if isinstance(reply, NoScriptError):
+                connection.send_packed_command(
+                    [pack("SCRIPT", "LOAD", s.source) for s in (READ, FILL, BUMP, RELEASE)]
+                )
+                for _ in range(4):
+                    connection.read_response()
+                reply = _send_reading(connection, payload, asking)
+        except BaseException as exc:
+            self._give_up(exc, "cluster redirection", connection)
+        free.append(connection)
+        return reply
+
+    def _redirected(self, raw: bytes, reply: Any) -> Any:
+        """Return *raw*'s reply after following what its first reply, *reply*, says.
+
+        ``MOVED``: the slot map is refreshed and *raw* sent to the new owner. ``ASK``: sent
+        once to the named node after ``ASKING``. ``TRYAGAIN`` to a ``bump.lua`` call of
+        several keys: sent again one key per call (each following its own redirection),
+        and the replies (key counts) added up. Anything else, or a second redirection, is
+        returned as it is: an error the caller reports as not delivered.
+        """
+        if isinstance(reply, MovedError):  # before AskError: a MovedError is an AskError
+            self.refresh_slots()
+            node = self._node_for(_command_key(_parse_first(raw)))
+            reply = self._exchange(node, raw, asking=False)
+        if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+            reply = self._exchange(self._redirect_node(reply), raw, asking=True)
+        if isinstance(reply, TryAgainError):
+            parts = _bump_per_key(raw)
+            if parts is None:
+                return reply
+            total = 0
+            for part in parts:
+                node = self._node_for(_command_key(_parse_first(part)))
+                got = self._exchange(node, part, asking=False)
+                if isinstance(got, AskError | TryAgainError):
+                    got = self._redirected(part, got)
+                if isinstance(got, Exception):
+                    return got
+                total += int(got)
+            return total
+        return reply
 
     def primaries(self) -> list[ClusterNode]:
         """Return the cluster's primary nodes (empty for a single Redis)."""
@@ -390,8 +510,12 @@ class Gateway:
         Error replies that say nothing of either (out of memory, a busy script, a script
         error) only count for the breaker: re-verifying would not change them.
         """
-        if isinstance(exc, MovedError | AskError):
+        if isinstance(exc, MovedError):
             self.refresh_slots()  # a slot moved: the caller's next call goes to its owner
+        elif isinstance(exc, AskError | TryAgainError):
+            # A slot migration in progress: Redis is fine, the slot map too.
+            logger.debug("Redis call %s met a slot migration: %s", what, exc)
+            return
         self.breaker.failure()
         if _lost_contact(exc):
             self.connections_lost()
@@ -423,7 +547,8 @@ class Gateway:
         the floor's ``GET``. Connections come from the gateway's own free list; one that
         failed, or was interrupted mid-reply, is disconnected and never reused. In cluster
         mode the node owning the script's first key runs it; a ``MOVED`` reply refreshes
-        the slot map and the call is sent once more, to the new owner.
+        the slot map and the call is sent once more, to the new owner; ``ASK`` and
+        ``TRYAGAIN`` (a slot migrating) are dealt with by :meth:`_run_migrating`.
         """
         free, connect = self._lane(packed)
         if self._cluster is None:
@@ -431,10 +556,40 @@ class Gateway:
         try:
             return self._run_packed(packed, script, free, connect)
         except RedisUnavailable as exc:
-            if not isinstance(exc.__cause__, MovedError | AskError):
+            cause = exc.__cause__
+            if not isinstance(cause, AskError | TryAgainError):
                 raise
+            if not isinstance(cause, MovedError):
+                return self._run_migrating(packed, script, cause)
         free, connect = self._lane(packed)  # the slot map was refreshed by failed()
         return self._run_packed(packed, script, free, connect)
+
+    def _run_migrating(self, packed: bytes, script: Script, refusal: ResponseError) -> Any:
+        """Run *packed* whose slot is migrating: its first reply was *refusal* (``ASK`` or
+        ``TRYAGAIN``). See the module docstring for why each case is handled so.
+
+        A read is sent as :func:`_lease_as_payload` makes it: to the node that answered
+        (after ``TRYAGAIN``), then to the node an ``ASK`` names; only a hit is returned.
+        Another script is only followed through ``ASK``. Whatever else happens raises
+        :class:`RedisUnavailable`, which the breaker does not count (Redis is healthy).
+        """
+        call = _lease_as_payload(packed) if script is READ else packed
+        reply: Any = refusal
+        if isinstance(reply, TryAgainError) and call is not packed:
+            reply = self._exchange(self._lane_node(packed), call, asking=False)
+        if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+            reply = self._exchange(self._redirect_node(reply), call, asking=True)
+        if isinstance(reply, Exception):
+            self.failed(reply, f"{script.name} during a slot migration")
+            raise RedisUnavailable(f"slot migrating: {reply}") from reply
+        if script is READ and not (isinstance(reply, list) and reply and reply[0] == 1):
+            raise RedisUnavailable("slot migrating: only a hit is served until it ends")
+        self.breaker.success()
+        return reply
+
+    def _lane_node(self, packed: bytes) -> ClusterNode:
+        """Return the node owning the slot of *packed*'s first key (cluster mode)."""
+        return self._node_for(_command_key(_parse_first(packed)))
 
     def _run_packed(
         self, packed: bytes, script: Script, free: deque[Any], connect: Callable[[], Any]
@@ -571,12 +726,13 @@ class Gateway:
     def _send_held_on_nodes(self, packed: bytes) -> _HeldOnNodes:
         """Send each command of *packed* to its key's node; return what to read back."""
         groups: dict[str, tuple[ClusterNode, list[int], list[bytes]]] = {}
-        for index, (raw, args) in enumerate(_split_commands(packed)):
+        commands = _split_commands(packed)
+        for index, (raw, args) in enumerate(commands):
             node = self._node_for(_command_key(args))
             group = groups.setdefault(node.name, (node, [], []))
             group[1].append(index)
             group[2].append(raw)
-        held = _HeldOnNodes([])
+        held = _HeldOnNodes([], [raw for raw, _ in commands])
         try:
             for node, indices, raws in groups.values():
                 free, connect = self._node_lane(node)
@@ -594,7 +750,8 @@ class Gateway:
 
         Error replies are returned as exception objects (``NOSCRIPT`` included); a lost
         connection raises :class:`RedisUnavailable`. Replies of commands split over
-        cluster nodes come back in the order the commands were given.
+        cluster nodes come back in the order the commands were given, after following
+        ``MOVED``, ``ASK`` and ``TRYAGAIN`` replies once (:meth:`_redirected`).
         """
         if isinstance(connection, _HeldOnNodes):
             return self._finish_on_nodes(connection, count)
@@ -628,6 +785,9 @@ class Gateway:
             self._give_up(exc, "deferred reply", *(c for c, _, _ in held.parts[done:]))
         for connection, free, _ in held.parts:
             free.append(connection)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, AskError | TryAgainError):  # MOVED too (an AskError)
+                replies[index] = self._redirected(held.commands[index], reply)
         self.breaker.success()
         return replies
 
@@ -643,7 +803,14 @@ class Gateway:
             raise RedisUnavailable(str(exc)) from exc
 
     def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run *script*; the caller must have checked :meth:`available`."""
+        """Run *script*; the caller must have checked :meth:`available`.
+
+        In cluster mode through :meth:`run_packed` (its routing, and its handling of a
+        migrating slot): redis-py's own would retry a ``TRYAGAIN`` for a while, then fail
+        as if the cluster were unreachable.
+        """
+        if self._clustered():
+            return self.run_packed(pack("EVALSHA", script.sha, len(keys), *keys, *args), script)
         try:
             try:
                 result = self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -662,7 +829,39 @@ class Gateway:
         ``EVALSHA`` calls whose script is missing are loaded and the whole batch repeated
         once (scripts are idempotent invalidations or counters; counters may double count
         after a Redis restart, which is harmless).
+
+        In cluster mode the scripts (invalidations) go through :meth:`send_held` and
+        :meth:`finish_held`, which follow a migrating slot's redirections (redis-py's
+        pipeline retries a ``TRYAGAIN`` for a while, then fails as if the cluster were
+        unreachable); the other commands through redis-py's cluster pipeline.
         """
+        if self._clustered():
+            return self._pipeline_on_cluster(calls)
+        return self._pipeline(calls)
+
+    def _pipeline_on_cluster(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        scripted = [i for i, call in enumerate(calls) if _command_name(call) == b"EVALSHA"]
+        results: list[Any] = [None] * len(calls)
+        if scripted:
+            packed = b"".join(pack(*calls[i]) for i in scripted)
+            replies = self.finish_held(self.send_held(packed), len(scripted))
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                self.load_scripts()
+                replies = self.finish_held(self.send_held(packed), len(scripted))
+            errors = [reply for reply in replies if isinstance(reply, Exception)]
+            if errors:
+                self.failed(errors[0], "pipeline")
+                raise RedisUnavailable(str(errors[0])) from errors[0]
+            for index, reply in zip(scripted, replies, strict=True):
+                results[index] = reply
+        others = [i for i in range(len(calls)) if i not in set(scripted)]
+        if others:
+            replies = self._pipeline([calls[i] for i in others])
+            for index, reply in zip(others, replies, strict=True):
+                results[index] = reply
+        return results
+
+    def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         client = self.client
         try:
             for attempt in (0, 1):
@@ -746,13 +945,73 @@ class _HeldOnNodes:
     """Commands of one :meth:`Gateway.send_held` call split over cluster nodes.
 
     *parts* holds, per node, the connection, the free list it goes back to and the
-    positions of its commands in the original batch.
+    positions of its commands in the original batch; *commands* each command's bytes, in
+    that order (to send one again after a redirection).
     """
 
-    __slots__ = ("parts",)
+    __slots__ = ("commands", "parts")
 
-    def __init__(self, parts: list[tuple[Any, deque[Any], list[int]]]) -> None:
+    def __init__(
+        self, parts: list[tuple[Any, deque[Any], list[int]]], commands: list[bytes]
+    ) -> None:
         self.parts = parts
+        self.commands = commands
+
+
+_ASKING = pack("ASKING")
+
+
+def _send_reading(connection: Any, payload: bytes, asking: bool) -> Any:
+    """Send *payload* on *connection*; return the last reply (an error one as an exception).
+
+    With *asking*, *payload* starts with ``ASKING``, whose ``+OK`` is read first.
+    """
+    connection.send_packed_command([payload], check_health=False)
+    if asking:
+        connection.read_response()
+    try:
+        return connection.read_response()
+    except ResponseError as exc:
+        return exc
+
+
+def _command_name(call: list[bytes] | tuple[Any, ...]) -> bytes:
+    name = call[0] if call else b""
+    return (name if isinstance(name, bytes) else str(name).encode()).upper()
+
+
+def _lease_as_payload(packed: bytes) -> bytes:
+    """Return a ``read.lua`` call with its payload key named in the lease key's place too.
+
+    For a slot migrating: Redis refuses (``TRYAGAIN``) a script of several keys if any is
+    missing on the node, and the lease key exists only while a fill is due. ``read.lua``
+    touches the lease key only after deciding it is not a hit, and then only with ``SET NX``
+    (which fails on the existing payload key) and ``GET``: such a call serves hits and
+    grants no lease.
+    """
+    args = _parse_first(packed)
+    args[5] = args[3]  # EVALSHA sha n payload header lease version...
+    return pack(*args)
+
+
+def _bump_per_key(raw: bytes) -> list[bytes] | None:
+    """Return a ``bump.lua`` call of several keys as one call per key (else ``None``).
+
+    Each call's token is the original's followed by the key's index and a dot, so every
+    key still gets a token never used before (``bump.lua`` appends the index within its
+    call, here always 1).
+    """
+    args = _parse_first(raw)
+    if _command_name(args) != b"EVALSHA" or len(args) < 4 or args[1] != BUMP.sha.encode():
+        return None
+    count = int(args[2])
+    if count < 2:
+        return None
+    keys, argv = args[3 : 3 + count], args[3 + count :]
+    return [
+        pack(b"EVALSHA", args[1], 1, key, b"%s%d." % (argv[0], index), *argv[1:])
+        for index, key in enumerate(keys, 1)
+    ]
 
 
 def _read_line(packed: bytes, at: int) -> tuple[bytes, int]:
@@ -798,8 +1057,7 @@ def _command_key(args: list[bytes] | tuple[Any, ...]) -> bytes | None:
     """
     if not args:
         return None
-    name = args[0]
-    name = (name if isinstance(name, bytes) else str(name).encode()).upper()
+    name = _command_name(args)
     if name in (b"EVALSHA", b"EVAL"):
         if len(args) > 3 and int(args[2]) > 0:
             key = args[3]
@@ -828,6 +1086,7 @@ class ClusterRoute:
         self._gateway = gateway
         self._connections: dict[str, Any] = {}
         self._last: str | None = None
+        self._args: tuple[Any, ...] = ()
 
     def _connection(self, node: ClusterNode) -> Any:
         connection = self._connections.get(node.name)
@@ -857,12 +1116,57 @@ class ClusterRoute:
             self._connection(node)
             name = node.name
         self._last = name
+        self._args = args
         self._connections[name].send_command(*args)
 
     def read_response(self) -> Any:
-        """Read the reply of the command sent last."""
+        """Read the reply of the command sent last, following a migrating slot's replies.
+
+        ``ASK``: the command is sent once to the named node, after ``ASKING``.
+        ``TRYAGAIN`` to a ``bump.lua`` call of several keys: sent again one key per call,
+        the replies added up (as :meth:`Gateway.finish_held` does). Other errors raise.
+        """
         assert self._last is not None, "read_response() before send_command()"
-        return self._connections[self._last].read_response()
+        args = self._args
+        try:
+            return self._connections[self._last].read_response()
+        except MovedError:
+            raise
+        except AskError as exc:
+            try:
+                return self._asking(exc, args)
+            except TryAgainError:
+                return self._per_key(args)
+        except TryAgainError:
+            return self._per_key(args)
+
+    def _asking(self, exc: AskError, args: tuple[Any, ...]) -> Any:
+        node = self._gateway._redirect_node(exc)
+        connection = self._connection(node)
+        self._last = node.name
+        for attempt in (0, 1):
+            connection.send_command("ASKING")
+            connection.read_response()
+            connection.send_command(*args)
+            try:
+                return connection.read_response()
+            except NoScriptError:
+                if attempt:
+                    raise
+                for script in (READ, FILL, BUMP, RELEASE):
+                    connection.send_command("SCRIPT", "LOAD", script.source)
+                    connection.read_response()
+        raise AssertionError("unreachable")
+
+    def _per_key(self, args: tuple[Any, ...]) -> Any:
+        parts = _bump_per_key(pack(*args))
+        if parts is None:
+            raise TryAgainError(f"TRYAGAIN for {_command_name(args)!r}")
+        total = 0
+        for part in parts:
+            self.send_command(*_parse_first(part))
+            total += int(self.read_response())
+        return total
 
     @property
     def _sock(self) -> Any:

@@ -2411,6 +2411,12 @@ class PgFailoverCluster:
     primary holds the databases *databases*. Opt-in: :func:`start_failover_cluster`.
     Replicas use physical replication slots named after them, so a slow replica never
     loses WAL it still needs. Needs servers the harness booted (not external mode).
+
+    A failover is :meth:`promote`, :meth:`kill` (a crash) or :meth:`PgServer.stop` (a
+    planned switchover: a fast shutdown sends every WAL record to the connected replicas
+    first), then :meth:`follow` for the other replicas; :meth:`rejoin` turns the old
+    primary into a replica of the new one, so the cycle can repeat. Servers keep their
+    ports throughout.
     """
 
     def __init__(
@@ -2590,6 +2596,42 @@ class PgFailoverCluster:
                     )
                 time.sleep(0.02)
 
+    def rejoin(self, server: PgServer, primary: PgServer) -> None:
+        """Rebuild *server*, a stopped former primary, as a streaming replica of *primary*.
+
+        The way back after a failover or a switchover: *server*'s data directory is
+        discarded and replaced by a ``pg_basebackup`` of *primary* (a fresh slot of
+        *server*'s name on *primary*, any inactive one of that name dropped first), then
+        started on its old port; returns once it streams. A base backup, not ``pg_rewind``:
+        it works whatever the old primary holds past the promotion point (nothing after a
+        fast shutdown, the lost writes after a crash), and the cluster's databases are
+        small. Clients that name *server*'s address (a libpq multi-host list) reach it
+        again, now a standby. *server* must be stopped (:meth:`kill`,
+        :meth:`PgServer.stop`) and *primary* a running primary of this cluster. Raises
+        :class:`HarnessError` if the port was taken meanwhile (it cannot move: clients
+        name it).
+        """
+        with self._lock:
+            if server not in self.servers or server._running:
+                raise HarnessError(f"{server.name} is not a stopped server of {self.name}")
+            if primary is not self.primary:
+                raise HarnessError(f"{primary.name} is not the running primary of {self.name}")
+            assert server.datadir is not None
+            primary.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s AND NOT active",
+                [server.name],
+            )
+            shutil.rmtree(server.datadir)
+            port = server.port
+            server.primary = primary
+            server._init_replica(self._rt)
+            self._watch(server)
+            if server.port != port:
+                raise HarnessError(
+                    f"{server.name} rejoined on port {server.port}: port {port} was taken"
+                )
+
     def stop(self) -> None:
         """Stop every server (immediate shutdown) and remove the directory; idempotent."""
         with self._lock:
@@ -2629,25 +2671,42 @@ CLUSTER_SLOTS = 16384
 
 
 class RedisCluster:
-    """A Redis Cluster of ``masters`` nodes (default 3), no replicas, on free loopback ports.
+    """A Redis Cluster of ``masters`` nodes (default 3), on free loopback ports.
 
     Each node runs ``redis-server`` with ``cluster-enabled yes`` in a directory of its own
     (under the services' temp dir when one is given); :meth:`start` joins them with
-    ``CLUSTER MEET``, gives each an even, contiguous share of the 16384 slots
-    (``CLUSTER ADDSLOTS``, node *i* gets the *i*-th share) and returns once every node
-    reports ``cluster_state:ok`` and knows the others. No ``redis-cli`` is needed. Nodes
-    start empty and never persist. Opt-in: nothing boots this unless a test or script
-    calls :func:`start_redis_cluster`.
+    ``CLUSTER MEET``, gives each master an even, contiguous share of the 16384 slots
+    (``CLUSTER ADDSLOTS``, master *i* gets the *i*-th share) and returns once every node
+    reports ``cluster_state:ok`` and knows the others. With ``replicas=1`` every master
+    gets a replica (``CLUSTER REPLICATE``), and :meth:`start` also waits until each one is
+    in sync (``master_link_status:up``); :meth:`failover` and :meth:`kill_master` then
+    promote one. ``cluster-node-timeout`` is ``node_timeout_ms`` (2 s by default: short,
+    so a killed master is replaced within a few seconds) and a replica fails over however
+    long its link was down (``cluster-replica-validity-factor 0``). No ``redis-cli`` is
+    needed. Nodes start empty and never persist. Opt-in: nothing boots this unless a test
+    or script calls :func:`start_redis_cluster`.
+
+    :attr:`nodes` lists every process, masters first (``cluster-<i>``), then the
+    replicas (``cluster-<i>-replica``, the replica of master *i* at boot); roles change
+    with failovers, so :meth:`masters` asks the nodes.
     """
 
     def __init__(
-        self, services: Services | None = None, *, masters: int = 3, node_timeout_ms: int = 2000
+        self,
+        services: Services | None = None,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
     ) -> None:
         """Describe the cluster; nothing is started until :meth:`start`."""
         if masters < 1:
             raise HarnessError(f"masters={masters}: a cluster needs at least one master")
+        if replicas not in (0, 1):
+            raise HarnessError(f"replicas={replicas}: 0 or 1 replica per master")
         self.services = services
         self.master_count = masters
+        self.replicas_per_master = replicas
         self.node_timeout_ms = node_timeout_ms
         self.redis_bin = find_redis_server()
         self.host = _LOOPBACK
@@ -2682,7 +2741,7 @@ class RedisCluster:
         }
 
     def slot_ranges(self) -> list[tuple[int, int]]:
-        """Return each node's ``(first, last)`` slot, as :meth:`start` assigns them."""
+        """Return each master's ``(first, last)`` slot, as :meth:`start` assigns them."""
         share = CLUSTER_SLOTS // self.master_count
         ranges = []
         for index in range(self.master_count):
@@ -2691,14 +2750,18 @@ class RedisCluster:
             ranges.append((first, last))
         return ranges
 
+    def _running(self) -> list[RedisNode]:
+        """Return the nodes whose process runs (a killed master is no longer one)."""
+        return [node for node in self.nodes if node.running]
+
     def keyslot(self, key: str | bytes) -> int:
         """Return the hash slot of *key*, as the cluster computes it (``CLUSTER KEYSLOT``)."""
-        with self.nodes[0].client() as client:
+        with self._running()[0].client() as client:
             return int(client.execute_command("CLUSTER", "KEYSLOT", key))
 
     def node_for_slot(self, slot: int) -> RedisNode:
-        """Return the node serving *slot*, by asking the cluster (``CLUSTER SHARDS``-free)."""
-        with self.nodes[0].client() as client:
+        """Return the master serving *slot*, by asking the cluster (``CLUSTER SLOTS``)."""
+        with self._running()[0].client() as client:
             for entry in client.execute_command("CLUSTER", "SLOTS"):
                 first, last, owner = int(entry[0]), int(entry[1]), entry[2]
                 if first <= slot <= last:
@@ -2707,13 +2770,41 @@ class RedisCluster:
         raise HarnessError(f"no node of the cluster serves slot {slot}")
 
     def node_for_key(self, key: str | bytes) -> RedisNode:
-        """Return the node holding *key*."""
+        """Return the master holding *key*."""
         return self.node_for_slot(self.keyslot(key))
 
     def keys_on(self, node: RedisNode, pattern: str = "*") -> list[bytes]:
         """Return the keys *node* itself holds matching *pattern* (sorted)."""
         with node.client() as client:
             return sorted(bytes(k) for k in client.keys(pattern))
+
+    def node_id(self, node: RedisNode) -> str:
+        """Return *node*'s cluster node id (``CLUSTER MYID``)."""
+        with node.client() as client:
+            raw = client.execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def masters(self) -> list[RedisNode]:
+        """Return the running nodes that are masters now (``ROLE``), in :attr:`nodes` order."""
+        return [node for node in self._running() if node.role() == "master"]
+
+    def replica_of(self, master: RedisNode) -> RedisNode:
+        """Return the running replica of *master* (from the replicas' ``INFO replication``)."""
+        for node in self._running():
+            info = node.info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == master.port:
+                return node
+        raise HarnessError(f"{master.name} has no running replica")
+
+    def _listed_replicas(self, master: RedisNode) -> set[int]:
+        """Return the ports of the replicas *master* itself lists (``CLUSTER REPLICAS``)."""
+        with master.client() as client:
+            lines = client.execute_command("CLUSTER", "REPLICAS", self.node_id(master))
+        ports = set()
+        for line in lines:
+            text = line.decode() if isinstance(line, bytes) else str(line)
+            ports.add(int(text.split()[1].split("@", 1)[0].rpartition(":")[2]))
+        return ports
 
     def _node_at(self, address: tuple[str, int]) -> RedisNode:
         for node in self.nodes:
@@ -2730,8 +2821,9 @@ class RedisCluster:
                 raise HarnessError("this RedisCluster was started already; make a new one")
             self.workdir, self._remove_workdir = _service_dir(self.services, "rcluster")
             self._watchdog = _ProcessWatchdog(self.workdir if self._remove_workdir else None)
+            count = self.master_count * (1 + self.replicas_per_master)
             try:
-                self._boot(_free_cluster_ports(self.master_count), timeout)
+                self._boot(_free_cluster_ports(count), timeout)
             except BaseException:
                 self.stop()
                 raise
@@ -2739,7 +2831,9 @@ class RedisCluster:
     def _boot(self, ports: list[int], timeout: float) -> None:
         assert self.workdir is not None and self._watchdog is not None
         for index, port in enumerate(ports):
-            node = RedisNode(f"cluster-{index}", self.host, port, self.workdir)
+            master = index % self.master_count
+            name = f"cluster-{master}" if index < self.master_count else f"cluster-{master}-replica"
+            node = RedisNode(name, self.host, port, self.workdir)
             node.configfile.write_text(
                 "\n".join(
                     [
@@ -2752,6 +2846,8 @@ class RedisCluster:
                         "cluster-enabled yes",
                         f"cluster-config-file {node.name}-nodes.conf",
                         f"cluster-node-timeout {self.node_timeout_ms}",
+                        "cluster-replica-validity-factor 0",
+                        "repl-diskless-sync-delay 0",
                         'logfile ""',
                     ]
                 )
@@ -2786,13 +2882,20 @@ class RedisCluster:
         with first.client() as client:
             for node in self.nodes[1:]:
                 client.execute_command("CLUSTER", "MEET", node.host, node.port)
-        for node, (low, high) in zip(self.nodes, self.slot_ranges(), strict=True):
+        masters = self.nodes[: self.master_count]
+        for node, (low, high) in zip(masters, self.slot_ranges(), strict=True):
             with node.client() as client:
                 client.execute_command("CLUSTER", "ADDSLOTS", *range(low, high + 1))
         self._wait(self._healthy, timeout, "the cluster to reach cluster_state:ok")
+        if self.replicas_per_master:
+            ids = [self.node_id(master) for master in masters]
+            for replica, master_id in zip(self.nodes[self.master_count :], ids, strict=True):
+                with replica.client() as client:
+                    client.execute_command("CLUSTER", "REPLICATE", master_id)
+            self._wait(self._replicated, timeout, "every replica to be in sync with its master")
 
     def _healthy(self) -> bool:
-        for node in self.nodes:
+        for node in self._running():
             fields = _cluster_info(node)
             if fields.get("cluster_state") != "ok":
                 return False
@@ -2801,6 +2904,64 @@ class RedisCluster:
             if int(fields.get("cluster_slots_ok", 0)) != CLUSTER_SLOTS:
                 return False
         return True
+
+    def _replicated(self) -> bool:
+        """Return whether the cluster is ok and every running replica's link is up.
+
+        Each replica's master must list it (gossip has settled), and every node must see
+        the current masters as masters (``CLUSTER SLOTS`` from each agrees), so a client
+        that asks any of them is routed right.
+        """
+        if not self._healthy():
+            return False
+        owners: set[tuple[tuple[int, int], ...]] = set()
+        for node in self._running():
+            info = node.info("replication")
+            if info.get("role") == "slave":
+                if info.get("master_link_status") != "up":
+                    return False
+                master = self._node_at((self.host, int(info["master_port"])))
+                if node.port not in self._listed_replicas(master):
+                    return False
+            with node.client() as client:
+                slots = client.execute_command("CLUSTER", "SLOTS")
+            owners.add(tuple(sorted((int(s[0]), int(s[2][1])) for s in slots)))
+        return len(owners) == 1
+
+    def failover(self, master: RedisNode, timeout: float = 30) -> RedisNode:
+        """Fail *master* over to its replica, planned (``CLUSTER FAILOVER`` on the replica).
+
+        Redis waits for the replica to catch up with the master before the switch, so
+        nothing acknowledged is lost. Returns the new master once every node agrees and the
+        old master replicates from it.
+        """
+        replica = self.replica_of(master)
+        with replica.client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        self._wait(
+            lambda: replica.role() == "master" and master.role() == "slave" and self._replicated(),
+            timeout,
+            f"{replica.name} to take over from {master.name}",
+        )
+        return replica
+
+    def kill_master(self, master: RedisNode, timeout: float = 30) -> RedisNode:
+        """Kill *master* (SIGKILL) and wait until its replica has taken over; return it.
+
+        The other nodes mark it failed after ``cluster-node-timeout`` and its replica is
+        elected in its place; the killed node stays a known (failed) member.
+        """
+        replica = self.replica_of(master)
+        proc, master.proc = master.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+        self._wait(
+            lambda: replica.role() == "master" and self._replicated(),
+            timeout,
+            f"{replica.name} to replace the killed {master.name}",
+        )
+        return replica
 
     def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -2820,8 +2981,8 @@ class RedisCluster:
             time.sleep(0.05)
 
     def flushall(self) -> None:
-        """Empty every node."""
-        for node in self.nodes:
+        """Empty every master (replicas follow)."""
+        for node in self.masters():
             with node.client() as client:
                 client.flushall()
 
@@ -2877,7 +3038,8 @@ def _free_cluster_ports(count: int) -> list[int]:
 def start_redis_cluster(services: Services | None = None, **kwargs: Any) -> RedisCluster:
     """Start a :class:`RedisCluster` and return it (the caller stops it).
 
-    *kwargs* go to :class:`RedisCluster` (``masters``, ``node_timeout_ms``). Stopped at
+    *kwargs* go to :class:`RedisCluster` (``masters``, ``replicas``, ``node_timeout_ms``).
+    With ``replicas=1`` it returns once every replica is in sync with its master. Stopped at
     interpreter exit if the caller does not; a watchdog process terminates its nodes if this
     process dies without doing either.
     """
