@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections, transaction
-from django.db.models import Count, Exists, OuterRef, Q, Sum
+from django.db.models import Count, Exists, F, OuterRef, Q, Sum
 
 from django_dbscale.cache import invalidate, invalidate_model
 from django_dbscale.cache import stats as cache_stats_module
@@ -101,6 +101,10 @@ def library() -> dict[str, Any]:
 
 def titles_of(author: CAuthor) -> Callable[[], list[str]]:
     return lambda: [b.title for b in CBook.objects.cache().filter(author=author).order_by("title")]
+
+
+def prices_of(author: CAuthor) -> Callable[[], list[int]]:
+    return lambda: [b.price for b in CBook.objects.cache().filter(author=author).order_by("price")]
 
 
 def all_titles() -> list[str]:
@@ -503,6 +507,103 @@ def test_save_of_an_instance_whose_dimension_changed_in_the_database_invalidates
     assert truth("SELECT author_id, title FROM testapp_cbook WHERE id = %s", [b2]) == [
         (library["ann"].pk, "A2x")
     ]
+
+
+def test_update_by_pk_assigning_no_dimension_returns_its_dimension_and_bumps_only_it(
+    library: dict[str, Any],
+) -> None:
+    ann_prices = prices_of(library["ann"])
+    bob_prices = prices_of(library["bob"])
+    primed(ann_prices, [10, 20])
+    primed(bob_prices, [30])
+    with QueryCounter(["default"]) as counter:
+        assert CBook.objects.filter(pk=library["b1"].pk).update(price=F("price") + 1) == 1
+    # One UPDATE ... RETURNING author_id: no join reading the old author (it is unchanged).
+    (statement,) = [sql for _, sql in counter.sql]
+    assert statement.startswith("UPDATE ") and " RETURNING " in statement, statement
+    assert "__dbscale_old" not in statement and "WITH" not in statement
+    reread(ann_prices, [11, 20])
+    with fresh_context(), observe() as seen:
+        assert bob_prices() == [30]
+    assert seen.reasons == ["hit"]  # Bob's dimension was not bumped
+
+
+def test_update_of_many_rows_assigning_no_dimension_bumps_their_dimensions(
+    library: dict[str, Any],
+) -> None:
+    ann_prices, bob_prices = prices_of(library["ann"]), prices_of(library["bob"])
+    primed(ann_prices, [10, 20])
+    primed(bob_prices, [30])
+    with QueryCounter(["default"]) as counter:
+        assert CBook.objects.filter(price__lt=25).update(price=F("price") + 5) == 2
+    (statement,) = [sql for _, sql in counter.sql]
+    assert statement.startswith("WITH u AS (UPDATE ") and "__dbscale_old" not in statement
+    reread(ann_prices, [15, 25])
+    with fresh_context(), observe() as seen:
+        assert bob_prices() == [30]
+    assert seen.reasons == ["hit"]
+
+
+@pytest.fixture
+def author_rewriting_trigger(library: dict[str, Any]) -> Iterator[None]:
+    """A BEFORE UPDATE row trigger that moves a book renamed "moved" to Bob."""
+    from django_dbscale.backends.postgresql import compiler
+
+    outside_django(
+        "CREATE FUNCTION dbscale_test_move() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.title = 'moved' THEN NEW.author_id := {library['bob'].pk}; END IF; "
+        "RETURN NEW; END $$",
+        [],
+    )
+    outside_django(
+        "CREATE TRIGGER dbscale_test_move BEFORE UPDATE ON testapp_cbook "
+        "FOR EACH ROW EXECUTE FUNCTION dbscale_test_move()",
+        [],
+    )
+    try:
+        yield
+    finally:
+        outside_django("DROP TRIGGER dbscale_test_move ON testapp_cbook", [])
+        outside_django("DROP FUNCTION dbscale_test_move()", [])
+        compiler._rewritten_by_triggers.clear()
+
+
+@pytest.mark.usefixtures(author_rewriting_trigger.__name__)
+def test_a_trigger_moving_a_row_to_another_dimension_value_invalidates_both(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    # No dimension assigned: the statement finds the trigger and bumps the whole table.
+    CBook.objects.filter(pk=library["b1"].pk).update(title="moved")
+    assert truth("SELECT author_id FROM testapp_cbook WHERE id = %s", [library["b1"].pk]) == [
+        (library["bob"].pk,)
+    ]
+    reread(ann_titles, ["A2"])
+    reread(bob_titles, ["B1", "moved"])
+    # From then on this table's updates read the old values by the join.
+    primed(ann_titles, ["A2"])
+    primed(bob_titles, ["B1", "moved"])
+    with QueryCounter(["default"]) as counter:
+        CBook.objects.filter(pk=library["b2"].pk).update(title="moved")
+    assert "__dbscale_old" in counter.sql[-1][1]
+    reread(ann_titles, [])
+    reread(bob_titles, ["B1", "moved", "moved"])
+
+
+@pytest.mark.usefixtures(author_rewriting_trigger.__name__)
+def test_save_whose_dimension_a_trigger_changes_invalidates_both(
+    library: dict[str, Any],
+) -> None:
+    ann_titles, bob_titles = titles_of(library["ann"]), titles_of(library["bob"])
+    primed(ann_titles, ["A1", "A2"])
+    primed(bob_titles, ["B1"])
+    book = CBook.objects.get(pk=library["b2"].pk)
+    book.title = "moved"
+    book.save()  # assigns author Ann; the trigger stores Bob
+    reread(ann_titles, ["A1"])
+    reread(bob_titles, ["B1", "moved"])
 
 
 def test_update_moving_rows_by_an_unrelated_filter_invalidates_old_and_new(

@@ -12,12 +12,13 @@ points that at this module, which makes it the one hook with complete coverage:
   as :data:`~django_dbscale.backends.events.statement_wrote`. Without receivers they run
   Django's own code unchanged.
 
-  Old dimension values of updated and deleted rows are read in the same statement: an
-  ``UPDATE`` whose WHERE clause does not pin them is rewritten to
-  ``UPDATE ... FROM (SELECT pk, dims ... FOR UPDATE) RETURNING old, new`` inside a CTE that
-  aggregates the distinct values, and a ``DELETE`` gets ``RETURNING``. No extra round trip.
-  ``save()``'s one-row UPDATE first runs with ``AND dim = <value assigned>`` instead (see
-  :meth:`SQLUpdateCompiler._dbscale_execute_unchanged`): the join only when that misses.
+  Old dimension values of updated and deleted rows are read in the same statement (no
+  extra round trip): a ``DELETE`` gets ``RETURNING``; an ``UPDATE`` whose WHERE clause does
+  not pin them gets ``RETURNING`` if it assigns no dimension (they are unchanged), runs as
+  ``... WHERE pk = %s AND dim = <value assigned> RETURNING dim`` if it is ``save()``'s
+  one-row update (:meth:`SQLUpdateCompiler._dbscale_execute_unchanged`), and otherwise is
+  rewritten to ``UPDATE ... FROM (SELECT pk, dims ... FOR UPDATE) RETURNING old, new``
+  inside a CTE that aggregates the distinct values (:meth:`SQLUpdateCompiler._dbscale_wrap`).
 * **Reads**, during cache fills only: each compiled query reports the tables it reads to
   the active collector. Where a fill's statements run is decided by the routers, like any
   read (see :func:`django_dbscale.consistency.at_least`).
@@ -184,6 +185,22 @@ def _dims_or_none(
     return dims
 
 
+#: (alias, table) pairs whose updates met a BEFORE UPDATE row trigger: their old dimension
+#: values are read by the join (:meth:`SQLUpdateCompiler._dbscale_wrap`). Process-wide.
+_rewritten_by_triggers: set[tuple[str, str]] = set()
+
+
+def _rewriting_trigger(table: str) -> str:
+    """SQL: whether *table* has a ``BEFORE UPDATE ... FOR EACH ROW`` trigger (it may rewrite
+    the new row, dimensions included). ``tgtype`` bits: 1 row, 2 before, 16 update."""
+    literal = '"' + table.replace('"', '""') + '"'
+    literal = "'" + literal.replace("'", "''") + "'"
+    return (
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = "
+        f"{literal}::regclass AND NOT tgisinternal AND tgtype & 19 = 19)"
+    )
+
+
 def _pins_one_row(query: Any, pk: Any) -> bool:
     """Return whether *query*'s WHERE is exactly ``pk = <value>`` (``save()``'s UPDATE)."""
     where = query.where
@@ -348,30 +365,45 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
         meta = query.get_meta()
         table = meta.db_table
         dims: set[str] | None = None
-        wrapped: str | None = None
+        wrapped: tuple[str, bool] | None = None
         if fields:
             static = self._dbscale_static_dims(analysis, fields)
             if static is not None:
                 dims = static
             else:
                 wrapped = self._dbscale_wrap(sql, fields)
+        rewritten = False
         with self.connection.cursor() as cursor, reading_position() as positions:
             if wrapped is None:
                 cursor.execute(sql, params)
                 count = cursor.rowcount
             else:
-                cursor.execute(wrapped, params)
-                row = cursor.fetchone()
-                count = row[0]
-            if wrapped is not None:
+                wrapped_sql, per_row = wrapped
+                cursor.execute(wrapped_sql, params)
+                values: list[tuple[Any, Any]]  # (old values, new values) per field
+                if per_row:  # UPDATE ... RETURNING new values, old ones equal
+                    rows = cursor.fetchall()
+                    count = len(rows)
+                    values = [([r[i] for r in rows],) * 2 for i in range(len(fields))]
+                    rewritten = any(r[-1] for r in rows)
+                else:  # one row: count, then old and new arrays per field
+                    row = cursor.fetchone()
+                    count = row[0]
+                    values = [(row[1 + 2 * i], row[2 + 2 * i]) for i in range(len(fields))]
+                    rewritten = bool(row[-1])
                 per_field: dict[Any, set[str]] = {}
-                for i, field in enumerate(fields):
-                    old = _canonical_set(analysis, field, row[1 + 2 * i])
-                    new = _canonical_set(analysis, field, row[2 + 2 * i])
+                for field, (old_values, new_values) in zip(fields, values, strict=True):
+                    old = _canonical_set(analysis, field, old_values)
+                    new = _canonical_set(analysis, field, new_values)
                     if old is None or new is None:
                         break
                     per_field[field] = old | new
-                dims = _dims_or_none(analysis, per_field, fields)
+                dims = None if rewritten else _dims_or_none(analysis, per_field, fields)
+        if rewritten:
+            # A BEFORE UPDATE row trigger may have changed a dimension that the statement
+            # did not assign: its old values are unknown, so the whole table was bumped
+            # (dims None); this table's updates read old values by the join from now on.
+            _rewritten_by_triggers.add((self.connection.alias, table))
         _wrote(self.connection, table, dims, _last(positions))
         if result_type in (NO_RESULTS, None):
             return None
@@ -430,7 +462,7 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             if dim is None:
                 return None
             per_field[field] = {dim}
-        dims = _dims_or_none(analysis, per_field, fields)
+        dims: set[str] | None = _dims_or_none(analysis, per_field, fields)
         if dims is None:
             return None
         guarded = query.clone()
@@ -439,17 +471,43 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             sql, params = guarded.get_compiler(self.using, self.connection).as_sql()
         except (EmptyResultSet, FullResultSet):
             return None
+        qn: Any = self.connection.ops.quote_name
+        table = qn(meta.db_table)
+        # The new values as stored: a BEFORE UPDATE trigger may have changed them.
+        returning = ", ".join(f"{table}.{qn(field.column)}" for field in fields)
         with self.connection.cursor() as cursor, reading_position() as positions:
-            cursor.execute(sql, params)
-            count = int(cursor.rowcount)
-        if count != 1:
+            cursor.execute(f"{sql} RETURNING {returning}", params)
+            rows = cursor.fetchall()
+        if len(rows) != 1:
             return None
+        for field, stored in zip(fields, rows[0], strict=True):
+            new = _canonical_set(analysis, field, [stored])
+            if new is None:
+                dims = None
+                break
+            dims |= new
         _wrote(self.connection, meta.db_table, dims, _last(positions))
-        return count
+        return 1
 
-    def _dbscale_wrap(self, sql: str, fields: tuple[Any, ...]) -> str | None:
-        """Rewrite ``UPDATE t SET ... WHERE w`` to also return old and new dimension values."""
-        meta = self.query.get_meta()
+    def _dbscale_wrap(self, sql: str, fields: tuple[Any, ...]) -> tuple[str, bool] | None:
+        """Rewrite ``UPDATE t SET ... WHERE w`` to also return the dimension values it touches.
+
+        Returns the SQL and whether it returns one row per updated row (``RETURNING`` the
+        new values, then whether a trigger may have rewritten them) or a single row (the
+        count, then the distinct old and new values of each field, then that flag):
+
+        * an UPDATE that assigns no dimension leaves them as they were, so the values it
+          returns are the old ones too: ``UPDATE ... RETURNING`` for one row by primary
+          key (``filter(pk=...).update(n=F("n") + 1)``), a CTE aggregating them otherwise.
+          Unless a ``BEFORE UPDATE`` row trigger changed them, which the statement checks
+          in the catalog as it runs (a few microseconds; the flag); the caller then bumps
+          the whole table and this table's later updates take the join below;
+        * an UPDATE that assigns a dimension (or of such a table) reads the old values by
+          joining the table as it was, ``FROM (SELECT pk, dims ... FOR UPDATE)``, inside a
+          CTE (about as costly again as the UPDATE itself: only where it is needed).
+        """
+        query: Any = self.query
+        meta = query.get_meta()
         if meta.is_composite_pk:
             return None
         qn: Any = self.connection.ops.quote_name
@@ -465,11 +523,27 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
         if not sql.startswith(head) or not sql.endswith(tail):
             return None
         sets = sql[len(head) : len(sql) - len(tail)]
+        columns = [f"{table}.{qn(f.column)}" for f in fields]
+        assigned = {field for field, _, _ in query.values}
+        if assigned.isdisjoint(fields) and (
+            (self.connection.alias, meta.db_table) not in _rewritten_by_triggers
+        ):
+            rewrites = _rewriting_trigger(meta.db_table)
+            if _pins_one_row(query, meta.pk):
+                return f"{sql} RETURNING {', '.join(columns)}, {rewrites}", True
+            returning = ", ".join(f"{column} AS n{i}" for i, column in enumerate(columns))
+            aggregates = ", ".join(
+                f"array_agg(DISTINCT n{i}), array_agg(DISTINCT n{i})" for i in range(len(fields))
+            )
+            return (
+                f"WITH u AS ({sql} RETURNING {returning}) "
+                f"SELECT count(*), {aggregates}, {rewrites} FROM u",
+                False,
+            )
         pk = qn(meta.pk.column)
-        old_cols = ", ".join(f"{table}.{qn(f.column)} AS o{i}" for i, f in enumerate(fields))
+        old_cols = ", ".join(f"{column} AS o{i}" for i, column in enumerate(columns))
         returning = ", ".join(
-            f'"__dbscale_old".o{i} AS o{i}, {table}.{qn(f.column)} AS n{i}'
-            for i, f in enumerate(fields)
+            f'"__dbscale_old".o{i} AS o{i}, {column} AS n{i}' for i, column in enumerate(columns)
         )
         aggregates = ", ".join(
             f"array_agg(DISTINCT o{i}), array_agg(DISTINCT n{i})" for i in range(len(fields))
@@ -478,5 +552,6 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             f"WITH u AS (UPDATE {table} SET {sets} FROM (SELECT {table}.{pk} AS k, {old_cols} "
             f'FROM {table}{tail} FOR UPDATE) AS "__dbscale_old" '
             f'WHERE {table}.{pk} = "__dbscale_old".k RETURNING {returning}) '
-            f"SELECT count(*), {aggregates} FROM u"
+            f"SELECT count(*), {aggregates}, false FROM u",
+            False,
         )
