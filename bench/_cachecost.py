@@ -762,10 +762,79 @@ def _verdict(value: float | None, target: float) -> str:
     return "met" if value <= target else "NOT MET"
 
 
-def report(costs: dict[str, Any], hits: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Print sections 6-9; return (target, verdict) pairs."""
+def _anchor_costs(anchors: dict[str, Any] | None) -> dict[str, dict[str, Any] | str]:
+    """Each anchor's miss/write figures (``costs`` of its JSON), or why there are none."""
+    out: dict[str, dict[str, Any] | str] = {}
+    for name, data in (anchors or {}).items():
+        if data is None:
+            out[name] = "not run"
+        elif not isinstance(data, dict):
+            out[name] = str(data)
+        elif not isinstance(data.get("costs"), dict):
+            out[name] = str(data.get("costs", "no miss/write figures"))
+        else:
+            out[name] = data["costs"]
+    return out
+
+
+def _anchor_cell(costs: dict[str, Any] | str, section: str, row: str, variant: str) -> str:
+    """The anchor's ratio for one row of a table, or "-"."""
+    if not isinstance(costs, dict) or row not in costs[section]:
+        return "-"
+    return f"{costs[section][row][variant]['ratio']:.2f}"
+
+
+def _anchor_details(
+    others: dict[str, dict[str, Any] | str],
+    section: str,
+    base: str,
+    variant: str,
+    extra: str | None,
+) -> None:
+    """Per anchor: base and variant µs, variant/base with p10-p90, *extra* ratio; notes."""
+    if not others:
+        return
+    for name, costs in others.items():
+        if not isinstance(costs, dict):
+            print(f"   {name}: {costs.splitlines()[0] if costs else '-'}")
+            for line in costs.splitlines()[1:]:
+                print(f"     {line}")
+            continue
+        for row, fig in costs[section].items():
+            b, v = fig[base], fig[variant]
+            bl, vl = (base, variant) if section == "reads" else ("without", "with")
+            line = (
+                f"   {name:<9} {row:<18} {bl} {b['us']:>8.1f}µs  {vl} {v['us']:>8.1f}µs"
+                f"  ratio {v['ratio']:.2f} ({v['ratio_p10']:.2f}-{v['ratio_p90']:.2f})"
+            )
+            if extra is not None and extra in fig:
+                line += f"  {extra} {fig[extra]['us']:.1f}µs ({fig[extra]['ratio']:.2f})"
+            print(line)
+        notes = costs.get("notes", {})
+        keys = ("uncached", "miss") if section == "reads" else ("without", "update() 10 rows")
+        for key in keys:
+            if key in notes:
+                print(f"     {name} {key}: {notes[key]}")
+        for check, state in costs.get("checks", {}).items():
+            if state != "ok" and check.startswith("write") == (section == "writes"):
+                print(f"   CHECK FAILED {name} {check}: {state}")
+
+
+def report(
+    costs: dict[str, Any],
+    hits: dict[str, Any] | None,
+    anchors: dict[str, Any] | None = None,
+) -> list[tuple[str, str]]:
+    """Print sections 6-9; return (target, verdict) pairs.
+
+    *anchors* maps each anchor's name to its worker's JSON (its ``costs``: miss and write
+    figures measured in its own process), an error string, or None when it did not run;
+    their ratios are printed as extra columns ("-" when absent), with details below.
+    """
     verdicts: list[tuple[str, str]] = []
     reads, writes = costs["reads"], costs["writes"]
+    others = _anchor_costs(anchors)
+    anchor_head = "".join(f" {name:>8}" for name in others)
     print(
         f"\n== Miss cost: cache miss vs the same read uncached, paired blocks "
         f"({costs['blocks']} x {costs['per_block']} calls)"
@@ -774,9 +843,14 @@ def report(costs: dict[str, Any], hits: dict[str, Any] | None) -> list[tuple[str
     print("   DBSCALE['CACHE']; miss = entry evicted (DEL) before each timed call, outside the")
     print("   timed region; nocache = .nocache() in the cache process; all() = CBook.objects")
     print("   (CachedQuerySet) in the process without the cache. Ratios are to uncached.")
+    if others:
+        print("   cacheops / cachalot: their miss/uncached, each in its own process, uncached =")
+        print("   the read with the anchor bypassed there, miss = its own entry deleted before")
+        print("   each call (untimed); same blocks and calls (details below the table).")
     print(
         f"{'read':<18} {'uncached':>10} {'miss':>10} {'miss/unc':>9} {'p10-p90':>11} "
-        f"{'hit':>9} {'hit/unc':>8} {'nocache':>8} {'all()':>6}  miss <= {TARGETS['miss']}x"
+        f"{'hit':>9} {'hit/unc':>8} {'nocache':>8} {'all()':>6}{anchor_head}"
+        f"  miss <= {TARGETS['miss']}x"
     )
     for name, r in reads.items():
         miss = r["miss"]
@@ -786,8 +860,11 @@ def report(costs: dict[str, Any], hits: dict[str, Any] | None) -> list[tuple[str
             f"{name:<18} {r['uncached']['us']:>8.1f}µs {miss['us']:>8.1f}µs {miss['ratio']:>9.2f} "
             f"{miss['ratio_p10']:>5.2f}-{miss['ratio_p90']:<5.2f} {r['hit']['us']:>7.1f}µs "
             f"{r['hit']['ratio']:>8.2f} {r['nocache']['ratio']:>8.2f} "
-            f"{r['all() cache off']['ratio']:>6.2f}  {verdict}"
+            f"{r['all() cache off']['ratio']:>6.2f}"
+            + "".join(f" {_anchor_cell(c, 'reads', name, 'miss'):>8}" for c in others.values())
+            + f"  {verdict}"
         )
+    _anchor_details(others, "reads", "uncached", "miss", "hit")
     print("   a miss right after a write (invalidate_model() before each call: the fill must")
     print("   read a source that has replayed the invalidation, and record the entry's floor)")
     for name, r in reads.items():
@@ -810,15 +887,24 @@ def report(costs: dict[str, Any], hits: dict[str, Any] | None) -> list[tuple[str
             print(f"   CHECK FAILED {check}: {state}")
 
     print("\n== Write cost: the same write with the cache on vs a process without the cache")
-    print(f"{'write':<18} {'plain':>10} {'cache on':>10} {'ratio':>7} {'p10-p90':>11}  target")
+    if others:
+        print("   cacheops / cachalot: their write with vs without them (no invalidation at")
+        print("   all), each in its own process, same blocks and calls (details below).")
+    print(
+        f"{'write':<18} {'plain':>10} {'cache on':>10} {'ratio':>7} {'p10-p90':>11}"
+        f"{anchor_head}  target"
+    )
     for name, w in writes.items():
         verdict = _verdict(w["cache"]["ratio"], TARGETS["write"])
         verdicts.append((f"{name} <= {TARGETS['write']}x plain", verdict))
         print(
             f"{name:<18} {w['plain']['us']:>8.1f}µs {w['cache']['us']:>8.1f}µs "
             f"{w['cache']['ratio']:>7.2f} {w['cache']['ratio_p10']:>5.2f}-"
-            f"{w['cache']['ratio_p90']:<5.2f}  <= {TARGETS['write']}x {verdict}"
+            f"{w['cache']['ratio_p90']:<5.2f}"
+            + "".join(f" {_anchor_cell(c, 'writes', name, 'cache'):>8}" for c in others.values())
+            + f"  <= {TARGETS['write']}x {verdict}"
         )
+    _anchor_details(others, "writes", "plain", "cache", None)
 
     filt = reads["filter() 10 rows"]
     be = costs["break_even"]

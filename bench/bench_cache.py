@@ -16,7 +16,15 @@ harness's services, then:
 3. **django-cacheops 7.2 and django-cachalot 2.9.1**, each installed into its own
    throwaway virtualenv under ``$TMPDIR`` (``--no-anchors`` skips them) and run in its own
    process, on the same models, rows and Redis, with the same floor measured in that
-   process: their hit/floor ratios are comparable to ours across processes.
+   process: their hit/floor ratios are comparable to ours across processes. The same
+   process then times their miss and write costs (:func:`anchor_costs`), printed beside
+   ours in sections 6 and 7: a miss (the read's own entry deleted before each call) against
+   the same read with the anchor bypassed in that process (cacheops ``.nocache()``,
+   cachalot ``cachalot_disabled()``), and a write against the same ORM write with no
+   invalidation (cacheops: a second model on the same table, left out of ``CACHEOPS``;
+   cachalot: the table made uncachable before each call of the "without" variant, since
+   cachalot invalidates a cachable table on every write even with ``CACHALOT_ENABLED =
+   False``). cacheops' ``update()`` does not invalidate: its row is ``invalidated_update()``.
 4. **Redis traffic per write**: the commands each library sends for one ``update()``, one
    ``save()`` and one transaction of five ``create()`` (``INFO commandstats`` deltas, minus
    the commands Redis runs inside Lua scripts, counted separately with ``MONITOR``).
@@ -45,11 +53,16 @@ the median of the per-block ratios.
 
 The targets (and hits <= 1.15x the floor, from section 1) are printed met / NOT MET; like
 every figure here they are reported, not asserted: the exit status is 0 whenever it ran.
+
+``BENCH_QUICK=1`` in the environment shortens every timing (few, short blocks: sections 1,
+3, 6 and 7, ours and the anchors'), to try a change in a minute or two; its figures are
+noisy and not to be quoted.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pickle
@@ -64,6 +77,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import _cachecost
+
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = {
     "cacheops": ["django-cacheops==7.2"],
@@ -72,8 +87,13 @@ ANCHORS = {
 BASE_REQUIREMENTS = ["Django>=5.2,<5.3", "psycopg[binary]>=3.1", "django-redis>=5.4"]
 AUTHORS = 20
 BOOKS_PER_AUTHOR = 10
-BLOCKS = 60
-PER_BLOCK = 200
+# BENCH_QUICK=1: few short blocks everywhere (hits, anchors, sections 6-9), to try changes.
+QUICK = bool(os.environ.get("BENCH_QUICK"))
+BLOCKS = 10 if QUICK else 60
+PER_BLOCK = 30 if QUICK else 200
+# The anchors' miss and write blocks: as many, as long, as sections 6-9 time ours.
+COST_BLOCKS = 6 if QUICK else _cachecost.BLOCKS
+COST_PER_BLOCK = 20 if QUICK else _cachecost.PER_BLOCK
 
 
 def seed_books(author_model: Any, book_model: Any) -> list[Any]:
@@ -121,6 +141,55 @@ def paired(
         "ratio_p10": statistics.quantiles(ratios, n=10)[0],
         "ratio_p90": statistics.quantiles(ratios, n=10)[-1],
     }
+
+
+Timed = tuple[Callable[[], Any] | None, Callable[[], Any]]
+
+
+def paired_setup(
+    variants: list[Timed], blocks: int, per_block: int, warm: int = 2
+) -> list[dict[str, float]]:
+    """:func:`paired` with a per-call setup outside the timed region, for several variants.
+
+    Each variant is ``(setup, fn)``: every call of *fn* is timed alone, after its *setup*
+    (evicting an entry, say), as ``op_time`` of :mod:`bench._cachecost` does. Blocks
+    alternate the order (A B, then B A, ...), the first *warm* blocks are not kept, and each
+    variant's ratio is the median of its per-block ratios to variant 0 (p10-p90 beside).
+    """
+    clock = time.perf_counter
+    times: list[list[float]] = [[] for _ in variants]
+
+    def per_call(setup: Callable[[], Any] | None, fn: Callable[[], Any]) -> float:
+        total = 0.0
+        for _ in range(per_block):
+            if setup is not None:
+                setup()
+            start = clock()
+            fn()
+            total += clock() - start
+        return total / per_block
+
+    for i in range(warm + blocks):
+        order = list(range(len(variants)))
+        if i % 2:
+            order.reverse()
+        for j in order:
+            seconds = per_call(*variants[j])
+            if i >= warm:
+                times[j].append(seconds)
+    out = []
+    for series in times:
+        ratios = [b / a for a, b in zip(times[0], series, strict=True)]
+        deciles = statistics.quantiles(ratios, n=10) if len(set(ratios)) > 1 else [1.0] * 9
+        out.append(
+            {
+                "us": statistics.median(series) * 1e6,
+                "ratio": statistics.median(ratios),
+                "ratio_p10": deciles[0],
+                "ratio_p90": deciles[-1],
+            }
+        )
+    return out
 
 
 class Monitor:
@@ -368,7 +437,10 @@ def anchor_worker(name: str, out: str) -> None:
     }
     if name == "cacheops":
         conf["CACHEOPS_REDIS"] = os.environ["BENCH_REDIS_URL"]
-        conf["CACHEOPS"] = {"bench.*": {"ops": "all", "timeout": 900}}
+        # The cached models by name: BenchBookPlain (the "without" of the write costs)
+        # shares BenchBook's table and must stay out of cacheops.
+        profile = {"ops": "all", "timeout": 900}
+        conf["CACHEOPS"] = {"bench.benchauthor": profile, "bench.benchbook": profile}
     settings.configure(**conf)
     django.setup()
     from django.core.cache import caches
@@ -391,6 +463,23 @@ def anchor_worker(name: str, out: str) -> None:
         class Meta:
             app_label = "bench"
             ordering = ["id"]
+
+    class BenchBookPlain(models.Model):  # noqa: DJ008 - benchmark rows are never printed
+        """BenchBook's table under a model the anchor does not handle (cacheops)."""
+
+        title = models.CharField(max_length=100)
+        price = models.IntegerField(default=0)
+        author = models.ForeignKey(
+            BenchAuthor, null=True, on_delete=models.DO_NOTHING, related_name="+"
+        )
+        publisher_id = models.BigIntegerField(null=True)
+        shelf_id = models.BigIntegerField(null=True)
+
+        class Meta:
+            app_label = "bench"
+            ordering = ["id"]
+            managed = False
+            db_table = BenchBook._meta.db_table
 
     with connection.schema_editor() as editor:
         for model in (BenchBook, BenchAuthor):
@@ -448,10 +537,273 @@ def anchor_worker(name: str, out: str) -> None:
                 BenchBook.objects.create(title=f"tx{i}", author_id=author_id)
 
     results["writes"] = write_traffic(os.environ["BENCH_REDIS_URL"], update, save, tx)
+    try:
+        results["costs"] = anchor_costs(
+            name,
+            BenchBook,
+            BenchBookPlain,
+            {
+                "book": book.pk,
+                "author": author_id,
+                "save_author": authors[5].pk,
+                "write_author": authors[7].pk,
+                "create_author": authors[9].pk,
+            },
+        )
+    except Exception:  # reported beside the others; the hit figures above still stand
+        import traceback
+
+        results["costs"] = f"miss/write costs failed:\n{traceback.format_exc()}"
     import importlib.metadata
 
     results["version"] = importlib.metadata.version(f"django-{app}")
     Path(out).write_text(json.dumps(results))
+
+
+def anchor_costs(
+    name: str, book_model: Any, plain_model: Any, ids: dict[str, int]
+) -> dict[str, Any]:
+    """The anchor's miss and write costs (sections 6-7 of ours), in the anchor's process.
+
+    Reads: *uncached* is the same read with the anchor bypassed in this process, *miss* the
+    read after deleting just its own entry (outside the timed region), *hit* as it comes.
+    Writes: the anchor's write against the same ORM write with no invalidation at all.
+    Timed with :func:`paired_setup`, as many blocks as ours.
+    """
+    from django.core.cache import caches
+    from django.db import connection
+    from django.db.models import F
+    from django.test.utils import CaptureQueriesContext
+
+    book_id, author_id = ids["book"], ids["author"]
+    reads: dict[str, Callable[[Any], Any]] = {
+        "get(pk=...)": lambda qs: qs.get(pk=book_id),
+        "filter() 10 rows": lambda qs: list(qs.filter(author_id=author_id).order_by("id")),
+        "count()": lambda qs: qs.filter(author_id=author_id).count(),
+    }
+    cached: dict[str, Callable[[], Any]] = {}
+    uncached: dict[str, Callable[[], Any]] = {}
+    keys: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    if name == "cacheops":
+        import cacheops.query  # type: ignore[import-not-found]  # only in its venv
+        from cacheops.redis import redis_client  # type: ignore[import-not-found]
+
+        for rname, read in reads.items():
+
+            def through(read: Callable[[Any], Any] = read) -> Any:
+                return read(book_model.objects.cache())
+
+            def bypass(read: Callable[[Any], Any] = read) -> Any:
+                return read(book_model.objects.nocache())
+
+            cached[rname], uncached[rname] = through, bypass
+        # The key of a read is the one cacheops computes for it (qs._cache_key() for a fetch,
+        # cached_as()'s key for count()): recorded from the getting() it reads through.
+        original_getting = cacheops.query.getting
+        seen: list[str] = []
+
+        def spy(key: str, *args: Any, **kwargs: Any) -> Any:
+            seen.append(key)
+            return original_getting(key, *args, **kwargs)
+
+        cacheops.query.getting = spy
+        try:
+            for rname, fn in cached.items():
+                seen.clear()
+                fn()
+                assert len(seen) == 1, f"cacheops: {rname} read {len(seen)} keys"
+                keys[rname] = seen[0]
+        finally:
+            cacheops.query.getting = original_getting
+        filter_qs = book_model.objects.cache().filter(author_id=author_id).order_by("id")
+        assert keys["filter() 10 rows"] == filter_qs._cache_key()
+
+        def delete(key: str) -> Any:
+            return redis_client.delete(key)
+
+        notes["uncached"] = ".nocache() (cacheops' QuerySet with caching off)"
+        notes["miss"] = "DEL of the read's own key (qs._cache_key(); cached_as key for count())"
+    else:
+        from cachalot.api import cachalot_disabled  # type: ignore[import-not-found]
+        from cachalot.settings import cachalot_settings  # type: ignore[import-not-found]
+
+        for rname, read in reads.items():
+
+            def through(read: Callable[[Any], Any] = read) -> Any:
+                return read(book_model.objects.all())
+
+            def bypass(read: Callable[[Any], Any] = read) -> Any:
+                with cachalot_disabled():
+                    return read(book_model.objects.all())
+
+            cached[rname], uncached[rname] = through, bypass
+        # cachalot keys a query by CACHALOT_QUERY_KEYGEN(compiler) (sha1 of alias, SQL and
+        # params): recorded from one call; the table's invalidation stamp is left alone.
+        original_keygen = cachalot_settings.CACHALOT_QUERY_KEYGEN
+        made: list[str] = []
+
+        def keygen(compiler: Any) -> str:
+            key: str = original_keygen(compiler)
+            made.append(key)
+            return key
+
+        cachalot_settings.CACHALOT_QUERY_KEYGEN = keygen
+        try:
+            for rname, fn in cached.items():
+                made.clear()
+                fn()
+                assert len(made) == 1, f"cachalot: {rname} made {len(made)} keys"
+                keys[rname] = made[0]
+        finally:
+            cachalot_settings.CACHALOT_QUERY_KEYGEN = original_keygen
+        cache = caches[cachalot_settings.CACHALOT_CACHE]
+
+        def delete(key: str) -> Any:
+            return cache.delete(key)
+
+        notes["uncached"] = "inside cachalot_disabled() (its read wrapper runs the query)"
+        notes["miss"] = "delete of the read's own entry (CACHALOT_QUERY_KEYGEN key)"
+
+    checks: dict[str, str] = {}
+    results: dict[str, Any] = {"reads": {}, "writes": {}, "notes": notes, "checks": checks}
+    for rname in reads:
+        fn, key = cached[rname], keys[rname]
+
+        def evict(key: str = key) -> None:
+            delete(key)
+
+        for kind, setup, want in (("miss", evict, 1), ("hit", None, 0), ("uncached", None, 1)):
+            call = uncached[rname] if kind == "uncached" else fn
+            got = []
+            for _ in range(3):
+                if setup is not None:
+                    setup()
+                with CaptureQueriesContext(connection) as queries:
+                    call()
+                got.append(len(queries))
+            checks[f"{kind}:{rname}"] = "ok" if got == [want] * 3 else f"queries {got}"
+        figures = paired_setup(
+            [(None, uncached[rname]), (evict, fn), (None, fn)], COST_BLOCKS, COST_PER_BLOCK
+        )
+        results["reads"][rname] = dict(zip(("uncached", "miss", "hit"), figures, strict=True))
+
+    save_id = book_model.objects.filter(author_id=ids["save_author"]).order_by("id")[0].pk
+    save_obj = book_model.objects.get(pk=save_id)
+    plain_obj = plain_model.objects.get(pk=save_id)
+
+    def save(obj: Any) -> None:
+        obj.price += 1
+        obj.save()
+
+    write_author, create_author = ids["write_author"], ids["create_author"]
+    names = itertools.count()
+    if name == "cacheops":
+        # cacheops' update() does not invalidate (its entries would read stale): a project
+        # keeping them fresh calls invalidated_update().
+        writes: dict[str, tuple[Timed, Timed]] = {
+            "save()": ((None, lambda: save(plain_obj)), (None, lambda: save(save_obj))),
+            "update() 10 rows": (
+                (
+                    None,
+                    lambda: plain_model.objects.filter(author_id=write_author).update(
+                        price=F("price") + 1
+                    ),
+                ),
+                (
+                    None,
+                    lambda: book_model.objects.filter(author_id=write_author).invalidated_update(
+                        price=F("price") + 1
+                    ),
+                ),
+            ),
+            "create()": (
+                (
+                    None,
+                    lambda: plain_model.objects.create(
+                        title=f"w{next(names)}", author_id=create_author
+                    ),
+                ),
+                (
+                    None,
+                    lambda: book_model.objects.create(
+                        title=f"w{next(names)}", author_id=create_author
+                    ),
+                ),
+            ),
+        }
+        notes["without"] = (
+            "the same write through BenchBookPlain (same table, left out of CACHEOPS: no "
+            "signals, no invalidation)"
+        )
+        notes["update() 10 rows"] = (
+            "cacheops: .invalidated_update() (its .update() does not invalidate)"
+        )
+
+        def restore() -> None:
+            """Nothing to restore: cacheops' variants change no setting."""
+    else:
+        # cachalot invalidates on every write compiler of a cachable table, even with
+        # CACHALOT_ENABLED = False (only reads go unpatched then), and a table's
+        # cachability is per table: "without" makes the table uncachable for its calls
+        # (set in the per-call setup, outside the timed region); its write wrapper then
+        # checks the table and runs the write.
+        table = book_model._meta.db_table
+        cachable = cachalot_settings.CACHALOT_UNCACHABLE_TABLES
+        uncachable = frozenset(cachable | {table})
+
+        def on() -> None:
+            cachalot_settings.CACHALOT_UNCACHABLE_TABLES = cachable
+
+        def off() -> None:
+            cachalot_settings.CACHALOT_UNCACHABLE_TABLES = uncachable
+
+        def update() -> Any:
+            return book_model.objects.filter(author_id=write_author).update(price=F("price") + 1)
+
+        def create() -> Any:
+            return book_model.objects.create(title=f"w{next(names)}", author_id=create_author)
+
+        writes = {
+            "save()": ((off, lambda: save(save_obj)), (on, lambda: save(save_obj))),
+            "update() 10 rows": ((off, update), (on, update)),
+            "create()": ((off, create), (on, create)),
+        }
+        notes["without"] = (
+            "the same write with the table in CACHALOT_UNCACHABLE_TABLES (set before each "
+            "call, untimed): no invalidation; cachalot's write wrapper still runs"
+        )
+
+        def restore() -> None:
+            on()
+
+    # Does each variant invalidate? A whole-table count() cached before the write is read
+    # again after it: a query means its entry was invalidated.
+    probe = book_model.objects.cache if name == "cacheops" else book_model.objects.all
+
+    def invalidates(setup: Callable[[], Any] | None, fn: Callable[[], Any]) -> bool:
+        restore()  # the last timed call may have left the table uncachable (cachalot)
+        probe().count()
+        if setup is not None:
+            setup()
+        fn()
+        restore()
+        with CaptureQueriesContext(connection) as queries:
+            probe().count()
+        return len(queries) > 0
+
+    try:
+        for wname, (without, with_) in writes.items():
+            for kind, variant, want in (("without", without, False), ("with", with_, True)):
+                did = invalidates(*variant)
+                checks[f"write {kind}:{wname}"] = (
+                    "ok" if did == want else f"invalidated: {'yes' if did else 'no'}"
+                )
+            plain, cache_on = paired_setup([without, with_], COST_BLOCKS, COST_PER_BLOCK)
+            results["writes"][wname] = {"plain": plain, "cache": cache_on}
+    finally:
+        restore()
+    return results
 
 
 def run_anchor(name: str, services: Any, redis_url: str) -> dict[str, Any] | str:
@@ -565,10 +917,15 @@ def main() -> int:
                 anchors[name] = run_anchor(name, services, redis_url)
         report(mine, anchors)
     if not args.no_costs:
-        from bench import _cachecost
-
-        mine["costs"] = _cachecost.run(services, profile=args.profile)
-        mine["costs"]["verdicts"] = _cachecost.report(mine["costs"], mine.get("hits"))
+        mine["costs"] = _cachecost.run(
+            services, blocks=COST_BLOCKS, per_block=COST_PER_BLOCK, profile=args.profile
+        )
+        # The anchors' miss and write figures go in the same tables ("-" where not run).
+        mine["costs"]["verdicts"] = _cachecost.report(
+            mine["costs"],
+            mine.get("hits"),
+            {name: anchors.get(name) for name in ANCHORS},
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"dbscale": mine, "anchors": anchors}, indent=2))
     return 0
