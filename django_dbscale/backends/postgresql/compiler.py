@@ -450,8 +450,6 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
         meta = query.get_meta()
         if meta.is_composite_pk or query.related_updates or not _pins_one_row(query, meta.pk):
             return None
-        if self._dbscale_static_dims(analysis, fields) is not None:
-            return None  # the WHERE pins the dimensions: no guess needed
         assigned = {field: value for field, _, value in query.values}
         per_field: dict[Any, set[str]] = {}
         for field in fields:
@@ -462,6 +460,8 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             if dim is None:
                 return None
             per_field[field] = {dim}
+        if self._dbscale_static_dims(analysis, fields) is not None:
+            return None  # the WHERE pins the dimensions: no guess needed
         dims: set[str] | None = _dims_or_none(analysis, per_field, fields)
         if dims is None:
             return None
@@ -512,17 +512,9 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
             return None
         qn: Any = self.connection.ops.quote_name
         table = qn(meta.db_table)
-        try:
-            where, _ = self.compile(self.query.where)  # type: ignore[arg-type]
-        except FullResultSet:
-            where = ""
-        except EmptyResultSet:
-            return None
         head = f"UPDATE {table} SET "
-        tail = f" WHERE {where}" if where else ""
-        if not sql.startswith(head) or not sql.endswith(tail):
+        if not sql.startswith(head):
             return None
-        sets = sql[len(head) : len(sql) - len(tail)]
         columns = [f"{table}.{qn(f.column)}" for f in fields]
         assigned = {field for field, _, _ in query.values}
         if assigned.isdisjoint(fields) and (
@@ -540,6 +532,16 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
                 f"SELECT count(*), {aggregates}, {rewrites} FROM u",
                 False,
             )
+        try:
+            where, _ = self.compile(self.query.where)  # type: ignore[arg-type]
+        except FullResultSet:
+            where = ""
+        except EmptyResultSet:
+            return None
+        tail = f" WHERE {where}" if where else ""
+        if not sql.endswith(tail):
+            return None
+        sets = sql[len(head) : len(sql) - len(tail)]
         pk = qn(meta.pk.column)
         old_cols = ", ".join(f"{column} AS o{i}" for i, column in enumerate(columns))
         returning = ", ".join(
