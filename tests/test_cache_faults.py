@@ -310,3 +310,39 @@ def test_a_consistency_token_is_issued_only_after_the_bumps_are_confirmed(
     assert not invalidation.has_pending()
     with fresh_context():
         assert read(row.pk) == (2, ["miss"])
+
+
+def test_another_threads_pending_invalidations_do_not_outbox_this_transaction(
+    services: Services,
+) -> None:
+    # A thread between queueing its invalidations and sending them (here: waiting for the
+    # send lock, which this thread holds) says nothing about Redis: a transaction that
+    # commits meanwhile must not write an outbox row as if Redis were failing.
+    import threading
+
+    from django.db import transaction
+
+    mine = CCounter.objects.create(name="mine", value=1)
+    theirs = CCounter.objects.create(name="theirs", value=1)
+    assert invalidation.confirm() and not invalidation.has_pending()
+    dbname = services.databases()["default"]["NAME"]
+
+    def outbox_rows() -> int:
+        return len(services.pg1.execute("SELECT 1 FROM dbscale_cache_outbox", dbname=dbname))
+
+    before = outbox_rows()
+    with invalidation._flush_lock:
+        other = threading.Thread(
+            target=lambda: CCounter.objects.filter(pk=theirs.pk).update(value=2)
+        )
+        other.start()
+        deadline = time.monotonic() + 10
+        while not invalidation.has_pending() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert invalidation.has_pending()  # the other thread's keys, queued, not sent
+        with transaction.atomic():
+            CCounter.objects.filter(pk=mine.pk).update(value=2)
+        assert outbox_rows() == before  # checked before anything could drain a row
+    other.join(10)
+    assert invalidation.confirm() and not invalidation.has_pending()
+    assert value_of(mine.pk) == 2 and value_of(theirs.pk) == 2

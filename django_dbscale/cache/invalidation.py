@@ -129,8 +129,10 @@ def _before_commit(connection: Any, **kwargs: Any) -> None:
         return
     state.outboxed = False  # a COMMIT that failed earlier may have left it set
     if _in_flight:
-        confirm()  # deliveries sent without waiting: delivered, or pending for real?
-    if not has_pending() and gateway().breaker.state == "closed":
+        confirm()  # deliveries sent without waiting: delivered, or lost?
+    # Not has_pending(): another thread's invalidations are pending while it sends them,
+    # which says nothing about Redis (threaded workers, `dbscale migrate`'s threads).
+    if not _failing[0] and gateway().breaker.state == "closed":
         return
     try:
         keys = set().union(*state.keys.values())
@@ -348,6 +350,9 @@ class _Sent:
 
 
 _in_flight: list[_Sent] = []
+#: A delivery failed and some of its keys are still undelivered (set by _undelivered(),
+#: cleared when nothing is pending any more): Redis is not taking invalidations.
+_failing = [False]
 
 
 def has_pending() -> bool:
@@ -410,6 +415,7 @@ def deliver(
 
 def _undelivered(keys: Mapping[str, Iterable[str]], *, outboxed: bool = False) -> None:
     """Keep invalidations Redis did not take: outbox them and retry in the background."""
+    _failing[0] = True
     for alias, alias_keys in keys.items():
         if outboxed or outbox.record(alias, alias_keys):
             if not outboxed:
@@ -603,6 +609,8 @@ def _delivered(sent: _Sent) -> None:
                 _pending_keys.pop(alias, None)
                 _pending_lsn.pop(alias, None)
                 _pending_tables.pop(alias, None)
+        if not _pending_keys:
+            _failing[0] = False
     for alias, keys in sent.keys.items():
         for table in sent.tables.get(alias, ()):
             stats.incr(f"table:{table}", "invalidation")
@@ -630,6 +638,7 @@ def forget_pending() -> None:
         _pending_keys.clear()
         _pending_lsn.clear()
         _pending_tables.clear()
+        _failing[0] = False
 
 
 def model_tables(model: Any) -> list[str]:
