@@ -44,6 +44,19 @@ TARGETS = {"miss": 1.3, "write": 1.2, "hit": 1.15}
 Workload = tuple[Callable[[], Any] | None, Callable[[], Any]]
 
 
+def seconds_per_call(setup: Callable[[], Any] | None, fn: Callable[[], Any], n: int) -> float:
+    """Return the mean seconds of *n* calls of *fn*, each timed alone after its *setup*."""
+    total = 0.0
+    clock = time.perf_counter
+    for _ in range(n):
+        if setup is not None:
+            setup()
+        start = clock()
+        fn()
+        total += clock() - start
+    return total / n
+
+
 # -- worker side ----------------------------------------------------------------------------
 
 
@@ -279,15 +292,7 @@ class _Worker:
 
         setup, fn = self.workloads[workload]
         consistency.open_context()
-        total = 0.0
-        clock = time.perf_counter
-        for _ in range(n):
-            if setup is not None:
-                setup()
-            start = clock()
-            fn()
-            total += clock() - start
-        return {"s": total / n}
+        return {"s": seconds_per_call(setup, fn, n)}
 
     def op_pieces(self, workload: str, n: int) -> dict[str, Any]:
         """Per-call inclusive time of the pieces of *workload* (wrapped functions, SQL)."""
@@ -641,19 +646,23 @@ class Worker:
             self.proc.wait()
 
 
-def interleave(
-    variants: list[tuple[Worker, str]], blocks: int, per_block: int
+def alternate(
+    time_block: Callable[[int], float], count: int, blocks: int, warm: int = WARM_BLOCKS
 ) -> list[dict[str, float]]:
-    """Time each variant in alternating blocks; ratios are to variant 0, block by block."""
-    times: list[list[float]] = [[] for _ in variants]
-    for i in range(WARM_BLOCKS + blocks):
-        order = list(range(len(variants)))
+    """Time *count* variants in alternating blocks; ratios are to variant 0, block by block.
+
+    ``time_block(j)`` times one block of variant *j* and returns seconds per call. Blocks
+    alternate the order (A B ..., then ... B A), the first *warm* are not kept, and each
+    variant's ratio is the median of its per-block ratios to variant 0 (p10-p90 beside).
+    """
+    times: list[list[float]] = [[] for _ in range(count)]
+    for i in range(warm + blocks):
+        order = list(range(count))
         if i % 2:
             order.reverse()
         for j in order:
-            worker, name = variants[j]
-            seconds = worker.call("time", workload=name, n=per_block)["s"]
-            if i >= WARM_BLOCKS:
+            seconds = time_block(j)
+            if i >= warm:
                 times[j].append(seconds)
     out = []
     for series in times:
@@ -668,6 +677,18 @@ def interleave(
             }
         )
     return out
+
+
+def interleave(
+    variants: list[tuple[Worker, str]], blocks: int, per_block: int
+) -> list[dict[str, float]]:
+    """Time each worker's workload in alternating blocks (see :func:`alternate`)."""
+
+    def time_block(j: int) -> float:
+        worker, name = variants[j]
+        return float(worker.call("time", workload=name, n=per_block)["s"])
+
+    return alternate(time_block, len(variants), blocks)
 
 
 def run(

@@ -156,40 +156,11 @@ def paired_setup(
     alternate the order (A B, then B A, ...), the first *warm* blocks are not kept, and each
     variant's ratio is the median of its per-block ratios to variant 0 (p10-p90 beside).
     """
-    clock = time.perf_counter
-    times: list[list[float]] = [[] for _ in variants]
 
-    def per_call(setup: Callable[[], Any] | None, fn: Callable[[], Any]) -> float:
-        total = 0.0
-        for _ in range(per_block):
-            if setup is not None:
-                setup()
-            start = clock()
-            fn()
-            total += clock() - start
-        return total / per_block
+    def time_block(j: int) -> float:
+        return _cachecost.seconds_per_call(*variants[j], per_block)
 
-    for i in range(warm + blocks):
-        order = list(range(len(variants)))
-        if i % 2:
-            order.reverse()
-        for j in order:
-            seconds = per_call(*variants[j])
-            if i >= warm:
-                times[j].append(seconds)
-    out = []
-    for series in times:
-        ratios = [b / a for a, b in zip(times[0], series, strict=True)]
-        deciles = statistics.quantiles(ratios, n=10) if len(set(ratios)) > 1 else [1.0] * 9
-        out.append(
-            {
-                "us": statistics.median(series) * 1e6,
-                "ratio": statistics.median(ratios),
-                "ratio_p10": deciles[0],
-                "ratio_p90": deciles[-1],
-            }
-        )
-    return out
+    return _cachecost.alternate(time_block, len(variants), blocks, warm)
 
 
 class Monitor:
