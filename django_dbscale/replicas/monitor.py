@@ -33,6 +33,7 @@ from django.db import OperationalError
 
 from django_dbscale import consistency, signals
 from django_dbscale.conf import ReplicaSpec, dbscale_settings
+from django_dbscale.own_connections import connection_params
 from django_dbscale.replicas.reasons import DOWN, LAGGING, STALE, UNKNOWN
 
 __all__ = ["ReplicaMonitor", "ReplicaQuarantined", "ReplicaStatus", "stale_after"]
@@ -183,12 +184,7 @@ class _Probe:
             if self.retired:
                 raise RuntimeError(f"the probe of {self.alias!r} was closed")
             if self.conn is None or self.conn.closed:
-                # No server-side prepared statements (psycopg prepares a query run 5
-                # times): behind PgBouncer's transaction pooling (< 1.21) the next round
-                # may run on a server session that never saw the PREPARE.
-                self.conn = psycopg.connect(
-                    **_probe_params(self.alias, timeout), autocommit=True, prepare_threshold=None
-                )
+                self.conn = psycopg.connect(**_probe_params(self.alias, timeout), autocommit=True)
             with self._fd_lock:
                 self._fd = self.conn.fileno()
             try:
@@ -261,49 +257,21 @@ class _Probe:
 
 
 def _probe_params(alias: str, timeout: float) -> dict[str, Any]:
-    """Build psycopg connection kwargs for *alias* with short timeouts."""
-    s = settings.DATABASES[alias]
-    params: dict[str, Any] = {
-        "dbname": s.get("NAME") or "postgres",
-        "connect_timeout": max(1, math.ceil(timeout)),
-        "options": f"-c statement_timeout={max(1, int(timeout * 1000))}",
-        "application_name": "django_dbscale probe",
-    }
-    for key, param in (
-        ("USER", "user"),
-        ("PASSWORD", "password"),
-        ("HOST", "host"),
-        ("PORT", "port"),
-    ):
-        if s.get(key):
-            params[param] = str(s[key])
-    for key, value in s.get("OPTIONS", {}).items():
-        # Every libpq parameter of the alias reaches the probe (TLS, service files, and
-        # target_session_attrs, which picks the server of a multi-host alias: a probe
-        # that measured another host than the one reads go to would vouch for the wrong
-        # server). Django's own keys are not libpq's; the probe's timeouts win.
-        if key in _NOT_LIBPQ or key in ("connect_timeout", "application_name"):
-            continue
-        if key == "options":
-            params["options"] = f"{value} {params['options']}"
-            continue
-        params[key] = value
-    return params
+    """Build psycopg connection kwargs for *alias* with short timeouts.
 
-
-#: ``OPTIONS`` keys Django's PostgreSQL backend consumes itself (not libpq parameters).
-_NOT_LIBPQ = frozenset(
-    {
-        "isolation_level",
-        "server_side_binding",
-        "assume_role",
-        "pool",
-        "cursor_factory",
-        "context",
-        "prepare_threshold",
-        "client_encoding",
-    }
-)
+    The library's own connection parameters (:func:`~django_dbscale.own_connections.
+    connection_params`): every libpq option of the alias reaches the probe, so a probe of a
+    multi-host alias measures the server ``target_session_attrs`` picks for its reads, and
+    no server-side prepared statements are made (PgBouncer).
+    """
+    statement_timeout = f"-c statement_timeout={max(1, int(timeout * 1000))}"
+    user_options = settings.DATABASES[alias].get("OPTIONS", {}).get("options")
+    return connection_params(
+        alias,
+        connect_timeout=max(1, math.ceil(timeout)),
+        options=f"{user_options} {statement_timeout}" if user_options else statement_timeout,
+        application_name="django_dbscale probe",
+    )
 
 
 def stale_after() -> float:
