@@ -189,11 +189,11 @@ def _dims_or_none(
 _rewritten_by_triggers: set[tuple[str, str]] = set()
 
 
-def _rewriting_trigger(table: str) -> str:
-    """SQL: whether *table* has a ``BEFORE UPDATE ... FOR EACH ROW`` trigger (it may rewrite
-    the new row, dimensions included). ``tgtype`` bits: 1 row, 2 before, 16 update."""
-    literal = '"' + table.replace('"', '""') + '"'
-    literal = "'" + literal.replace("'", "''") + "'"
+def _rewriting_trigger(quoted_table: str) -> str:
+    """SQL: whether the table has a ``BEFORE UPDATE ... FOR EACH ROW`` trigger (it may
+    rewrite the new row, dimensions included). ``tgtype`` bits: 1 row, 2 before, 16 update.
+    *quoted_table* is the table's name as the UPDATE quotes it."""
+    literal = "'" + quoted_table.replace("'", "''") + "'"
     return (
         "EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = "
         f"{literal}::regclass AND NOT tgisinternal AND tgtype & 19 = 19)"
@@ -529,7 +529,7 @@ class SQLUpdateCompiler(compiler.SQLUpdateCompiler):
         if assigned.isdisjoint(fields) and (
             (self.connection.alias, meta.db_table) not in _rewritten_by_triggers
         ):
-            rewrites = _rewriting_trigger(meta.db_table)
+            rewrites = _rewriting_trigger(table)
             if _pins_one_row(query, meta.pk):
                 return f"{sql} RETURNING {', '.join(columns)}, {rewrites}", True
             returning = ", ".join(f"{column} AS n{i}" for i, column in enumerate(columns))
